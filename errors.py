@@ -1,0 +1,31 @@
+"""Domain errors. Each carries the HTTP status it maps to; main.py renders them as {"detail": ...}."""
+
+
+class ServiceError(Exception):
+    status = 500
+
+    def __init__(self, detail: str | dict):
+        super().__init__(detail if isinstance(detail, str) else str(detail))
+        self.detail = detail
+
+
+class BadRequest(ServiceError):
+    status = 400
+
+
+class Forbidden(ServiceError):
+    status = 403
+
+
+class NotFound(ServiceError):
+    status = 404
+
+
+class Conflict(ServiceError):
+    status = 409
+
+
+class StorageError(ServiceError):
+    """Stored data cannot be read or written safely; nothing was changed."""
+
+    status = 500

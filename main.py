@@ -1,0 +1,164 @@
+"""persona-lora: upload dialogs, train a LoRA adapter per speaker. Run with `fastapi dev main.py`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse, RedirectResponse
+
+import parser as dialog_parser
+import train
+from config import Settings, get_settings
+from errors import Forbidden, NotFound, ServiceError
+from jobs import JobRegistry, JobRunner, display_path
+from models import (
+    ErrorPublic,
+    HealthPublic,
+    JobPublic,
+    JobsPublic,
+    JobStatus,
+    SpeakerName,
+    TrainCompleted,
+    TrainRequest,
+    UploadTextRequest,
+    UploadTextResponse,
+)
+
+log = logging.getLogger("persona_lora")
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    settings = get_settings()
+    for folder in (settings.DATA_DIR, settings.OUTPUT_DIR, settings.MODELS_DIR):
+        folder.mkdir(parents=True, exist_ok=True)
+    train.clean_stale_outputs(settings.OUTPUT_DIR)
+    registry = JobRegistry(settings.db_path)
+    runner = JobRunner(registry, settings)
+    for job_id in registry.recover():
+        runner.submit(job_id)
+    app.state.registry, app.state.runner = registry, runner
+    yield
+    await asyncio.to_thread(runner.shutdown)
+
+
+app = FastAPI(
+    title="persona-lora",
+    summary="Turn chat dialogs into a per-speaker LoRA adapter.",
+    description=(
+        "Upload dialogs with **POST /upload-text**, then train a speaker's adapter with **POST /train**. "
+        "Training runs in the background; poll **GET /jobs/{job_id}**."
+    ),
+    version="0.1.0",
+    lifespan=lifespan,
+)
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ERRORS = {422: {"description": "Invalid request: `detail` lists each problem with its location."}}
+
+
+def _error(description: str) -> dict:
+    return {"model": ErrorPublic, "description": description}
+
+
+@app.exception_handler(ServiceError)
+async def service_error_handler(request: Request, exc: ServiceError) -> JSONResponse:
+    return JSONResponse(status_code=exc.status, content={"detail": exc.detail})
+
+
+def registry(request: Request) -> JobRegistry:
+    return request.app.state.registry
+
+
+def check_allowed(speaker: str, settings: Settings) -> None:
+    if settings.ALLOWED_SPEAKERS and speaker not in settings.ALLOWED_SPEAKERS:
+        raise Forbidden(f"speaker '{speaker}' is not in ALLOWED_SPEAKERS ({', '.join(settings.ALLOWED_SPEAKERS)})")
+
+
+@app.get("/", include_in_schema=False)
+def root() -> RedirectResponse:
+    return RedirectResponse("/docs")
+
+
+@app.get("/health", response_model=HealthPublic)
+def health(request: Request) -> HealthPublic:
+    """Liveness, with the number of running and queued jobs."""
+    counts = registry(request).counts()
+    return HealthPublic(jobs_running=counts.get("running", 0), jobs_queued=counts.get("queued", 0))
+
+
+@app.post(
+    "/upload-text",
+    response_model=UploadTextResponse,
+    responses={403: _error("Speaker not in ALLOWED_SPEAKERS."), 500: _error("Stored data unreadable or unwritable; nothing changed."), **ERRORS},
+)
+def upload_text(body: UploadTextRequest, settings: SettingsDep) -> UploadTextResponse:
+    """Store the speaker's messages from a dialog, each with the turns it answered (appends, deduplicates)."""
+    check_allowed(body.speaker, settings)
+    samples, empty = dialog_parser.build_samples(body.dialog, body.speaker, settings.MAX_CONTEXT_TURNS)
+    result = dialog_parser.append_samples(settings.DATA_DIR, body.speaker, samples)
+    return UploadTextResponse(
+        message=f"Successfully saved messages for {body.speaker}",
+        filepath=display_path(result.path),
+        speaker=body.speaker,
+        added=result.added,
+        duplicates=result.duplicates,
+        skipped_empty=empty,
+        total=result.total,
+    )
+
+
+@app.post(
+    "/train",
+    response_model=TrainCompleted,
+    responses={
+        202: {"model": JobPublic, "description": "Queued (without `wait`): poll the job's `url`."},
+        403: _error("Speaker not in ALLOWED_SPEAKERS."),
+        404: _error("No stored messages for the speaker: upload first."),
+        409: _error("The speaker already has a queued or running job."),
+        500: _error("With `wait`: training failed; `detail` says why."),
+        **ERRORS,
+    },
+)
+async def train_speaker(body: TrainRequest, request: Request, settings: SettingsDep):
+    """Fine-tune the speaker's LoRA adapter in the background; with `wait`, answer when done."""
+    check_allowed(body.speaker, settings)
+    stored = await asyncio.to_thread(dialog_parser.load_speaker, settings.DATA_DIR, body.speaker)
+    if stored is None or not stored.messages:
+        raise NotFound(f"no messages stored for speaker '{body.speaker}'; upload a dialog with POST /upload-text first")
+    config = await asyncio.to_thread(train.resolve_config, settings, body)
+    job = registry(request).create(body.speaker, config)
+    future = request.app.state.runner.submit(job.job_id)
+    if not body.wait:
+        return JSONResponse(status_code=202, content=jsonable_encoder(job), headers={"Location": job.url})
+    await asyncio.wrap_future(future)
+    job = registry(request).get(job.job_id)
+    if job.status != JobStatus.succeeded:
+        raise ServiceError(f"Training failed for {body.speaker} (job {job.job_id}): {job.error}")
+    return TrainCompleted(
+        message=f"Training completed successfully for {body.speaker}", model_path=job.result["model_path"], job=job
+    )
+
+
+@app.get("/jobs", response_model=JobsPublic, responses=ERRORS)
+def list_jobs(
+    request: Request,
+    speaker: SpeakerName | None = None,
+    status: JobStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobsPublic:
+    """Training jobs, newest first, optionally filtered by speaker and status."""
+    data, count = registry(request).list(speaker, status, limit, offset)
+    return JobsPublic(data=data, count=count)
+
+
+@app.get("/jobs/{job_id}", response_model=JobPublic, responses={404: _error("No such job.")})
+def get_job(job_id: str, request: Request) -> JobPublic:
+    """One training job: its state, and its result or error."""
+    return registry(request).get(job_id)

@@ -1,0 +1,211 @@
+"""Every pydantic schema of the API, and the stored sample format. No torch here."""
+
+from __future__ import annotations
+
+import unicodedata
+from datetime import datetime
+from enum import Enum
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+SPEAKER_MAX_CHARS = 64
+MAX_DIALOG_MESSAGES = 5000  # a long chat export split into uploads; ~1 MB of typical messages
+MAX_MESSAGE_CHARS = 10_000  # far beyond a chat message, well within a 32k-token context
+_NAME_PUNCTUATION = set(" _.-")
+
+
+def _normalise(value: object) -> object:
+    return unicodedata.normalize("NFC", value).strip() if isinstance(value, str) else value
+
+
+def _check_display_name(name: str) -> str:
+    """Any speaker in a dialog: non-empty, bounded, printable."""
+    if not name:
+        raise ValueError("speaker must not be empty")
+    if any(unicodedata.category(ch).startswith("C") for ch in name):
+        raise ValueError("speaker must not contain control or invisible format characters")
+    return name
+
+
+def _check_speaker_name(name: str) -> str:
+    """The speaker an adapter is trained for: the name becomes part of file and folder names."""
+    _check_display_name(name)
+    bad = sorted({ch for ch in name if not (ch in _NAME_PUNCTUATION or unicodedata.category(ch)[0] in "LMN")})
+    if bad:
+        shown = ", ".join(repr(ch) for ch in bad)
+        raise ValueError(
+            f"speaker may contain only letters, digits, spaces and '_', '.', '-'; found {shown}"
+        )
+    if name.startswith("."):
+        raise ValueError("speaker must not start with '.'")
+    if ".." in name:
+        raise ValueError("speaker must not contain '..'")
+    return name
+
+
+DisplayName = Annotated[
+    str,
+    BeforeValidator(_normalise),
+    Field(min_length=1, max_length=SPEAKER_MAX_CHARS, examples=["User2"]),
+    AfterValidator(_check_display_name),
+]
+SpeakerName = Annotated[
+    str,
+    BeforeValidator(_normalise),
+    Field(
+        min_length=1,
+        max_length=SPEAKER_MAX_CHARS,
+        description="Letters (any script), digits, spaces and '_', '.', '-'; NFC-normalised and trimmed.",
+        examples=["User1"],
+    ),
+    AfterValidator(_check_speaker_name),
+]
+
+
+# --- stored data (parser.py writes it, train.py reads it) -------------------------------------
+
+
+class Turn(BaseModel):
+    """One message of a dialog. Sent by clients inside /upload-text; stored as context."""
+
+    speaker: DisplayName
+    content: str = Field(max_length=MAX_MESSAGE_CHARS, examples=["Привіт! Як справи?"])
+
+
+class Sample(BaseModel):
+    """One training sample: what the speaker replied, and the turns that came before it."""
+
+    id: str = Field(description="sha256 of context and reply; identical samples are stored once.")
+    context: list[Turn]
+    reply: str
+    added_at: datetime
+
+
+class SpeakerFile(BaseModel):
+    """`./data/<speaker>_messages.json`."""
+
+    speaker: str
+    version: int = 1
+    messages: list[Sample] = []
+
+
+# --- /upload-text ------------------------------------------------------------------------------
+
+_SAMPLE_DIALOG = [
+    {"speaker": "User1", "content": "Привіт! Як справи?"},
+    {"speaker": "User2", "content": "Все добре, дякую."},
+    {"speaker": "User1", "content": "Підемо кави вип'ємо?"},
+]
+
+
+class UploadTextRequest(BaseModel):
+    """Sent by clients: a dialog and the speaker whose messages to keep."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"dialog": _SAMPLE_DIALOG, "speaker": "User1"}]})
+
+    dialog: list[Turn] = Field(min_length=1, max_length=MAX_DIALOG_MESSAGES)
+    speaker: SpeakerName
+
+    @model_validator(mode="after")
+    def _speaker_in_dialog(self) -> UploadTextRequest:
+        names = list(dict.fromkeys(turn.speaker for turn in self.dialog))
+        if self.speaker not in names:
+            raise ValueError(f"speaker '{self.speaker}' does not occur in the dialog; its speakers are {names}")
+        return self
+
+
+class UploadTextResponse(BaseModel):
+    """Answer to /upload-text."""
+
+    message: str = Field(examples=["Successfully saved messages for User1"])
+    filepath: str = Field(examples=["./data/User1_messages.json"])
+    speaker: str
+    added: int = Field(description="New messages stored by this upload.")
+    duplicates: int = Field(description="Messages of this upload that were already stored.")
+    skipped_empty: int = Field(description="Messages of the speaker with no text, not stored.")
+    total: int = Field(description="Messages stored for the speaker after this upload.")
+
+
+# --- /train and jobs ---------------------------------------------------------------------------
+
+
+class TrainRequest(BaseModel):
+    """Sent by clients: whom to train, and optional overrides of the training defaults."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"speaker": "User1", "wait": True}]})
+
+    speaker: SpeakerName
+    wait: bool = Field(False, description="Answer only when training has finished (200), not at once (202).")
+    epochs: float = Field(1.0, gt=0, le=100, description="Passes over the data.")
+    learning_rate: float | None = Field(None, gt=0, le=1, description="Defaults to the LEARNING_RATE setting.")
+    max_steps: int | None = Field(None, ge=1, le=1_000_000, description="Stop after this many steps.")
+    batch_size: int = Field(1, ge=1, le=256)
+    max_seq_length: int | None = Field(
+        None, ge=16, le=32768, description="Tokens per sample; defaults to the MAX_SEQ_LENGTH setting."
+    )
+
+
+class TrainConfig(BaseModel):
+    """The resolved configuration of one training run (stored with the job and the adapter)."""
+
+    base_model: str
+    load_in_8bit: bool
+    device: str
+    epochs: float
+    learning_rate: float
+    max_steps: int | None
+    batch_size: int
+    max_seq_length: int
+    seed: int
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    target_modules: list[str] = ["q_proj", "v_proj"]
+
+
+class JobStatus(str, Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+
+
+class JobPublic(BaseModel):
+    """A training job, as /train, /jobs and /jobs/{job_id} report it."""
+
+    job_id: str
+    speaker: str
+    status: JobStatus
+    url: str = Field(description="Where to poll this job.", examples=["/jobs/3f2c9a..."])
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    config: TrainConfig
+    result: dict[str, Any] | None = Field(None, description="Metrics and paths of a succeeded job.")
+    error: str | None = Field(None, description="Why a failed job failed.")
+
+
+class JobsPublic(BaseModel):
+    data: list[JobPublic]
+    count: int
+
+
+class TrainCompleted(BaseModel):
+    """Answer to /train with wait=true once training succeeded."""
+
+    message: str = Field(examples=["Training completed successfully for User1"])
+    model_path: str = Field(examples=["./output_lora/User1"])
+    job: JobPublic
+
+
+class HealthPublic(BaseModel):
+    status: str = "ok"
+    jobs_running: int
+    jobs_queued: int
+
+
+class ErrorPublic(BaseModel):
+    """Every error answer: FastAPI's shape."""
+
+    detail: str | dict[str, Any] | list[Any]
