@@ -209,7 +209,7 @@ class JobRunner:
             self.registry.mark_failed(job_id, message)
             log.exception("job %s (%s) failed: %s", job_id, job.speaker, message)
         else:
-            summary = {k: v for k, v in outcome.info.items() if k != "loss_history"}
+            summary = {k: v for k, v in outcome.info.items() if k not in ("loss_history", "config")}
             self.registry.mark_succeeded(job_id, {"model_path": display_path(outcome.model_path), **summary})
             log.info("job %s (%s): succeeded in %.1f s", job_id, job.speaker, outcome.info["duration_s"])
 

@@ -34,6 +34,8 @@ log = logging.getLogger("persona_lora")
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
+    if not logging.getLogger().handlers:  # under `fastapi dev` / uvicorn, show the service's own log lines
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
     for folder in (settings.DATA_DIR, settings.OUTPUT_DIR, settings.MODELS_DIR):
         folder.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,7 @@ def speaker_file(data_dir: Path, speaker: str) -> Path:
 
 
 def _lock(path: Path) -> FileLock:
-    return FileLock(str(path) + ".lock", timeout=60)
+    return FileLock(str(path.with_name(f".{path.name}.lock")), timeout=60)
 
 
 def load_speaker(data_dir: Path, speaker: str) -> SpeakerFile | None:

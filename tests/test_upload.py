@@ -1,0 +1,201 @@
+"""POST /upload-text: validation, storage, append/dedupe, and that bad input changes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from conftest import SAMPLE_DIALOG
+from config import get_settings
+from models import MAX_DIALOG_MESSAGES, MAX_MESSAGE_CHARS
+
+
+def upload(client, dialog=SAMPLE_DIALOG, speaker="User1"):
+    return client.post("/upload-text", json={"dialog": dialog, "speaker": speaker})
+
+
+def stored(env, speaker="User1") -> dict:
+    return json.loads((Path(env["DATA_DIR"]) / f"{speaker}_messages.json").read_text(encoding="utf-8"))
+
+
+def all_files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def test_sample_dialog_is_stored_with_context(client, env):
+    r = upload(client)
+    assert r.status_code == 200
+    assert r.json() == {
+        "message": "Successfully saved messages for User1",
+        "filepath": f"{env['DATA_DIR']}/User1_messages.json",
+        "speaker": "User1",
+        "added": 2,
+        "duplicates": 0,
+        "skipped_empty": 0,
+        "total": 2,
+    }
+    data = stored(env)
+    assert data["speaker"] == "User1"
+    assert [m["reply"] for m in data["messages"]] == ["Привіт! Як справи?", "Підемо кави вип'ємо?"]
+    assert data["messages"][0]["context"] == []
+    assert data["messages"][1]["context"] == SAMPLE_DIALOG[:2]
+
+
+def test_relative_data_dir_is_reported_as_typed(client, env, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DATA_DIR", "./data")
+    get_settings.cache_clear()
+    r = upload(client)
+    assert r.json()["filepath"] == "./data/User1_messages.json"
+    assert (tmp_path / "data" / "User1_messages.json").exists()
+
+
+def test_identical_upload_adds_nothing_and_new_dialog_appends(client, env):
+    upload(client)
+    before = stored(env)
+    r = upload(client)
+    assert (r.json()["added"], r.json()["duplicates"], r.json()["total"]) == (0, 2, 2)
+    assert stored(env) == before
+    more = SAMPLE_DIALOG + [{"speaker": "User2", "content": "Так, ходімо!"}, {"speaker": "User1", "content": "Чудово 😊"}]
+    r = upload(client, more)
+    assert (r.json()["added"], r.json()["duplicates"], r.json()["total"]) == (1, 2, 3)
+    assert stored(env)["messages"][:2] == before["messages"]
+    assert stored(env)["messages"][2]["reply"] == "Чудово 😊"
+
+
+def test_context_is_bounded_by_setting(client, env, monkeypatch):
+    monkeypatch.setenv("MAX_CONTEXT_TURNS", "2")
+    get_settings.cache_clear()
+    dialog = [{"speaker": f"U{i % 2}", "content": f"m{i}"} for i in range(6)]
+    upload(client, dialog, "U1")
+    last = stored(env, "U1")["messages"][-1]
+    assert last["reply"] == "m5"
+    assert [t["content"] for t in last["context"]] == ["m3", "m4"]
+
+
+def test_empty_messages_of_speaker_are_skipped(client, env):
+    dialog = [{"speaker": "A", "content": "hi"}, {"speaker": "B", "content": "   "}, {"speaker": "B", "content": "yo"}]
+    r = upload(client, dialog, "B")
+    assert (r.json()["added"], r.json()["skipped_empty"]) == (1, 1)
+
+
+@pytest.mark.parametrize("name", ["Олена", "José", "User 1", "a_b.c-d", "李小龙", "O'Neil".replace("'", "")])
+def test_unicode_names_accepted(client, env, name):
+    r = upload(client, [{"speaker": name, "content": "hello"}], name)
+    assert r.status_code == 200, r.text
+    assert (Path(env["DATA_DIR"]) / f"{name}_messages.json").exists()
+
+
+def test_names_are_nfc_normalised_and_trimmed(client, env):
+    nfd = unicodedata.normalize("NFD", "José")
+    assert nfd != "José"
+    r = upload(client, [{"speaker": "José", "content": "hola"}], f"  {nfd} ")
+    assert r.status_code == 200, r.text
+    assert r.json()["speaker"] == "José"
+    assert (Path(env["DATA_DIR"]) / "José_messages.json").exists()
+
+
+HOSTILE = {
+    "../etc/passwd": "found '/'",
+    "..": "must not start with '.'",
+    "a..b": "must not contain '..'",
+    ".hidden": "must not start with '.'",
+    "a/b": "found '/'",
+    "a\\b": "found '\\\\'",
+    "a\x00b": "control",
+    "a\nb": "control",
+    "bell\x07": "control",
+    "x" * 65: "at most 64",
+    "": "at least 1",
+    "   ": "at least 1",
+    "rm -rf *": "found '*'",
+    "C:evil": "found ':'",
+    "a\u202eb": "control or invisible",
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_speaker_names_rejected_and_nothing_written(client, env, name):
+    before = all_files(Path(env["DATA_DIR"]).parent)
+    r = upload(client, [{"speaker": name, "content": "x"}] if name.strip() else SAMPLE_DIALOG, name)
+    assert r.status_code == 422, r.text
+    problems = r.json()["detail"]
+    assert any(p["loc"][-1] == "speaker" and HOSTILE[name] in p["msg"] for p in problems), problems
+    assert all_files(Path(env["DATA_DIR"]).parent) == before
+
+
+@pytest.mark.parametrize(
+    "payload, loc, text",
+    [
+        ({"dialog": [], "speaker": "User1"}, ["body", "dialog"], "at least 1"),
+        ({"dialog": "hello", "speaker": "User1"}, ["body", "dialog"], "list"),
+        ({"speaker": "User1"}, ["body", "dialog"], "required"),
+        ({"dialog": SAMPLE_DIALOG}, ["body", "speaker"], "required"),
+        ({"dialog": [{"speaker": "User1"}], "speaker": "User1"}, ["body", "dialog", 0, "content"], "required"),
+        ({"dialog": [{"speaker": "User1", "content": 5}], "speaker": "User1"}, ["body", "dialog", 0, "content"], "string"),
+        ({"dialog": [{"speaker": "User1", "content": None}], "speaker": "User1"}, ["body", "dialog", 0, "content"], "string"),
+        ({"dialog": [{"speaker": "", "content": "x"}, {"speaker": "User1", "content": "y"}], "speaker": "User1"},
+         ["body", "dialog", 0, "speaker"], "at least 1"),
+        ({"dialog": [{"speaker": "User1", "content": "x" * (MAX_MESSAGE_CHARS + 1)}], "speaker": "User1"},
+         ["body", "dialog", 0, "content"], f"at most {MAX_MESSAGE_CHARS}"),
+        ({"dialog": [{"speaker": "User1", "content": "x"}] * (MAX_DIALOG_MESSAGES + 1), "speaker": "User1"},
+         ["body", "dialog"], f"at most {MAX_DIALOG_MESSAGES}"),
+        ({"dialog": SAMPLE_DIALOG, "speaker": "User3"}, ["body"], "does not occur in the dialog; its speakers are ['User1', 'User2']"),
+    ],
+)
+def test_bad_payloads_answer_422_with_location(client, env, payload, loc, text):
+    r = client.post("/upload-text", json=payload)
+    assert r.status_code == 422, r.text
+    problems = r.json()["detail"]
+    assert any(p["loc"] == loc and text in p["msg"] for p in problems), problems
+    assert list(Path(env["DATA_DIR"]).glob("*_messages.json")) == []
+
+
+def test_not_json_answers_4xx(client, env):
+    r = client.post("/upload-text", content=b'{"dialog": [', headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["type"] == "json_invalid"
+    r = client.post("/upload-text", content=b"\xff\xfe binary junk", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["type"] == "json_invalid"
+    assert list(Path(env["DATA_DIR"]).glob("*_messages.json")) == []
+
+
+def test_allow_list(client, env, monkeypatch):
+    monkeypatch.setenv("ALLOWED_SPEAKERS", "User2, Олена")
+    get_settings.cache_clear()
+    r = upload(client)
+    assert r.status_code == 403
+    assert r.json() == {"detail": "speaker 'User1' is not in ALLOWED_SPEAKERS (User2, Олена)"}
+    assert upload(client, speaker="User2").status_code == 200
+    assert client.post("/train", json={"speaker": "User1"}).status_code == 403
+
+
+def test_damaged_file_is_reported_and_left_alone(client, env):
+    upload(client)
+    path = Path(env["DATA_DIR"]) / "User1_messages.json"
+    path.write_text('{"speaker": "User1", "messages": [', encoding="utf-8")
+    r = upload(client)
+    assert r.status_code == 500
+    assert "is not a valid messages file" in r.json()["detail"] and "nothing was changed" in r.json()["detail"]
+    assert path.read_text(encoding="utf-8") == '{"speaker": "User1", "messages": ['
+
+
+def test_failed_write_keeps_stored_data(client, env, monkeypatch):
+    upload(client)
+    path = Path(env["DATA_DIR"]) / "User1_messages.json"
+    before = path.read_bytes()
+
+    def disk_full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    r = upload(client, SAMPLE_DIALOG + [{"speaker": "User1", "content": "new"}])
+    assert r.status_code == 500
+    assert r.json()["detail"].endswith("No space left on device; the stored messages are unchanged")
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")) == []
