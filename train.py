@@ -56,7 +56,7 @@ KNOWN_CHAT_TEMPLATES = {
 PLAIN_CHAT_TEMPLATE = (
     "{% if bos_token %}{{ bos_token }}{% endif %}{% for message in messages %}"
     "{{ message['role'] }}: {{ message['content'] }}"
-    "{% if message['role'] == 'assistant' and eos_token %}{{ eos_token }}{% endif %}\n"
+    "{% if message['role'] == 'assistant' and eos_token %}{{ eos_token }}{% endif %}{{ '\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
 )
 LORA_TARGETS = ["q_proj", "v_proj"]

@@ -1,0 +1,229 @@
+"""Formatting and LoRA training on tiny random models: what is supervised, what changes, what is kept."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+import train
+from config import Settings
+from models import Sample, TrainRequest, Turn
+from parser import build_samples
+
+DIALOG = [
+    Turn(speaker="User1", content="Привіт! Як справи?"),
+    Turn(speaker="User2", content="Все добре, дякую."),
+    Turn(speaker="User1", content="Підемо кави вип'ємо?"),
+]
+
+
+def make_sample(context, reply):
+    turns = [Turn(speaker=s, content=c) for s, c in context]
+    return Sample(id="x", context=turns, reply=reply, added_at=datetime.now(timezone.utc))
+
+
+def config_for(base: Path, **overrides) -> train.TrainConfig:
+    settings = Settings(BASE_MODEL=str(base), DEVICE="cpu", **{k: v for k, v in overrides.items() if k.isupper()})
+    request = TrainRequest(speaker="User1", **{k: v for k, v in overrides.items() if not k.isupper()})
+    return train.resolve_config(settings, request)
+
+
+@pytest.fixture(scope="module")
+def gemma_tok(tiny_gemma):
+    tok = train.load_tokenizer(str(tiny_gemma))
+    template, source = train.chat_template_for(tok, "gemma3_text")
+    assert source == "known template for gemma3_text"
+    return tok, template
+
+
+# --- formatting -------------------------------------------------------------------------------
+
+
+def test_to_messages_alternates_and_maps_roles():
+    sample = make_sample([("User1", "a"), ("User1", "b"), ("User2", "c"), ("User1", "d")], "e")
+    assert train.to_messages(sample, "User1") == [
+        {"role": "user", "content": ""},
+        {"role": "assistant", "content": "a\nb"},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d"},
+        {"role": "user", "content": ""},
+        {"role": "assistant", "content": "e"},
+    ]
+
+
+def test_to_messages_names_others_in_group_chats():
+    sample = make_sample([("Bob", "hi"), ("Eve", "yo")], "hey")
+    assert train.to_messages(sample, "Ann")[0] == {"role": "user", "content": "Bob: hi\nEve: yo"}
+
+
+def test_only_reply_tokens_are_supervised(gemma_tok):
+    tok, template = gemma_tok
+    samples, _ = build_samples(DIALOG, "User1", 6)
+    enc = train.format_sample(samples[1], "User1", tok, template, 512)
+    supervised = [t for t, label in zip(enc.input_ids, enc.labels) if label != -100]
+    assert supervised == [label for label in enc.labels if label != -100]
+    assert tok.decode(supervised) == "Підемо кави вип'ємо?<end_of_turn>\n"
+    prompt = tok.decode(enc.input_ids[: enc.labels.index(supervised[0])])
+    assert prompt == (
+        "<bos><start_of_turn>user\n<end_of_turn>\n<start_of_turn>model\nПривіт! Як справи?<end_of_turn>\n"
+        "<start_of_turn>user\nВсе добре, дякую.<end_of_turn>\n<start_of_turn>model\n"
+    )
+    # Supervised positions are exactly one contiguous block at the end.
+    first = next(i for i, label in enumerate(enc.labels) if label != -100)
+    assert all(label != -100 for label in enc.labels[first:])
+
+
+def test_long_context_drops_oldest_turns(gemma_tok):
+    tok, template = gemma_tok
+    context = [("User2" if i % 2 else "User1", f"turn number {i} " * 5) for i in range(10)]
+    sample = make_sample(context, "the reply")
+    full = train.format_sample(sample, "User1", tok, template, 4096)
+    short = train.format_sample(sample, "User1", tok, template, len(full.input_ids) // 2)
+    assert short.context_turns_dropped > 0
+    assert len(short.input_ids) <= len(full.input_ids) // 2
+    assert tok.decode([t for t in short.labels if t != -100]) == "the reply<end_of_turn>\n"
+    assert "turn number 9" in tok.decode(short.input_ids) and "turn number 0" not in tok.decode(short.input_ids)
+
+
+def test_overlong_reply_is_cut_and_unfittable_sample_dropped(gemma_tok):
+    tok, template = gemma_tok
+    sample = make_sample([], "слово " * 200)
+    enc = train.format_sample(sample, "User1", tok, template, 32)
+    assert len(enc.input_ids) == 32 and enc.labels[-1] != -100
+    # A budget smaller than the prompt itself leaves no reply token: dropped.
+    assert train.format_sample(sample, "User1", tok, template, 5) is None
+
+
+def test_plain_fallback_and_tokenizer_template(tiny_llama):
+    tok = train.load_tokenizer(str(tiny_llama))
+    template, source = train.chat_template_for(tok, "llama")
+    assert source == "plain fallback"
+    enc = train.format_sample(make_sample([("User2", "hi")], "hello"), "User1", tok, template, 512)
+    assert tok.decode(enc.input_ids) == "<bos>user: hi\nassistant: hello<eos>\n"
+    assert tok.decode([t for t in enc.labels if t != -100]) == "hello<eos>\n"
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}|{% endfor %}"
+    assert train.chat_template_for(tok, "llama") == (tok.chat_template, "tokenizer")
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+class Snapshot(TrainerCallback):
+    """Records the model's parameters before and after training."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.before.update({n: b.detach().clone() for n, b in model.named_buffers()})
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.after = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.after.update({n: b.detach().clone() for n, b in model.named_buffers()})
+
+
+@pytest.mark.parametrize("load_in_8bit", [True, False], ids=["8bit", "dense"])
+def test_training_changes_only_lora_weights_and_reloads(tiny_gemma, tmp_path, load_in_8bit):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    samples, _ = build_samples(DIALOG, "User1", 6)
+    config = config_for(tiny_gemma, LOAD_IN_8BIT=load_in_8bit, epochs=3, learning_rate=1e-2)
+    snap = Snapshot()
+    out = train.train_lora(samples, "User1", config, tmp_path / "out", tmp_path / "models", callbacks=[snap])
+
+    lora = [n for n in snap.before if "lora_" in n]
+    assert lora and all("q_proj" in n or "v_proj" in n for n in lora)
+    assert any(not torch.equal(snap.before[n], snap.after[n]) for n in lora if "lora_B" in n)
+    frozen = [n for n in snap.before if "lora_" not in n]
+    assert all(torch.equal(snap.before[n], snap.after[n]) for n in frozen)
+    if load_in_8bit:
+        assert any(snap.before[n].dtype == torch.int8 for n in frozen), "base was not loaded in 8-bit"
+
+    folder = tmp_path / "out" / "User1"
+    assert out.model_path == folder
+    assert {"adapter_config.json", "adapter_model.safetensors", "training_info.json", "tokenizer_config.json"} <= {
+        p.name for p in folder.iterdir()
+    }
+    info = json.loads((folder / "training_info.json").read_text())
+    assert info["config"]["lora_r"] == 8 and info["config"]["lora_alpha"] == 16
+    assert info["config"]["target_modules"] == ["q_proj", "v_proj"] and info["config"]["lora_dropout"] == 0.1
+    assert info["config"]["load_in_8bit"] is load_in_8bit
+    assert info["num_samples"] == 2 and info["steps"] == 6 and info["final_loss"] > 0
+    assert info["supervised_tokens"] < info["total_tokens"]
+    assert list((tmp_path / "out").iterdir()) == [folder]
+
+    # The saved adapter reloads onto a fresh base and equals the trained LoRA weights.
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_gemma))
+    ids = torch.tensor([[2, 10, 20, 30, 40]])
+    with torch.no_grad():
+        base_logits = base(ids).logits
+    model = PeftModel.from_pretrained(base, str(folder))
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    loaded = dict(model.named_parameters())
+    for name, tensor in saved.items():
+        live = name.replace(".weight", ".default.weight")
+        assert torch.equal(loaded[live].detach(), tensor)
+        assert torch.equal(snap.after[live].float(), tensor.float())
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, base_logits)
+
+
+def test_failed_run_leaves_previous_adapter_intact(tiny_gemma, tmp_path):
+    samples, _ = build_samples(DIALOG, "User1", 6)
+    config = config_for(tiny_gemma, LOAD_IN_8BIT=False)
+    train.train_lora(samples, "User1", config, tmp_path / "out", tmp_path / "models")
+    folder = tmp_path / "out" / "User1"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    class Boom(TrainerCallback):
+        def on_step_end(self, *args, **kwargs):
+            raise RuntimeError("simulated crash mid-training")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.train_lora(samples, "User1", config, tmp_path / "out", tmp_path / "models", callbacks=[Boom()])
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["User1"]
+
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(train.TrainingStopped):
+        train.train_lora(samples, "User1", config, tmp_path / "out", tmp_path / "models", stop=stop)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_stale_folders_are_cleaned_and_interrupted_swap_restored(tmp_path):
+    (tmp_path / ".tmp-User1-abcd1234").mkdir()
+    (tmp_path / ".old-Ann-12345678").mkdir()
+    (tmp_path / ".old-Ann-12345678" / "adapter_config.json").write_text("{}")
+    (tmp_path / "Bob").mkdir()
+    (tmp_path / ".old-Bob-87654321").mkdir()
+    train.clean_stale_outputs(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Ann", "Bob"]
+    assert (tmp_path / "Ann" / "adapter_config.json").exists()
+
+
+def test_model_without_q_v_proj_fails_clearly(tiny_gpt2, tmp_path):
+    samples, _ = build_samples(DIALOG, "User1", 6)
+    with pytest.raises(train.TrainingError, match="has no q_proj or v_proj modules"):
+        train.train_lora(samples, "User1", config_for(tiny_gpt2), tmp_path / "out", tmp_path / "models")
+    assert not (tmp_path / "out" / "User1").exists()
+
+
+def test_unloadable_base_model_fails_clearly(tmp_path):
+    samples, _ = build_samples(DIALOG, "User1", 6)
+    with pytest.raises(train.TrainingError, match="could not load base model"):
+        train.train_lora(samples, "User1", config_for(tmp_path / "no-such-model"), tmp_path / "out", tmp_path / "models")
+
+
+def test_request_overrides_settings(tiny_gemma):
+    settings = Settings(BASE_MODEL=str(tiny_gemma), LEARNING_RATE=1e-3, MAX_SEQ_LENGTH=256, DEVICE="cpu")
+    config = train.resolve_config(settings, TrainRequest(speaker="A", learning_rate=5e-4, batch_size=4))
+    assert (config.learning_rate, config.max_seq_length, config.batch_size, config.epochs) == (5e-4, 256, 4, 1.0)
+    assert (config.lora_r, config.lora_alpha, config.lora_dropout) == (8, 16, 0.1)
