@@ -1,0 +1,80 @@
+"""The real default base model (gemma-3-270m from its PyPI package), end to end. Marked: minutes on a CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+import train
+from config import DEFAULT_BASE_MODEL
+from conftest import ROOT, LiveServer
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def provisioned(tmp_path_factory) -> Path:
+    """Provision twice at once: one does the work, both get the same complete folder."""
+    models_dir = tmp_path_factory.mktemp("models")
+    results, errors = [], []
+
+    def go():
+        try:
+            results.append(train.provision_default_model(models_dir))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert results[0] == results[1] == models_dir / train.DEFAULT_MODEL_DIRNAME
+    assert sorted(p.name for p in models_dir.iterdir() if not p.name.endswith(".lock")) == [train.DEFAULT_MODEL_DIRNAME]
+    config = json.loads((results[0] / "config.json").read_text())
+    assert config["model_type"] == "gemma3_text" and config["vocab_size"] == 262144
+    return models_dir
+
+
+def test_default_model_trains_end_to_end_through_the_service(provisioned, env, tmp_path):
+    server = LiveServer({**env, "BASE_MODEL": DEFAULT_BASE_MODEL, "MODELS_DIR": str(provisioned)}, tmp_path / "server.log")
+    try:
+        run = subprocess.run(
+            [sys.executable, "test.py", "--base-url", server.url, "--timeout", "900"],
+            cwd=ROOT, capture_output=True, text=True, timeout=1800,
+        )
+    finally:
+        server.stop()
+    assert run.returncode == 0, run.stdout + run.stderr + (tmp_path / "server.log").read_text()[-5000:]
+    info = json.loads((Path(env["OUTPUT_DIR"]) / "User1" / "training_info.json").read_text())
+    assert info["base_model"] == DEFAULT_BASE_MODEL
+    assert info["chat_template_source"] == "known template for gemma3_text"
+    assert info["config"]["load_in_8bit"] is True
+    assert info["num_samples_used"] == 2 and info["final_loss"] > 0
+
+
+def test_default_model_adapter_loads_with_peft(provisioned, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from models import TrainRequest, Turn
+    from config import Settings
+    from parser import build_samples
+
+    dialog = [Turn(speaker="A", content="Як тебе звати?"), Turn(speaker="B", content="Мене звати Олена.")] * 3
+    samples, _ = build_samples(dialog, "B", 4)
+    config = train.resolve_config(Settings(DEVICE="cpu"), TrainRequest(speaker="B", max_steps=3))
+    out = train.train_lora(samples, "B", config, tmp_path / "out", provisioned)
+    base = AutoModelForCausalLM.from_pretrained(str(provisioned / train.DEFAULT_MODEL_DIRNAME), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(out.model_path))
+    assert sorted(model.peft_config["default"].target_modules) == ["q_proj", "v_proj"]
+    ids = torch.tensor([[2, 21545, 36818]])
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
