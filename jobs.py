@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import parser as dialog_parser
-from config import Settings
+from config import Settings, get_settings
 from errors import Conflict, NotFound
 from models import JobPublic, JobStatus, TrainConfig
 
@@ -166,7 +170,14 @@ def _to_public(row: sqlite3.Row) -> JobPublic:
 
 
 class JobRunner:
-    """Runs queued jobs in a thread pool (TRAIN_WORKERS at once, in submission order)."""
+    """Runs queued jobs in submission order, TRAIN_WORKERS at once.
+
+    Each job trains in a child process (`python jobs.py run JOB_ID`) supervised by a thread of this
+    pool: model loading and training then never hold the server's GIL (a thread-only design stalled
+    /health for over a second while the base model loaded), a crash or the OOM killer takes the child
+    and not the server, and all memory goes back to the OS when the job ends. The child writes its
+    own outcome to the registry; the supervising thread records a child that died without one.
+    """
 
     def __init__(self, registry: JobRegistry, settings: Settings):
         self.registry = registry
@@ -178,40 +189,109 @@ class JobRunner:
         return self._pool.submit(self._run, job_id)
 
     def shutdown(self) -> None:
-        """Stop a running training at its next step (the job fails as interrupted) and drop the
+        """Stop running trainings at their next step (the jobs fail as interrupted) and drop the
         queue; queued jobs stay queued in the database and run after the next start."""
         self.stop.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _run(self, job_id: str) -> None:
-        import train
-
-        job = self.registry.get(job_id)
         if self.stop.is_set():
             return
+        job = self.registry.get(job_id)
         self.registry.mark_running(job_id)
         log.info("job %s (%s): running", job_id, job.speaker)
-        try:
-            stored = dialog_parser.load_speaker(self.settings.DATA_DIR, job.speaker)
-            outcome = train.train_lora(
-                stored.messages if stored else [],
-                job.speaker,
-                job.config,
-                self.settings.OUTPUT_DIR,
-                self.settings.MODELS_DIR,
-                stop=self.stop,
+        log_path = job_log_path(self.settings, job_id)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            "DATA_DIR": str(self.settings.DATA_DIR),
+            "OUTPUT_DIR": str(self.settings.OUTPUT_DIR),
+            "MODELS_DIR": str(self.settings.MODELS_DIR),
+            "PYTHONUNBUFFERED": "1",
+            "PERSONA_LORA_SERVER_PID": str(os.getpid()),
+        }
+        with open(log_path, "ab") as log_file:
+            child = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "run", job_id],
+                env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
             )
-        except train.TrainingStopped:
-            self.registry.mark_failed(job_id, INTERRUPTED)
-            log.warning("job %s (%s): %s", job_id, job.speaker, INTERRUPTED)
-        except Exception as exc:  # the job is the boundary: report it, keep serving
-            message = describe_failure(exc)
+            while child.poll() is None:
+                if self.stop.wait(0.5):
+                    child.terminate()  # the child stops at its next step, or at once while still loading
+                    try:
+                        child.wait(STOP_GRACE_S)
+                    except subprocess.TimeoutExpired:
+                        child.kill()
+                        child.wait()
+        job = self.registry.get(job_id)
+        if job.status == JobStatus.running:  # the child died without recording an outcome
+            if self.stop.is_set():
+                message = INTERRUPTED
+            else:
+                message = f"the training process exited with status {child.returncode}; last log lines:\n{_tail(log_path)}"
             self.registry.mark_failed(job_id, message)
-            log.exception("job %s (%s) failed: %s", job_id, job.speaker, message)
-        else:
-            summary = {k: v for k, v in outcome.info.items() if k not in ("loss_history", "config")}
-            self.registry.mark_succeeded(job_id, {"model_path": display_path(outcome.model_path), **summary})
-            log.info("job %s (%s): succeeded in %.1f s", job_id, job.speaker, outcome.info["duration_s"])
+            job = self.registry.get(job_id)
+        level = logging.INFO if job.status == JobStatus.succeeded else logging.WARNING
+        log.log(level, "job %s (%s): %s%s", job_id, job.speaker, job.status.value, f": {job.error}" if job.error else "")
+
+
+STOP_GRACE_S = 60  # a step of a large model on a CPU can take this long
+
+
+def job_log_path(settings: Settings, job_id: str) -> Path:
+    return settings.DATA_DIR / "logs" / f"{job_id}.log"
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def run_job(job_id: str) -> int:
+    """The child process: train one job and record its outcome in the registry."""
+    import train
+
+    settings = get_settings()
+    registry = JobRegistry(settings.db_path)
+    job = registry.get(job_id)
+    stop, training = threading.Event(), threading.Event()
+
+    def on_sigterm(signum, frame):
+        if not training.is_set():
+            os._exit(128 + signum)  # nothing worth keeping yet; the supervisor records the interruption
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    _die_with_parent()
+    try:
+        stored = dialog_parser.load_speaker(settings.DATA_DIR, job.speaker)
+        outcome = train.train_lora(
+            stored.messages if stored else [], job.speaker, job.config, settings.OUTPUT_DIR, settings.MODELS_DIR,
+            stop=stop, callbacks=[train.started_callback(training)],
+        )
+    except train.TrainingStopped:
+        registry.mark_failed(job_id, INTERRUPTED)
+        return 3
+    except Exception as exc:  # the job is the boundary: report it as a message a user can act on
+        log.exception("job %s failed", job_id)
+        registry.mark_failed(job_id, describe_failure(exc))
+        return 1
+    summary = {k: v for k, v in outcome.info.items() if k not in ("loss_history", "config")}
+    registry.mark_succeeded(job_id, {"model_path": display_path(outcome.model_path), **summary})
+    return 0
+
+
+def _die_with_parent() -> None:
+    """A child whose server was killed must not train on, or later overwrite the adapter."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != int(os.environ.get("PERSONA_LORA_SERVER_PID", os.getppid())):
+        os._exit(1)  # the server died before the line above took effect
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -229,3 +309,10 @@ def display_path(path: Path) -> str:
     """'./data/x.json' for relative paths, as users type them; absolute paths unchanged."""
     text = str(path)
     return text if path.is_absolute() or text.startswith(".") else f"./{text}"
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if len(sys.argv) != 3 or sys.argv[1] != "run":
+        sys.exit("usage: python jobs.py run JOB_ID   (started by the server for each training job)")
+    sys.exit(run_job(sys.argv[2]))

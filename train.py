@@ -279,6 +279,17 @@ def _stop_callback(stop: threading.Event):
     return StopOnEvent()
 
 
+def started_callback(started: threading.Event):
+    """Sets `started` when the first training step begins (model loaded, data formatted)."""
+    from transformers import TrainerCallback
+
+    class Started(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            started.set()
+
+    return Started()
+
+
 def train_lora(
     samples: list[Sample],
     speaker: str,
