@@ -47,8 +47,18 @@ class Settings(BaseSettings):
         1, ge=1, le=16, description="Trainings that run at once; 1 because one device rarely fits two."
     )
     SEED: int = Field(42, description="Seed for training (data order, LoRA init, dropout).")
+    CHECKPOINT_STEPS: int = Field(
+        0, ge=0, description="Save a resumable checkpoint every N steps (0: off, right for short runs)."
+    )
+    PROGRESS_INTERVAL_S: float = Field(
+        1.0, ge=0, description="At most one progress write per this many seconds (plus the last step)."
+    )
+    REPORT_TO: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["none"],
+        description="Experiment trackers for transformers' report_to, comma-separated: none, wandb, tensorboard, mlflow, trackio.",
+    )
 
-    @field_validator("ALLOWED_SPEAKERS", mode="before")
+    @field_validator("ALLOWED_SPEAKERS", "REPORT_TO", mode="before")
     @classmethod
     def _split_speakers(cls, value: object) -> object:
         if isinstance(value, str):

@@ -1,8 +1,9 @@
-"""Training jobs: the SQLite registry (the single source of truth for job state) and the runner that
-executes trainings in a thread pool, off the event loop.
+"""Training jobs: the SQLite registry (the single source of truth for job state, progress and
+events) and the runner that executes trainings, each in a child process, off the event loop.
 
-The registry knows nothing of HTTP; the runner is the one place where training exceptions are caught
-and turned into a message stored with the job, so the server carries on after any failure.
+Statuses: queued → running → succeeded | failed | cancelled. The registry knows nothing of HTTP;
+`run_job` (the child) is the one place where training exceptions are caught and turned into a
+message stored with the job, and the supervising thread records a child that died without one.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -25,12 +27,15 @@ from typing import Any
 import parser as dialog_parser
 from config import Settings, get_settings
 from errors import Conflict, NotFound
-from models import JobPublic, JobStatus, TrainConfig
+from models import JobEvent, JobProgress, JobPublic, JobStatus, Sample, TrainConfig
 
 log = logging.getLogger("persona_lora.jobs")
 
 ACTIVE = (JobStatus.queued.value, JobStatus.running.value)
+FINISHED = (JobStatus.succeeded.value, JobStatus.failed.value, JobStatus.cancelled.value)
 INTERRUPTED = "interrupted: the server stopped during training"
+STOP_GRACE_S = 60  # a step of a large model on a CPU can take this long
+CHECKPOINTS = ".checkpoints"  # under OUTPUT_DIR, one folder per job
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -41,12 +46,23 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at TEXT,
     finished_at TEXT,
     config TEXT NOT NULL,
+    progress TEXT,
     result TEXT,
-    error TEXT
+    error TEXT,
+    checkpoint TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
 );
 -- At most one queued or running job per speaker, enforced by the database itself.
 CREATE UNIQUE INDEX IF NOT EXISTS one_active_job_per_speaker ON jobs(speaker) WHERE status IN ('queued', 'running');
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    type TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, id);
 """
 
 
@@ -55,8 +71,8 @@ def _now() -> str:
 
 
 class JobRegistry:
-    """Jobs in one SQLite file (WAL: readers never wait for the writer). One connection per call,
-    so any thread may use it."""
+    """Jobs and their events in one SQLite file (WAL: readers never wait for the writer). One
+    connection per call, so any thread or process may use it."""
 
     def __init__(self, db_path: Path):
         self.db_path = db_path
@@ -71,27 +87,66 @@ class JobRegistry:
         db.execute("PRAGMA synchronous=NORMAL")
         return db
 
-    def _update(self, job_id: str, **fields: Any) -> None:
+    def _set(self, job_id: str, event: tuple[str, dict] | None = None, when: str | None = None, **fields: Any) -> int:
+        """Update a job's columns (only while its status is in `when`, if given) and add an event,
+        in one transaction. Returns the number of rows changed."""
         cols = ", ".join(f"{name} = ?" for name in fields)
+        sql, params = f"UPDATE jobs SET {cols} WHERE id = ?", [*fields.values(), job_id]
+        if when:
+            sql += f" AND status IN ({', '.join('?' * len(when))})"
+            params += list(when)
         with closing(self._connect()) as db:
-            db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", [*fields.values(), job_id])
+            db.execute("BEGIN IMMEDIATE")
+            changed = db.execute(sql, params).rowcount
+            if changed and event:
+                db.execute(
+                    "INSERT INTO events (job_id, created_at, type, data) VALUES (?, ?, ?, ?)",
+                    (job_id, _now(), event[0], json.dumps(event[1], ensure_ascii=False)),
+                )
+            db.execute("COMMIT")
+        return changed
+
+    def add_event(self, job_id: str, type_: str, data: dict[str, Any]) -> None:
+        with closing(self._connect()) as db:
+            db.execute(
+                "INSERT INTO events (job_id, created_at, type, data) VALUES (?, ?, ?, ?)",
+                (job_id, _now(), type_, json.dumps(data, ensure_ascii=False)),
+            )
+
+    def events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[JobEvent]:
+        with closing(self._connect()) as db:
+            rows = db.execute(
+                "SELECT * FROM events WHERE job_id = ? AND id > ? ORDER BY id LIMIT ?", (job_id, after, limit)
+            ).fetchall()
+        return [JobEvent(id=r["id"], job_id=r["job_id"], created_at=r["created_at"], type=r["type"],
+                         data=json.loads(r["data"])) for r in rows]
 
     def create(self, speaker: str, config: TrainConfig) -> JobPublic:
         job_id = uuid.uuid4().hex
         try:
             with closing(self._connect()) as db:
+                db.execute("BEGIN IMMEDIATE")
                 db.execute(
                     "INSERT INTO jobs (id, speaker, status, created_at, config) VALUES (?, ?, ?, ?, ?)",
                     (job_id, speaker, JobStatus.queued.value, _now(), config.model_dump_json()),
                 )
+                db.execute(
+                    "INSERT INTO events (job_id, created_at, type, data) VALUES (?, ?, 'status', ?)",
+                    (job_id, _now(), json.dumps({"status": "queued"})),
+                )
+                db.execute("COMMIT")
         except sqlite3.IntegrityError:
-            active = self.active_for(speaker)
-            raise Conflict(
-                f"speaker '{speaker}' already has a training job ({active.job_id if active else 'unknown'}, "
-                f"{active.status.value if active else 'active'}); wait for it to finish: GET /jobs/"
-                f"{active.job_id if active else ''}"
-            ) from None
+            raise self._busy(speaker) from None
         return self.get(job_id)
+
+    def _busy(self, speaker: str) -> Conflict:
+        active = self.active_for(speaker)
+        if active is None:
+            return Conflict(f"speaker '{speaker}' already has a training job; retry in a moment")
+        return Conflict(
+            f"speaker '{speaker}' already has a training job ({active.job_id}, {active.status.value}); "
+            f"wait for it or cancel it: GET /jobs/{active.job_id}"
+        )
 
     def get(self, job_id: str) -> JobPublic:
         with closing(self._connect()) as db:
@@ -131,26 +186,71 @@ class JobRegistry:
             rows = db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
         return {status: n for status, n in rows}
 
-    def mark_running(self, job_id: str) -> None:
-        self._update(job_id, status=JobStatus.running.value, started_at=_now())
+    # --- transitions (each records a status event) ---
+
+    def mark_running(self, job_id: str) -> bool:
+        """queued → running; False if the job is no longer queued (cancelled meanwhile)."""
+        return bool(self._set(job_id, ("status", {"status": "running"}), when=("queued",),
+                              status="running", started_at=_now(), progress=None))
 
     def mark_succeeded(self, job_id: str, result: dict[str, Any]) -> None:
-        self._update(job_id, status=JobStatus.succeeded.value, finished_at=_now(), result=json.dumps(result, ensure_ascii=False))
+        self._set(job_id, ("status", {"status": "succeeded", "result": result}), when=ACTIVE, status="succeeded",
+                  finished_at=_now(), result=json.dumps(result, ensure_ascii=False), error=None)
 
     def mark_failed(self, job_id: str, error: str) -> None:
-        self._update(job_id, status=JobStatus.failed.value, finished_at=_now(), error=error)
+        self._set(job_id, ("error", {"status": "failed", "error": error}), when=ACTIVE, status="failed",
+                  finished_at=_now(), error=error)
+
+    def mark_cancelled(self, job_id: str) -> None:
+        self._set(job_id, ("status", {"status": "cancelled"}), when=ACTIVE, status="cancelled", finished_at=_now())
+
+    def update_progress(self, job_id: str, progress: JobProgress) -> None:
+        data = progress.model_dump()
+        self._set(job_id, ("progress", data), when=("running",), progress=json.dumps(data))
+
+    def set_checkpoint(self, job_id: str, path: str) -> None:
+        self._set(job_id, ("log", {"message": f"checkpoint saved: {path}"}), checkpoint=path)
+
+    def cancel(self, job_id: str) -> JobPublic:
+        """A queued job is cancelled at once; a running one is asked to stop at its next step."""
+        job = self.get(job_id)
+        if job.status == JobStatus.queued and self._set(job_id, ("status", {"status": "cancelled"}), when=("queued",),
+                                                        status="cancelled", finished_at=_now()):
+            return self.get(job_id)
+        if self._set(job_id, ("log", {"message": "cancel requested"}), when=("running",), cancel_requested=1):
+            return self.get(job_id)
+        job = self.get(job_id)
+        raise Conflict(f"job '{job_id}' is already {job.status.value}; only queued or running jobs can be cancelled")
+
+    def resume(self, job_id: str) -> JobPublic:
+        """Queue a failed or cancelled job again, to continue from its last checkpoint."""
+        job = self.get(job_id)
+        if job.status.value not in ("failed", "cancelled"):
+            raise Conflict(f"job '{job_id}' is {job.status.value}; only failed or cancelled jobs can be resumed")
+        if not job.checkpoint or not Path(job.checkpoint).is_dir():
+            raise Conflict(
+                f"job '{job_id}' has no checkpoint to resume from; set CHECKPOINT_STEPS to save them, or start a new "
+                f"training with POST /train"
+            )
+        try:
+            changed = self._set(job_id, ("status", {"status": "queued", "resume_from": job.checkpoint}),
+                                when=("failed", "cancelled"), status="queued", finished_at=None, error=None,
+                                cancel_requested=0)
+        except sqlite3.IntegrityError:
+            raise self._busy(job.speaker) from None
+        if not changed:
+            raise Conflict(f"job '{job_id}' changed state meanwhile; look at GET /jobs/{job_id}")
+        return self.get(job_id)
 
     def recover(self) -> list[str]:
         """At start-up: jobs a dead server left running failed; queued ones are returned, oldest
         first, to be run again."""
         with closing(self._connect()) as db:
-            db.execute(
-                "UPDATE jobs SET status = ?, finished_at = ?, error = ? WHERE status = ?",
-                (JobStatus.failed.value, _now(), INTERRUPTED, JobStatus.running.value),
-            )
-            rows = db.execute(
-                "SELECT id FROM jobs WHERE status = ? ORDER BY created_at, rowid", (JobStatus.queued.value,)
-            ).fetchall()
+            running = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE status = 'running'")]
+        for job_id in running:
+            self.mark_failed(job_id, INTERRUPTED)
+        with closing(self._connect()) as db:
+            rows = db.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at, rowid").fetchall()
         return [r["id"] for r in rows]
 
 
@@ -164,8 +264,11 @@ def _to_public(row: sqlite3.Row) -> JobPublic:
         started_at=row["started_at"],
         finished_at=row["finished_at"],
         config=TrainConfig.model_validate_json(row["config"]),
+        progress=JobProgress.model_validate_json(row["progress"]) if row["progress"] else None,
         result=json.loads(row["result"]) if row["result"] else None,
         error=row["error"],
+        checkpoint=row["checkpoint"],
+        cancel_requested=bool(row["cancel_requested"]),
     )
 
 
@@ -195,10 +298,9 @@ class JobRunner:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _run(self, job_id: str) -> None:
-        if self.stop.is_set():
-            return
+        if self.stop.is_set() or not self.registry.mark_running(job_id):
+            return  # shutting down, or cancelled while queued
         job = self.registry.get(job_id)
-        self.registry.mark_running(job_id)
         log.info("job %s (%s): running", job_id, job.speaker)
         log_path = job_log_path(self.settings, job_id)
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -210,36 +312,40 @@ class JobRunner:
             "PYTHONUNBUFFERED": "1",
             "PERSONA_LORA_SERVER_PID": str(os.getpid()),
         }
+        cancelled = False
         with open(log_path, "ab") as log_file:
             child = subprocess.Popen(
                 [sys.executable, str(Path(__file__).resolve()), "run", job_id],
                 env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
             )
             while child.poll() is None:
-                if self.stop.wait(0.5):
+                if self.stop.wait(0.5) or (cancelled := self.registry.get(job_id).cancel_requested):
                     child.terminate()  # the child stops at its next step, or at once while still loading
                     try:
                         child.wait(STOP_GRACE_S)
                     except subprocess.TimeoutExpired:
                         child.kill()
                         child.wait()
-        job = self.registry.get(job_id)
-        if job.status == JobStatus.running:  # the child died without recording an outcome
-            if self.stop.is_set():
-                message = INTERRUPTED
+        if self.registry.get(job_id).status == JobStatus.running:  # the child recorded no outcome
+            if cancelled:
+                self.registry.mark_cancelled(job_id)
+            elif self.stop.is_set():
+                self.registry.mark_failed(job_id, INTERRUPTED)
             else:
-                message = f"the training process exited with status {child.returncode}; last log lines:\n{_tail(log_path)}"
-            self.registry.mark_failed(job_id, message)
-            job = self.registry.get(job_id)
+                self.registry.mark_failed(
+                    job_id, f"the training process exited with status {child.returncode}; last log lines:\n{_tail(log_path)}"
+                )
+        job = self.registry.get(job_id)
         level = logging.INFO if job.status == JobStatus.succeeded else logging.WARNING
         log.log(level, "job %s (%s): %s%s", job_id, job.speaker, job.status.value, f": {job.error}" if job.error else "")
 
 
-STOP_GRACE_S = 60  # a step of a large model on a CPU can take this long
-
-
 def job_log_path(settings: Settings, job_id: str) -> Path:
     return settings.DATA_DIR / "logs" / f"{job_id}.log"
+
+
+def checkpoint_dir(settings: Settings, job_id: str) -> Path:
+    return settings.OUTPUT_DIR / CHECKPOINTS / job_id
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -247,6 +353,34 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+class _EventLogHandler(logging.Handler):
+    """The child's own log lines (INFO and up) become the job's `log` events."""
+
+    def __init__(self, registry: JobRegistry, job_id: str):
+        super().__init__(logging.INFO)
+        self.registry, self.job_id = registry, job_id
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.registry.add_event(self.job_id, "log", {"level": record.levelname, "message": record.getMessage()})
+        except Exception:  # a log line must never fail the training
+            self.handleError(record)
+
+
+def _training_samples(settings: Settings, job: JobPublic) -> list[Sample]:
+    """The speaker's stored samples; with checkpointing, a snapshot kept beside the checkpoints so a
+    resumed run sees the same data in the same order even after new uploads."""
+    snapshot = checkpoint_dir(settings, job.job_id) / "samples.json"
+    if job.config.checkpoint_steps and snapshot.exists():
+        return [Sample.model_validate(s) for s in json.loads(snapshot.read_text(encoding="utf-8"))]
+    stored = dialog_parser.load_speaker(settings.DATA_DIR, job.speaker)
+    samples = stored.messages if stored else []
+    if job.config.checkpoint_steps:
+        snapshot.parent.mkdir(parents=True, exist_ok=True)
+        snapshot.write_text(json.dumps([s.model_dump(mode="json") for s in samples], ensure_ascii=False), encoding="utf-8")
+    return samples
 
 
 def run_job(job_id: str) -> int:
@@ -260,24 +394,36 @@ def run_job(job_id: str) -> int:
 
     def on_sigterm(signum, frame):
         if not training.is_set():
-            os._exit(128 + signum)  # nothing worth keeping yet; the supervisor records the interruption
+            os._exit(128 + signum)  # nothing worth keeping yet; the supervisor records why it stopped
         stop.set()
 
     signal.signal(signal.SIGTERM, on_sigterm)
     _die_with_parent()
+    logging.getLogger("persona_lora").addHandler(_EventLogHandler(registry, job_id))
+    ckpt_dir = checkpoint_dir(settings, job_id)
+    resume_from = job.checkpoint if job.checkpoint and Path(job.checkpoint).is_dir() else None
+    if resume_from:
+        log.info("resuming from %s", resume_from)
     try:
-        stored = dialog_parser.load_speaker(settings.DATA_DIR, job.speaker)
         outcome = train.train_lora(
-            stored.messages if stored else [], job.speaker, job.config, settings.OUTPUT_DIR, settings.MODELS_DIR,
-            stop=stop, callbacks=[train.started_callback(training)],
+            _training_samples(settings, job), job.speaker, job.config, settings.OUTPUT_DIR, settings.MODELS_DIR,
+            stop=stop,
+            callbacks=[
+                train.started_callback(training),
+                train.progress_callback(lambda p: registry.update_progress(job_id, p), settings.PROGRESS_INTERVAL_S),
+                train.checkpoint_callback(lambda path: registry.set_checkpoint(job_id, path)),
+            ],
+            checkpoint_dir=ckpt_dir if job.config.checkpoint_steps else None,
+            resume_from=resume_from,
+            run_name=f"{job.speaker}-{job_id[:8]}",
         )
     except train.TrainingStopped:
-        registry.mark_failed(job_id, INTERRUPTED)
-        return 3
+        return 3  # the supervisor records cancelled or interrupted
     except Exception as exc:  # the job is the boundary: report it as a message a user can act on
         log.exception("job %s failed", job_id)
         registry.mark_failed(job_id, describe_failure(exc))
         return 1
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
     summary = {k: v for k, v in outcome.info.items() if k not in ("loss_history", "config")}
     registry.mark_succeeded(job_id, {"model_path": display_path(outcome.model_path), **summary})
     return 0

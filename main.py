@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.sse import format_sse_event
 
 import parser as dialog_parser
 import train
 from config import Settings, get_settings
-from errors import Forbidden, NotFound, ServiceError
-from jobs import JobRegistry, JobRunner, display_path
+from errors import Conflict, Forbidden, NotFound, ServiceError
+from jobs import FINISHED, JobRegistry, JobRunner, display_path
 from models import (
     ErrorPublic,
     HealthPublic,
+    JobEventsPublic,
     JobPublic,
     JobsPublic,
     JobStatus,
@@ -140,6 +143,8 @@ async def train_speaker(body: TrainRequest, request: Request, settings: Settings
         return JSONResponse(status_code=202, content=jsonable_encoder(job), headers={"Location": job.url})
     await asyncio.wrap_future(future)
     job = registry(request).get(job.job_id)
+    if job.status == JobStatus.cancelled:
+        raise Conflict(f"training for {body.speaker} was cancelled (job {job.job_id})")
     if job.status != JobStatus.succeeded:
         raise ServiceError(f"Training failed for {body.speaker} (job {job.job_id}): {job.error}")
     return TrainCompleted(
@@ -164,3 +169,79 @@ def list_jobs(
 def get_job(job_id: str, request: Request) -> JobPublic:
     """One training job: its state, and its result or error."""
     return registry(request).get(job_id)
+
+
+EVENTS_POLL_S = 0.5  # how often a stream looks for new events in the registry
+KEEPALIVE_S = 15.0  # an SSE comment line this often keeps proxies from closing an idle stream
+
+
+@app.get(
+    "/jobs/{job_id}/events",
+    response_model=JobEventsPublic,
+    responses={
+        200: {
+            "description": "With `stream=true` (default) a `text/event-stream` that ends when the job ends; "
+            "with `stream=false` the events so far as JSON.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        404: _error("No such job."),
+        **ERRORS,
+    },
+)
+async def job_events(
+    job_id: str,
+    request: Request,
+    stream: bool = True,
+    after: Annotated[int, Query(ge=0, description="Only events with a larger id (also read from Last-Event-ID).")] = 0,
+):
+    """A job's events (status changes, progress, log lines, errors), live as Server-Sent Events."""
+    reg = registry(request)
+    await asyncio.to_thread(reg.get, job_id)  # 404 before any stream starts
+    if not stream:
+        events = await asyncio.to_thread(reg.events, job_id, after, 100_000)
+        return JobEventsPublic(data=events, count=len(events))
+    last = request.headers.get("last-event-id", "")
+    after = max(after, int(last) if last.isdigit() else 0)
+
+    async def sse():
+        nonlocal after
+        idle = 0.0
+        while True:
+            finished = (await asyncio.to_thread(reg.get, job_id)).status.value in FINISHED
+            events = await asyncio.to_thread(reg.events, job_id, after)
+            for event in events:
+                after = event.id
+                yield format_sse_event(data_str=json.dumps(event.data, ensure_ascii=False), event=event.type, id=str(event.id))
+            if finished and not events:
+                return
+            if events:
+                idle = 0.0
+            elif (idle := idle + EVENTS_POLL_S) >= KEEPALIVE_S:
+                idle = 0.0
+                yield b": keep-alive\n\n"
+            await asyncio.sleep(EVENTS_POLL_S)
+
+    return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@app.post(
+    "/jobs/{job_id}/cancel",
+    response_model=JobPublic,
+    responses={404: _error("No such job."), 409: _error("The job has already finished.")},
+)
+def cancel_job(job_id: str, request: Request) -> JobPublic:
+    """Cancel a job: a queued one at once, a running one at its next step (the old adapter stays)."""
+    return registry(request).cancel(job_id)
+
+
+@app.post(
+    "/jobs/{job_id}/resume",
+    status_code=202,
+    response_model=JobPublic,
+    responses={404: _error("No such job."), 409: _error("Not failed/cancelled, no checkpoint, or the speaker is busy.")},
+)
+def resume_job(job_id: str, request: Request) -> JobPublic:
+    """Queue a failed or cancelled job again; it continues from its last checkpoint."""
+    job = registry(request).resume(job_id)
+    request.app.state.runner.submit(job.job_id)
+    return job

@@ -162,6 +162,8 @@ class TrainConfig(BaseModel):
     lora_alpha: int = 16
     lora_dropout: float = 0.1
     target_modules: list[str] = ["q_proj", "v_proj"]
+    checkpoint_steps: int = Field(0, description="Save a resumable checkpoint every N steps; 0 = off.")
+    report_to: list[str] = Field(["none"], description="Experiment trackers (transformers' report_to).")
 
 
 class JobStatus(str, Enum):
@@ -169,6 +171,18 @@ class JobStatus(str, Enum):
     running = "running"
     succeeded = "succeeded"
     failed = "failed"
+    cancelled = "cancelled"
+
+
+class JobProgress(BaseModel):
+    """Live progress of a running job, written by its training at a bounded rate."""
+
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float | None = None
+    tokens_per_second: float | None = Field(None, description="Non-padding tokens processed per second.")
+    eta_s: float | None = Field(None, description="Estimated seconds to the end of training.")
 
 
 class JobPublic(BaseModel):
@@ -182,12 +196,30 @@ class JobPublic(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     config: TrainConfig
+    progress: JobProgress | None = None
     result: dict[str, Any] | None = Field(None, description="Metrics and paths of a succeeded job.")
     error: str | None = Field(None, description="Why a failed job failed.")
+    checkpoint: str | None = Field(None, description="Latest checkpoint; POST /jobs/{job_id}/resume continues from it.")
+    cancel_requested: bool = False
 
 
 class JobsPublic(BaseModel):
     data: list[JobPublic]
+    count: int
+
+
+class JobEvent(BaseModel):
+    """One event of a job: a status change, progress, a log line or an error."""
+
+    id: int
+    job_id: str
+    created_at: datetime
+    type: str = Field(examples=["status", "progress", "log", "error"])
+    data: dict[str, Any]
+
+
+class JobEventsPublic(BaseModel):
+    data: list[JobEvent]
     count: int
 
 

@@ -88,6 +88,8 @@ def resolve_config(settings: Settings, request: TrainRequest) -> TrainConfig:
         batch_size=request.batch_size,
         max_seq_length=request.max_seq_length or settings.MAX_SEQ_LENGTH,
         seed=settings.SEED,
+        checkpoint_steps=settings.CHECKPOINT_STEPS,
+        report_to=settings.REPORT_TO,
     )
     sent = request.model_fields_set - {"speaker", "wait"}
     log.info(
@@ -290,6 +292,59 @@ def started_callback(started: threading.Event):
     return Started()
 
 
+def progress_callback(report, interval_s: float = 1.0):
+    """Calls `report(JobProgress)` at most once per `interval_s` seconds, and at the last step."""
+    from transformers import TrainerCallback
+
+    from models import JobProgress
+
+    class Progress(TrainerCallback):
+        def __init__(self):
+            self.loss, self.last, self.began, self.first_step, self.reported = None, 0.0, None, 0, -1
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.began, self.first_step = time.monotonic(), state.global_step
+            self.tokens0 = state.num_input_tokens_seen
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.loss = float(logs["loss"])
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.monotonic()
+            last = state.global_step >= state.max_steps or control.should_training_stop
+            if (now - self.last < interval_s and not last) or state.global_step == self.reported:
+                return
+            self.last, self.reported = now, state.global_step
+            elapsed = max(now - self.began, 1e-9)
+            steps = state.global_step - self.first_step
+            report(JobProgress(
+                step=state.global_step,
+                total_steps=state.max_steps,
+                epoch=round(state.epoch or 0.0, 4),
+                loss=self.loss,
+                tokens_per_second=round((state.num_input_tokens_seen - self.tokens0) / elapsed, 2),
+                eta_s=round(elapsed / steps * (state.max_steps - state.global_step), 1) if steps else None,
+            ))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.last = 0.0
+            self.on_step_end(args, state, control)
+
+    return Progress()
+
+
+def checkpoint_callback(report):
+    """Calls `report(path)` with each checkpoint folder the Trainer saves."""
+    from transformers import TrainerCallback
+
+    class Checkpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            report(str(Path(args.output_dir) / f"checkpoint-{state.global_step}"))
+
+    return Checkpoints()
+
+
 def train_lora(
     samples: list[Sample],
     speaker: str,
@@ -299,6 +354,9 @@ def train_lora(
     stop: threading.Event | None = None,
     callbacks: list | None = None,
     progress_bar: bool = False,
+    checkpoint_dir: Path | None = None,
+    resume_from: str | None = None,
+    run_name: str | None = None,
 ) -> TrainOutcome:
     """Train the speaker's adapter and put it at `output_root/<speaker>/`, replacing the old one
     only when the new one is complete."""
@@ -322,6 +380,8 @@ def train_lora(
             f"folder or a hub id reachable from this machine, or leave it unset for the offline default."
         ) from exc
     template, template_source = chat_template_for(tokenizer, model.config.model_type)
+    log.info("loaded base model %s (%s, %s) in %.1f s; chat template: %s", config.base_model,
+             "8-bit" if config.load_in_8bit else "dense", config.device, time.monotonic() - started, template_source)
 
     encoded = [format_sample(s, speaker, tokenizer, template, config.max_seq_length) for s in samples]
     kept = [e for e in encoded if e is not None]
@@ -330,6 +390,8 @@ def train_lora(
             f"none of the {len(samples)} samples of {speaker!r} keeps a reply token within "
             f"max_seq_length={config.max_seq_length}; raise max_seq_length"
         )
+    log.info("%d of %d samples fit max_seq_length=%d; %d supervised tokens", len(kept), len(samples),
+             config.max_seq_length, sum(sum(1 for label in e.labels if label != -100) for e in kept))
     dataset = Dataset.from_dict({"input_ids": [e.input_ids for e in kept], "labels": [e.labels for e in kept]})
 
     if config.load_in_8bit:
@@ -345,15 +407,20 @@ def train_lora(
 
     output_root.mkdir(parents=True, exist_ok=True)
     tmp = output_root / f"{TMP_PREFIX}{speaker}-{uuid.uuid4().hex[:8]}"
+    checkpointing = bool(checkpoint_dir and config.checkpoint_steps)
     args = TrainingArguments(
-        output_dir=str(tmp / "trainer"),
+        output_dir=str(checkpoint_dir if checkpointing else tmp / "trainer"),
         num_train_epochs=config.epochs,
         max_steps=config.max_steps or -1,
         per_device_train_batch_size=config.batch_size,
         learning_rate=config.learning_rate,
         logging_steps=1,
-        save_strategy="no",
-        report_to="none",
+        save_strategy="steps" if checkpointing else "no",
+        save_steps=config.checkpoint_steps or 500,
+        save_total_limit=1,  # the latest checkpoint is all a resume needs
+        report_to=config.report_to,
+        run_name=run_name or speaker,
+        include_num_input_tokens_seen="non_padding",
         seed=config.seed,
         use_cpu=config.device == "cpu",
         bf16=config.device.startswith("cuda"),
@@ -373,7 +440,7 @@ def train_lora(
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*inputs will be cast from torch.float32 to float16.*")
-            result = trainer.train()
+            result = trainer.train(resume_from_checkpoint=resume_from)
         if stop.is_set():
             raise TrainingStopped("training stopped before it finished")
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -406,6 +473,7 @@ def train_lora(
         (tmp / "training_info.json").write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
         final = output_root / speaker
         _replace_dir(tmp, final)
+        log.info("saved adapter to %s (%d steps, final loss %s)", final, info["steps"], info["final_loss"])
         return TrainOutcome(final, info)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

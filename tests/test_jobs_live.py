@@ -1,0 +1,184 @@
+"""Job queue, progress, events, cancel, checkpoints and memory, against a real uvicorn server."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from safetensors.torch import load_file
+
+from conftest import SAMPLE_DIALOG, LiveServer
+
+LONG = 10**6  # max_steps of a job that runs until it is cancelled
+
+
+@pytest.fixture
+def http(live_server):
+    with httpx.Client(base_url=live_server.url, timeout=120) as client:
+        yield client
+
+
+def upload(http, speaker="User1"):
+    dialog = [{**t, "speaker": speaker if t["speaker"] == "User1" else t["speaker"]} for t in SAMPLE_DIALOG]
+    r = http.post("/upload-text", json={"dialog": dialog, "speaker": speaker})
+    assert r.status_code == 200, r.text
+
+
+def wait_for(http, job_id, predicate, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = http.get(f"/jobs/{job_id}").json()
+        if predicate(job):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"timed out; job is {job}")
+
+
+def finished(job):
+    return job["status"] in ("succeeded", "failed", "cancelled")
+
+
+def read_sse(response) -> list[dict]:
+    events, current = [], {}
+    for line in response.iter_lines():
+        if line == "":
+            if current:
+                events.append(current)
+            current = {}
+        elif not line.startswith(":"):
+            key, _, value = line.partition(": ")
+            current[key] = value
+    return events
+
+
+def test_jobs_run_one_at_a_time_in_order(http):
+    for s in ("A", "B", "C"):
+        upload(http, s)
+    ids = [http.post("/train", json={"speaker": s, "epochs": 2}).json()["job_id"] for s in ("A", "B", "C")]
+    jobs = [wait_for(http, i, finished) for i in ids]
+    assert [j["status"] for j in jobs] == ["succeeded"] * 3
+    for earlier, later in zip(jobs, jobs[1:]):
+        assert earlier["finished_at"] <= later["started_at"]
+
+
+def test_events_stream_live_and_as_json(env, tmp_path):
+    server = LiveServer({**env, "PROGRESS_INTERVAL_S": "0"}, tmp_path / "server.log")
+    try:
+        http = httpx.Client(base_url=server.url, timeout=120)
+        upload(http)
+        job = http.post("/train", json={"speaker": "User1", "epochs": 5}).json()
+        with http.stream("GET", f"/jobs/{job['job_id']}/events") as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            events = read_sse(r)  # returns only because the stream ends with the job
+        kinds = [e["event"] for e in events]
+        statuses = [json.loads(e["data"])["status"] for e in events if e["event"] == "status"]
+        assert statuses == ["queued", "running", "succeeded"]
+        steps = [json.loads(e["data"])["step"] for e in events if e["event"] == "progress"]
+        assert steps == list(range(1, 11)) and kinds[-1] == "status"
+        last = json.loads([e for e in events if e["event"] == "progress"][-1]["data"])
+        assert last["total_steps"] == 10 and last["epoch"] == 5 and last["loss"] > 0 and last["tokens_per_second"] > 0
+        assert any(e["event"] == "log" for e in events)
+
+        as_json = http.get(f"/jobs/{job['job_id']}/events", params={"stream": "false"}).json()
+        assert [str(e["id"]) for e in as_json["data"]] == [e["id"] for e in events]
+        resumed = http.get(f"/jobs/{job['job_id']}/events", params={"stream": "false", "after": events[-2]["id"]}).json()
+        assert resumed["count"] == 1
+        assert http.get(f"/jobs/{job['job_id']}").json()["progress"]["step"] == 10
+        assert http.get("/jobs/nope/events").status_code == 404
+    finally:
+        server.stop()
+
+
+def test_cancel_queued_and_running_jobs(http, env):
+    upload(http, "A")
+    upload(http, "B")
+    assert http.post("/train", json={"speaker": "A", "wait": True}).status_code == 200
+    adapter = Path(env["OUTPUT_DIR"]) / "A"
+    before = {p.name: p.read_bytes() for p in adapter.iterdir()}
+
+    running = http.post("/train", json={"speaker": "A", "max_steps": LONG}).json()
+    queued = http.post("/train", json={"speaker": "B"}).json()
+    wait_for(http, running["job_id"], lambda j: j["status"] == "running" and j["progress"])
+    r = http.post(f"/jobs/{queued['job_id']}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    r = http.post(f"/jobs/{running['job_id']}/cancel")
+    assert r.status_code == 200 and r.json()["cancel_requested"] is True
+    done = wait_for(http, running["job_id"], finished)
+    assert done["status"] == "cancelled" and done["error"] is None
+    assert {p.name: p.read_bytes() for p in adapter.iterdir()} == before
+    assert http.get(f"/jobs/{queued['job_id']}").json()["started_at"] is None
+    r = http.post(f"/jobs/{running['job_id']}/cancel")
+    assert r.status_code == 409 and "already cancelled" in r.json()["detail"]
+    assert http.post("/jobs/nope/cancel").status_code == 404
+    # The server carries on: B can train now.
+    assert http.post("/train", json={"speaker": "B", "wait": True}).status_code == 200
+
+
+def test_checkpoint_resume_matches_an_uninterrupted_run(env, tmp_path):
+    server = LiveServer({**env, "CHECKPOINT_STEPS": "4"}, tmp_path / "server.log")
+    try:
+        http = httpx.Client(base_url=server.url, timeout=300)
+        upload(http, "A")
+        upload(http, "B")
+        steps = 40  # 2 samples x 20 epochs
+        straight = http.post("/train", json={"speaker": "B", "epochs": 20, "wait": True})
+        assert straight.status_code == 200, straight.text
+        job = http.post("/train", json={"speaker": "A", "epochs": 20}).json()
+        wait_for(http, job["job_id"], lambda j: j["checkpoint"] is not None or finished(j))
+        http.post(f"/jobs/{job['job_id']}/cancel")
+        stopped = wait_for(http, job["job_id"], finished)
+        if stopped["status"] == "succeeded":
+            pytest.skip("the run finished before it could be cancelled")
+        assert stopped["status"] == "cancelled" and Path(stopped["checkpoint"]).is_dir()
+        assert stopped["progress"]["step"] < steps
+
+        r = http.post(f"/jobs/{job['job_id']}/resume")
+        assert r.status_code == 202 and r.json()["status"] == "queued"
+        done = wait_for(http, job["job_id"], finished)
+        assert done["status"] == "succeeded", done["error"]
+        assert done["result"]["steps"] == steps
+        events = http.get(f"/jobs/{job['job_id']}/events", params={"stream": "false"}).json()["data"]
+        assert any("resuming from" in e["data"].get("message", "") for e in events)
+        assert not (Path(env["OUTPUT_DIR"]) / ".checkpoints" / job["job_id"]).exists()
+        # Same data, seed, optimizer state and data order: the resumed adapter equals the straight one.
+        a = load_file(str(Path(env["OUTPUT_DIR"]) / "A" / "adapter_model.safetensors"))
+        b = load_file(str(Path(env["OUTPUT_DIR"]) / "B" / "adapter_model.safetensors"))
+        assert a.keys() == b.keys()
+        for name in a:
+            assert (a[name] - b[name]).abs().max() < 1e-4, name
+        r = http.post(f"/jobs/{job['job_id']}/resume")
+        assert r.status_code == 409 and "only failed or cancelled" in r.json()["detail"]
+    finally:
+        server.stop()
+
+
+def test_resume_without_checkpoint_is_409(http):
+    upload(http)
+    job = http.post("/train", json={"speaker": "User1", "max_steps": LONG}).json()
+    wait_for(http, job["job_id"], lambda j: j["status"] == "running")
+    http.post(f"/jobs/{job['job_id']}/cancel")
+    wait_for(http, job["job_id"], finished)
+    r = http.post(f"/jobs/{job['job_id']}/resume")
+    assert r.status_code == 409 and "no checkpoint" in r.json()["detail"]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_memory_does_not_grow_over_five_trainings(live_server, http, record_property):
+    upload(http)
+    sizes = []
+    for _ in range(5):
+        assert http.post("/train", json={"speaker": "User1", "wait": True}).status_code == 200
+        sizes.append(rss_mb(live_server.proc.pid))
+    record_property("server_rss_mb", sizes)
+    print(f"server RSS after each of 5 trainings (MB): {[round(s, 1) for s in sizes]}")
+    assert sizes[-1] - sizes[0] < 50, sizes
