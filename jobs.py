@@ -64,6 +64,8 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, id);
 """
+# Columns added after the first release, with their declarations, for upgrading old databases.
+_ADDED_COLUMNS = {"progress": "TEXT", "checkpoint": "TEXT", "cancel_requested": "INTEGER NOT NULL DEFAULT 0"}
 
 
 def _now() -> str:
@@ -80,6 +82,10 @@ class JobRegistry:
         with closing(self._connect()) as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+            have = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            for column, declaration in _ADDED_COLUMNS.items():  # databases made by earlier versions
+                if column not in have:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)

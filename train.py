@@ -299,6 +299,8 @@ def progress_callback(report, interval_s: float = 1.0):
     from models import JobProgress
 
     class Progress(TrainerCallback):
+        """Reports from on_log (logging_steps=1), which runs after the step's loss is known."""
+
         def __init__(self):
             self.loss, self.last, self.began, self.first_step, self.reported = None, 0.0, None, 0, -1
 
@@ -309,11 +311,14 @@ def progress_callback(report, interval_s: float = 1.0):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 self.loss = float(logs["loss"])
+                self._report(state, final=state.global_step >= state.max_steps or control.should_training_stop)
 
-        def on_step_end(self, args, state, control, **kwargs):
+        def on_train_end(self, args, state, control, **kwargs):
+            self._report(state, final=True)
+
+        def _report(self, state, final: bool):
             now = time.monotonic()
-            last = state.global_step >= state.max_steps or control.should_training_stop
-            if (now - self.last < interval_s and not last) or state.global_step == self.reported:
+            if (now - self.last < interval_s and not final) or state.global_step == self.reported:
                 return
             self.last, self.reported = now, state.global_step
             elapsed = max(now - self.began, 1e-9)
@@ -326,10 +331,6 @@ def progress_callback(report, interval_s: float = 1.0):
                 tokens_per_second=round((state.num_input_tokens_seen - self.tokens0) / elapsed, 2),
                 eta_s=round(elapsed / steps * (state.max_steps - state.global_step), 1) if steps else None,
             ))
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.last = 0.0
-            self.on_step_end(args, state, control)
 
     return Progress()
 

@@ -168,3 +168,21 @@ def test_queued_job_left_by_a_dead_server_runs_at_start(env):
     job = registry.create("User1", resolve_config(get_settings(), TrainRequest(speaker="User1")))
     with TestClient(app) as client:
         assert poll(client, job.job_id)["status"] == "succeeded"
+
+
+def test_database_of_the_first_release_is_upgraded(tmp_path):
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "jobs.sqlite3")
+    db.executescript(
+        "CREATE TABLE jobs (id TEXT PRIMARY KEY, speaker TEXT NOT NULL, status TEXT NOT NULL, created_at TEXT NOT NULL,"
+        " started_at TEXT, finished_at TEXT, config TEXT NOT NULL, result TEXT, error TEXT);"
+    )
+    db.execute("INSERT INTO jobs VALUES ('old', 'A', 'succeeded', '2026-01-01T00:00:00+00:00', NULL, NULL, ?, NULL, NULL)",
+               (_config().model_dump_json(),))
+    db.commit()
+    db.close()
+    registry = JobRegistry(tmp_path / "jobs.sqlite3")
+    old = registry.get("old")
+    assert (old.status, old.progress, old.checkpoint, old.cancel_requested) == (JobStatus.succeeded, None, None, False)
+    assert registry.create("A", _config()).status == JobStatus.queued
