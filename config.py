@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The default base model: google's gemma-3-270m, shipped as GGUF in a pure-data PyPI package and
@@ -57,6 +57,17 @@ class Settings(BaseSettings):
         default_factory=lambda: ["none"],
         description="Experiment trackers for transformers' report_to, comma-separated: none, wandb, tensorboard, mlflow, trackio.",
     )
+
+    API_KEY: SecretStr | None = Field(
+        None, description="When set, every endpoint but /health needs 'Authorization: Bearer <API_KEY>'."
+    )
+    MAX_BODY_BYTES: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Largest request body; larger ones get 413 before being read."
+    )
+    # The two below may only be lowered: the API schema publishes 5000 and 10000 as hard bounds.
+    MAX_DIALOG_MESSAGES: int = Field(5000, ge=1, le=5000, description="Most messages in one uploaded dialog.")
+    MAX_MESSAGE_CHARS: int = Field(10_000, ge=1, le=10_000, description="Longest message, in characters.")
+    MAX_QUEUED_JOBS: int = Field(20, ge=1, description="Most jobs waiting in the queue; more get 429.")
 
     @field_validator("ALLOWED_SPEAKERS", "REPORT_TO", mode="before")
     @classmethod

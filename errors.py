@@ -29,3 +29,21 @@ class StorageError(ServiceError):
     """Stored data cannot be read or written safely; nothing was changed."""
 
     status = 500
+
+
+class Unauthorized(ServiceError):
+    status = 401
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+
+
+class TooManyRequests(ServiceError):
+    status = 429
+
+
+class InsufficientStorage(StorageError):
+    """The disk is full; nothing stored was changed."""
+
+    status = 507

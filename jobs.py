@@ -26,7 +26,7 @@ from typing import Any
 
 import parser as dialog_parser
 from config import Settings, get_settings
-from errors import Conflict, NotFound
+from errors import Conflict, NotFound, TooManyRequests
 from models import JobEvent, JobProgress, JobPublic, JobStatus, Sample, TrainConfig
 
 log = logging.getLogger("persona_lora.jobs")
@@ -110,6 +110,8 @@ class JobRegistry:
                     (job_id, _now(), event[0], json.dumps(event[1], ensure_ascii=False)),
                 )
             db.execute("COMMIT")
+        if changed and "status" in fields:
+            log.info("job %s: %s%s", job_id, fields["status"], f" ({fields['error']})" if fields.get("error") else "")
         return changed
 
     def add_event(self, job_id: str, type_: str, data: dict[str, Any]) -> None:
@@ -127,11 +129,17 @@ class JobRegistry:
         return [JobEvent(id=r["id"], job_id=r["job_id"], created_at=r["created_at"], type=r["type"],
                          data=json.loads(r["data"])) for r in rows]
 
-    def create(self, speaker: str, config: TrainConfig) -> JobPublic:
+    def create(self, speaker: str, config: TrainConfig, max_queued: int | None = None) -> JobPublic:
         job_id = uuid.uuid4().hex
         try:
             with closing(self._connect()) as db:
-                db.execute("BEGIN IMMEDIATE")
+                db.execute("BEGIN IMMEDIATE")  # the count and the insert are one step
+                queued = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
+                if max_queued is not None and queued >= max_queued:
+                    db.execute("ROLLBACK")
+                    raise TooManyRequests(
+                        f"{queued} jobs are already queued (MAX_QUEUED_JOBS={max_queued}); retry when some have finished"
+                    )
                 db.execute(
                     "INSERT INTO jobs (id, speaker, status, created_at, config) VALUES (?, ?, ?, ?, ?)",
                     (job_id, speaker, JobStatus.queued.value, _now(), config.model_dump_json()),
@@ -143,6 +151,7 @@ class JobRegistry:
                 db.execute("COMMIT")
         except sqlite3.IntegrityError:
             raise self._busy(speaker) from None
+        log.info("job %s (%s): queued", job_id, speaker)
         return self.get(job_id)
 
     def _busy(self, speaker: str) -> Conflict:
@@ -306,8 +315,6 @@ class JobRunner:
     def _run(self, job_id: str) -> None:
         if self.stop.is_set() or not self.registry.mark_running(job_id):
             return  # shutting down, or cancelled while queued
-        job = self.registry.get(job_id)
-        log.info("job %s (%s): running", job_id, job.speaker)
         log_path = job_log_path(self.settings, job_id)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {
@@ -341,9 +348,6 @@ class JobRunner:
                 self.registry.mark_failed(
                     job_id, f"the training process exited with status {child.returncode}; last log lines:\n{_tail(log_path)}"
                 )
-        job = self.registry.get(job_id)
-        level = logging.INFO if job.status == JobStatus.succeeded else logging.WARNING
-        log.log(level, "job %s (%s): %s%s", job_id, job.speaker, job.status.value, f": {job.error}" if job.error else "")
 
 
 def job_log_path(settings: Settings, job_id: str) -> Path:

@@ -8,16 +8,21 @@ import logging
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Query, Request
+import secrets
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Security
 from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import format_sse_event
 
 import parser as dialog_parser
 import train
 from config import Settings, get_settings
-from errors import Conflict, Forbidden, NotFound, ServiceError
+from errors import Conflict, Forbidden, NotFound, ServiceError, Unauthorized
 from jobs import FINISHED, JobRegistry, JobRunner, display_path
+from middleware import AccessLog, BodyLimit
 from models import (
     ErrorPublic,
     HealthPublic,
@@ -62,9 +67,16 @@ app = FastAPI(
     version="0.1.0",
     lifespan=lifespan,
 )
+app.add_middleware(BodyLimit)
+app.add_middleware(AccessLog)
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ERRORS = {422: {"description": "Invalid request: `detail` lists each problem with its location."}}
+BODY_ERRORS = {
+    400: {"model": ErrorPublic, "description": "The body could not be read (not UTF-8)."},
+    413: {"model": ErrorPublic, "description": "Request body over MAX_BODY_BYTES."},
+    **ERRORS,
+}
 
 
 def _error(description: str) -> dict:
@@ -73,7 +85,34 @@ def _error(description: str) -> dict:
 
 @app.exception_handler(ServiceError)
 async def service_error_handler(request: Request, exc: ServiceError) -> JSONResponse:
-    return JSONResponse(status_code=exc.status, content={"detail": exc.detail})
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+    return JSONResponse(status_code=exc.status, content={"detail": exc.detail}, headers=headers)
+
+
+@app.exception_handler(Exception)
+async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return JSONResponse(status_code=500, content={"detail": f"internal error ({type(exc).__name__}); see the server log"})
+
+
+bearer = HTTPBearer(auto_error=False, description="The server's API_KEY, when one is set.")
+
+
+def require_api_key(
+    settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
+) -> None:
+    """With API_KEY set, every endpoint but /health needs `Authorization: Bearer <API_KEY>`."""
+    if settings.API_KEY is None:
+        return
+    given = credentials.credentials.encode() if credentials else b""
+    if not secrets.compare_digest(given, settings.API_KEY.get_secret_value().encode()):
+        raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <API_KEY>'")
+
+
+api = APIRouter(
+    dependencies=[Depends(require_api_key)],
+    responses={401: {"model": ErrorPublic, "description": "API_KEY is set and the request did not send it."}},
+)
 
 
 def registry(request: Request) -> JobRegistry:
@@ -83,6 +122,20 @@ def registry(request: Request) -> JobRegistry:
 def check_allowed(speaker: str, settings: Settings) -> None:
     if settings.ALLOWED_SPEAKERS and speaker not in settings.ALLOWED_SPEAKERS:
         raise Forbidden(f"speaker '{speaker}' is not in ALLOWED_SPEAKERS ({', '.join(settings.ALLOWED_SPEAKERS)})")
+
+
+def check_limits(body: UploadTextRequest, settings: Settings) -> None:
+    """The operator's limits (settings), when lower than the schema's own bounds; 422 like the schema."""
+    problems = []
+    if len(body.dialog) > settings.MAX_DIALOG_MESSAGES:
+        problems.append({"type": "too_long", "loc": ("body", "dialog"), "input": None,
+                         "msg": f"List should have at most {settings.MAX_DIALOG_MESSAGES} items (MAX_DIALOG_MESSAGES)"})
+    for i, turn in enumerate(body.dialog):
+        if len(turn.content) > settings.MAX_MESSAGE_CHARS:
+            problems.append({"type": "string_too_long", "loc": ("body", "dialog", i, "content"), "input": None,
+                             "msg": f"String should have at most {settings.MAX_MESSAGE_CHARS} characters (MAX_MESSAGE_CHARS)"})
+    if problems:
+        raise RequestValidationError(problems)
 
 
 @app.get("/", include_in_schema=False)
@@ -97,13 +150,19 @@ def health(request: Request) -> HealthPublic:
     return HealthPublic(jobs_running=counts.get("running", 0), jobs_queued=counts.get("queued", 0))
 
 
-@app.post(
+@api.post(
     "/upload-text",
     response_model=UploadTextResponse,
-    responses={403: _error("Speaker not in ALLOWED_SPEAKERS."), 500: _error("Stored data unreadable or unwritable; nothing changed."), **ERRORS},
+    responses={
+        403: _error("Speaker not in ALLOWED_SPEAKERS."),
+        500: _error("Stored data unreadable or unwritable; nothing changed."),
+        507: _error("Disk full; nothing changed."),
+        **BODY_ERRORS,
+    },
 )
 def upload_text(body: UploadTextRequest, settings: SettingsDep) -> UploadTextResponse:
     """Store the speaker's messages from a dialog, each with the turns it answered (appends, deduplicates)."""
+    check_limits(body, settings)
     check_allowed(body.speaker, settings)
     samples, empty = dialog_parser.build_samples(body.dialog, body.speaker, settings.MAX_CONTEXT_TURNS)
     result = dialog_parser.append_samples(settings.DATA_DIR, body.speaker, samples)
@@ -118,7 +177,7 @@ def upload_text(body: UploadTextRequest, settings: SettingsDep) -> UploadTextRes
     )
 
 
-@app.post(
+@api.post(
     "/train",
     response_model=TrainCompleted,
     responses={
@@ -126,8 +185,9 @@ def upload_text(body: UploadTextRequest, settings: SettingsDep) -> UploadTextRes
         403: _error("Speaker not in ALLOWED_SPEAKERS."),
         404: _error("No stored messages for the speaker: upload first."),
         409: _error("The speaker already has a queued or running job."),
+        429: _error("MAX_QUEUED_JOBS jobs are already queued."),
         500: _error("With `wait`: training failed; `detail` says why."),
-        **ERRORS,
+        **BODY_ERRORS,
     },
 )
 async def train_speaker(body: TrainRequest, request: Request, settings: SettingsDep):
@@ -137,7 +197,7 @@ async def train_speaker(body: TrainRequest, request: Request, settings: Settings
     if stored is None or not stored.messages:
         raise NotFound(f"no messages stored for speaker '{body.speaker}'; upload a dialog with POST /upload-text first")
     config = await asyncio.to_thread(train.resolve_config, settings, body)
-    job = registry(request).create(body.speaker, config)
+    job = registry(request).create(body.speaker, config, settings.MAX_QUEUED_JOBS)
     future = request.app.state.runner.submit(job.job_id)
     if not body.wait:
         return JSONResponse(status_code=202, content=jsonable_encoder(job), headers={"Location": job.url})
@@ -152,7 +212,7 @@ async def train_speaker(body: TrainRequest, request: Request, settings: Settings
     )
 
 
-@app.get("/jobs", response_model=JobsPublic, responses=ERRORS)
+@api.get("/jobs", response_model=JobsPublic, responses=ERRORS)
 def list_jobs(
     request: Request,
     speaker: SpeakerName | None = None,
@@ -165,7 +225,7 @@ def list_jobs(
     return JobsPublic(data=data, count=count)
 
 
-@app.get("/jobs/{job_id}", response_model=JobPublic, responses={404: _error("No such job.")})
+@api.get("/jobs/{job_id}", response_model=JobPublic, responses={404: _error("No such job.")})
 def get_job(job_id: str, request: Request) -> JobPublic:
     """One training job: its state, and its result or error."""
     return registry(request).get(job_id)
@@ -175,7 +235,7 @@ EVENTS_POLL_S = 0.5  # how often a stream looks for new events in the registry
 KEEPALIVE_S = 15.0  # an SSE comment line this often keeps proxies from closing an idle stream
 
 
-@app.get(
+@api.get(
     "/jobs/{job_id}/events",
     response_model=JobEventsPublic,
     responses={
@@ -224,7 +284,7 @@ async def job_events(
     return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-@app.post(
+@api.post(
     "/jobs/{job_id}/cancel",
     response_model=JobPublic,
     responses={404: _error("No such job."), 409: _error("The job has already finished.")},
@@ -234,7 +294,7 @@ def cancel_job(job_id: str, request: Request) -> JobPublic:
     return registry(request).cancel(job_id)
 
 
-@app.post(
+@api.post(
     "/jobs/{job_id}/resume",
     status_code=202,
     response_model=JobPublic,
@@ -245,3 +305,6 @@ def resume_job(job_id: str, request: Request) -> JobPublic:
     job = registry(request).resume(job_id)
     request.app.state.runner.submit(job.job_id)
     return job
+
+
+app.include_router(api)

@@ -69,6 +69,8 @@ SpeakerName = Annotated[
 class Turn(BaseModel):
     """One message of a dialog. Sent by clients inside /upload-text; stored as context."""
 
+    model_config = ConfigDict(strict=True)  # no silent coercion: 5 is not a message, "true" not a bool
+
     speaker: DisplayName
     content: str = Field(max_length=MAX_MESSAGE_CHARS, examples=["Привіт! Як справи?"])
 
@@ -102,7 +104,7 @@ _SAMPLE_DIALOG = [
 class UploadTextRequest(BaseModel):
     """Sent by clients: a dialog and the speaker whose messages to keep."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"dialog": _SAMPLE_DIALOG, "speaker": "User1"}]})
+    model_config = ConfigDict(strict=True, json_schema_extra={"examples": [{"dialog": _SAMPLE_DIALOG, "speaker": "User1"}]})
 
     dialog: list[Turn] = Field(min_length=1, max_length=MAX_DIALOG_MESSAGES)
     speaker: SpeakerName
@@ -133,7 +135,7 @@ class UploadTextResponse(BaseModel):
 class TrainRequest(BaseModel):
     """Sent by clients: whom to train, and optional overrides of the training defaults."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"speaker": "User1", "wait": True}]})
+    model_config = ConfigDict(strict=True, json_schema_extra={"examples": [{"speaker": "User1", "wait": True}]})
 
     speaker: SpeakerName
     wait: bool = Field(False, description="Answer only when training has finished (200), not at once (202).")

@@ -11,6 +11,7 @@ file or the new one, never a torn one.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ from pathlib import Path
 from filelock import FileLock
 from pydantic import ValidationError
 
-from errors import StorageError
+from errors import InsufficientStorage, ServiceError, StorageError
 from models import Sample, SpeakerFile, Turn
 
 
@@ -84,8 +85,25 @@ class AppendResult:
 
 def append_samples(data_dir: Path, speaker: str, samples: list[Sample]) -> AppendResult:
     """Add the samples not stored yet, atomically, under the speaker's lock."""
-    data_dir.mkdir(parents=True, exist_ok=True)
     path = speaker_file(data_dir, speaker)
+    try:
+        return _append_locked(data_dir, path, speaker, samples)
+    except ServiceError:
+        raise
+    except OSError as exc:
+        raise storage_error(exc, path) from exc
+
+
+def storage_error(exc: OSError, path: Path) -> StorageError:
+    """A disk problem as an error the user can act on; the stored messages are unchanged."""
+    what = f"could not write {path}: {exc.strerror or exc}; the stored messages are unchanged"
+    if exc.errno == errno.ENOSPC:
+        return InsufficientStorage(f"{what}. Free disk space and retry.")
+    return StorageError(f"{what}. Check that the data folder exists and is writable.")
+
+
+def _append_locked(data_dir: Path, path: Path, speaker: str, samples: list[Sample]) -> AppendResult:
+    data_dir.mkdir(parents=True, exist_ok=True)
     with _lock(path):
         stored = load_speaker(data_dir, speaker) or SpeakerFile(speaker=speaker)
         known = {s.id for s in stored.messages}
@@ -108,10 +126,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as exc:
+    except BaseException:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise StorageError(f"could not write {path}: {exc.strerror}; the stored messages are unchanged") from exc
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

@@ -78,3 +78,42 @@ def test_default_model_adapter_loads_with_peft(provisioned, tmp_path):
     ids = torch.tensor([[2, 21545, 36818]])
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def test_sigkill_during_provisioning_then_provision_cleanly(env, tmp_path):
+    import signal
+    import time
+
+    import httpx
+
+    from conftest import SAMPLE_DIALOG
+
+    models_dir = tmp_path / "fresh-models"
+    server_env = {**env, "BASE_MODEL": DEFAULT_BASE_MODEL, "MODELS_DIR": str(models_dir)}
+    server = LiveServer(server_env, tmp_path / "server1.log")
+    try:
+        http = httpx.Client(base_url=server.url, timeout=60)
+        assert http.post("/upload-text", json={"dialog": SAMPLE_DIALOG, "speaker": "User1"}).status_code == 200
+        job = http.post("/train", json={"speaker": "User1"}).json()
+        deadline = time.monotonic() + 300
+        while not list(models_dir.glob(".tmp-*/gguf/*.gguf")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(3)  # into dequantizing
+        assert not (models_dir / train.DEFAULT_MODEL_DIRNAME).exists(), "provisioning finished before the kill"
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait(10)
+    finally:
+        server.stop()
+    time.sleep(1)  # the training child dies with its server (PR_SET_PDEATHSIG)
+    assert list(models_dir.glob(".tmp-*")), "the kill should leave a half-made temporary folder"
+
+    server = LiveServer(server_env, tmp_path / "server2.log")
+    try:
+        http = httpx.Client(base_url=server.url, timeout=900)
+        dead = http.get(job["url"]).json()
+        assert (dead["status"], dead["error"]) == ("failed", "interrupted: the server stopped during training")
+        r = http.post("/train", json={"speaker": "User1", "wait": True})
+        assert r.status_code == 200, r.text
+    finally:
+        server.stop()
+    assert sorted(p.name for p in models_dir.iterdir() if not p.name.endswith(".lock")) == [train.DEFAULT_MODEL_DIRNAME]

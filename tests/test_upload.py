@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
+import subprocess
 import unicodedata
 from pathlib import Path
 
@@ -185,17 +185,74 @@ def test_damaged_file_is_reported_and_left_alone(client, env):
     assert path.read_text(encoding="utf-8") == '{"speaker": "User1", "messages": ['
 
 
-def test_failed_write_keeps_stored_data(client, env, monkeypatch):
-    upload(client)
-    path = Path(env["DATA_DIR"]) / "User1_messages.json"
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 512 KiB filesystem (tmpfs), where the machine lets us mount one."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_disk_full_and_read_only_disk_keep_stored_data(client, env, monkeypatch, small_disk):
+    monkeypatch.setenv("DATA_DIR", str(small_disk / "data"))
+    get_settings.cache_clear()
+    assert upload(client).status_code == 200
+    path = small_disk / "data" / "User1_messages.json"
     before = path.read_bytes()
-
-    def disk_full(src, dst):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "replace", disk_full)
-    r = upload(client, SAMPLE_DIALOG + [{"speaker": "User1", "content": "new"}])
-    assert r.status_code == 500
-    assert r.json()["detail"].endswith("No space left on device; the stored messages are unchanged")
+    with open(small_disk / "filler", "wb", buffering=0) as filler:  # fill the disk to the last block
+        try:
+            while True:
+                filler.write(b"x" * 4096)
+        except OSError:
+            pass
+    big = SAMPLE_DIALOG + [{"speaker": "User1", "content": "нове повідомлення " * 500}]
+    r = upload(client, big)
+    assert r.status_code == 507, r.text
+    assert r.json()["detail"].endswith("the stored messages are unchanged. Free disk space and retry.")
     assert path.read_bytes() == before
-    assert sorted(p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")) == []
+    assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+    (small_disk / "filler").unlink()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    r = upload(client, big)
+    assert r.status_code == 500, r.text
+    assert "Check that the data folder exists and is writable" in r.json()["detail"]
+    assert path.read_bytes() == before
+    subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    assert upload(client, big).json()["added"] == 1
+
+
+def test_limits_from_settings(client, env, monkeypatch):
+    monkeypatch.setenv("MAX_DIALOG_MESSAGES", "2")
+    monkeypatch.setenv("MAX_MESSAGE_CHARS", "10")
+    get_settings.cache_clear()
+    r = upload(client)
+    assert r.status_code == 422
+    problems = {tuple(p["loc"]): p["msg"] for p in r.json()["detail"]}
+    assert problems == {
+        ("body", "dialog"): "List should have at most 2 items (MAX_DIALOG_MESSAGES)",
+        **{("body", "dialog", i, "content"): "String should have at most 10 characters (MAX_MESSAGE_CHARS)" for i in range(3)},
+    }
+    assert list(Path(env["DATA_DIR"]).glob("*_messages.json")) == []
+
+
+def test_body_limit_answers_413_before_reading(client, env, monkeypatch):
+    monkeypatch.setenv("MAX_BODY_BYTES", "2048")
+    get_settings.cache_clear()
+    big = [{"speaker": "User1", "content": "x" * 3000}]
+    r = upload(client, big)
+    assert r.status_code == 413
+    assert r.json() == {"detail": "request body is larger than MAX_BODY_BYTES=2048 bytes; split the dialog into several uploads"}
+
+    def chunks():  # no Content-Length: counted while read
+        yield b'{"speaker": "User1", "dialog": ['
+        for _ in range(10):
+            yield b'{"speaker": "User1", "content": "' + b"y" * 500 + b'"},'
+        yield b'{"speaker": "User1", "content": "z"}]}'
+
+    r = client.post("/upload-text", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "MAX_BODY_BYTES=2048" in r.json()["detail"]
+    assert list(Path(env["DATA_DIR"]).glob("*_messages.json")) == []

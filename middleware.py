@@ -1,0 +1,82 @@
+"""ASGI middleware of the service: the request body limit and the access log.
+
+Both are plain ASGI (no BaseHTTPMiddleware) so that streaming responses, such as a job's event
+stream, pass through untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from fastapi import HTTPException
+
+from config import get_settings
+
+access_log = logging.getLogger("persona_lora.access")
+
+
+class BodyLimit:
+    """413 for a body over MAX_BODY_BYTES: at once when Content-Length says so, before anything is
+    read; otherwise as soon as the chunks read so far exceed it (chunked uploads)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = get_settings().MAX_BODY_BYTES
+        detail = f"request body is larger than MAX_BODY_BYTES={limit} bytes; split the dialog into several uploads"
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            return await _send_json(send, 413, detail)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    # FastAPI passes HTTPException from body reading through to its handler.
+                    raise HTTPException(status_code=413, detail=detail)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _send_json(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class AccessLog:
+    """One line per request: method, path, status, duration. Never bodies or query values, which
+    may hold people's messages."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def record(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            access_log.info(
+                "method=%s path=%s status=%d duration_ms=%.1f",
+                scope["method"], scope["path"], status, (time.perf_counter() - started) * 1000,
+            )

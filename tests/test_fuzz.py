@@ -1,0 +1,63 @@
+"""Property-based fuzzing of the whole API with Schemathesis, from the app's own OpenAPI schema.
+
+Runs against a real server with API_KEY set. Every response must be 4xx or 2xx (never 5xx) and conform to the schema: status code, content type,
+headers and body. Documented exclusions: the positive-data-acceptance check (see below), and: `/train` is fuzzed with `wait` forced to false, since a
+waiting training is long-running by design; the event stream is fuzzed too (unknown job ids answer
+at once).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import schemathesis
+from schemathesis.specs.openapi.checks import positive_data_acceptance
+from hypothesis import HealthCheck, settings
+
+from conftest import LiveServer
+from config import get_settings
+
+CASES = {"count": 0}
+API_KEY = "fuzz-key"
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory, tiny_gemma):
+    root = tmp_path_factory.mktemp("fuzz")
+    env = {
+        "DATA_DIR": str(root / "data"),
+        "OUTPUT_DIR": str(root / "output_lora"),
+        "MODELS_DIR": str(root / "models"),
+        "BASE_MODEL": str(tiny_gemma),
+        "DEVICE": "cpu",
+        "MAX_QUEUED_JOBS": "3",
+        "API_KEY": API_KEY,  # fuzz the guarded service; Schemathesis also checks that requests without it get 401
+    }
+    server = LiveServer(env, root / "server.log")
+    yield server
+    server.stop()
+    print(f"\nschemathesis: {CASES['count']} cases")
+
+
+@pytest.fixture(scope="module")
+def api_schema(fuzz_server):
+    return schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json")
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "100")), deadline=None,
+          suppress_health_check=list(HealthCheck))
+def test_api_conforms_and_never_fails(case):
+    if case.path == "/train" and case.method == "POST" and isinstance(case.body, dict) and case.body.get("wait") is True:
+        case.body["wait"] = False  # documented exclusion: waiting trainings are long-running
+    CASES["count"] += 1
+    # positive_data_acceptance is left out: rules JSON Schema cannot state (the speaker must occur in the
+    # dialog; names use Unicode letter classes; a speaker without uploads has nothing to train) answer
+    # 4xx to some schema-valid requests, by design. Every other default check runs.
+    case.call_and_validate(
+        headers={"Authorization": f"Bearer {API_KEY}"}, excluded_checks=[positive_data_acceptance], timeout=60
+    )

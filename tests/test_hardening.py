@@ -1,0 +1,179 @@
+"""Access control, queue limits, logging, concurrency and crash safety."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import SAMPLE_DIALOG, LiveServer
+from config import get_settings
+
+
+def test_api_key_guards_every_endpoint_but_health(client, env, monkeypatch):
+    monkeypatch.setenv("API_KEY", "s3cret-key")
+    get_settings.cache_clear()
+    body = {"dialog": SAMPLE_DIALOG, "speaker": "User1"}
+    calls = [
+        ("post", "/upload-text", {"json": body}),
+        ("post", "/train", {"json": {"speaker": "User1"}}),
+        ("get", "/jobs", {}),
+        ("get", "/jobs/x", {}),
+        ("get", "/jobs/x/events", {}),
+        ("post", "/jobs/x/cancel", {}),
+        ("post", "/jobs/x/resume", {}),
+    ]
+    for method, path, kwargs in calls:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic czNjcmV0LWtleQ=="},
+                        {"Authorization": "Bearer s3cret-key-and-more"}):
+            r = getattr(client, method)(path, headers=headers, **kwargs)
+            assert r.status_code == 401, (method, path, headers, r.text)
+            assert r.json() == {"detail": "missing or wrong API key: send 'Authorization: Bearer <API_KEY>'"}
+            assert r.headers["www-authenticate"] == "Bearer"
+    assert client.get("/health").status_code == 200
+    good = {"Authorization": "Bearer s3cret-key"}
+    assert client.post("/upload-text", json=body, headers=good).status_code == 200
+    assert client.get("/jobs/x", headers=good).status_code == 404
+    assert not list(Path(env["DATA_DIR"]).glob("*_messages.json"))[1:]  # only the authorised upload
+    schema = client.get("/openapi.json").json()
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]
+    assert schema["paths"]["/upload-text"]["post"]["security"] == [{"HTTPBearer": []}]
+    assert "security" not in schema["paths"]["/health"]["get"]
+
+
+def test_queue_limit_answers_429(client, env, monkeypatch):
+    monkeypatch.setenv("MAX_QUEUED_JOBS", "1")
+    get_settings.cache_clear()
+    for s in ("A", "B", "C"):
+        dialog = [{"speaker": "X", "content": "hi"}, {"speaker": s, "content": "hello"}]
+        assert client.post("/upload-text", json={"dialog": dialog, "speaker": s}).status_code == 200
+    running = client.post("/train", json={"speaker": "A", "max_steps": 10**6}).json()
+    deadline = time.monotonic() + 60
+    while client.get(running["url"]).json()["status"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.post("/train", json={"speaker": "B"}).status_code == 202
+    r = client.post("/train", json={"speaker": "C"})
+    assert r.status_code == 429
+    assert r.json() == {"detail": "1 jobs are already queued (MAX_QUEUED_JOBS=1); retry when some have finished"}
+    assert client.get("/jobs", params={"speaker": "C"}).json()["count"] == 0
+
+
+def test_one_log_line_per_request_and_no_message_content(client, caplog):
+    secret = "таємниця-7f3a"
+    with caplog.at_level(logging.INFO):
+        client.post("/upload-text", json={"dialog": [{"speaker": "User1", "content": secret}], "speaker": "User1"})
+        client.get("/jobs/nope")
+    access = [r.getMessage() for r in caplog.records if r.name == "persona_lora.access"]
+    assert len(access) == 2
+    assert access[0].startswith("method=POST path=/upload-text status=200 duration_ms=")
+    assert access[1].startswith("method=GET path=/jobs/nope status=404 duration_ms=")
+    assert all(secret not in r.getMessage() for r in caplog.records)
+
+
+def test_unexpected_errors_answer_json_500(client, monkeypatch):
+    import parser as dialog_parser
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(dialog_parser, "build_samples", broken)
+    from fastapi.testclient import TestClient
+
+    from main import app
+
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/upload-text", json={"dialog": SAMPLE_DIALOG, "speaker": "User1"})
+    assert r.status_code == 500 and r.json() == {"detail": "internal error (RuntimeError); see the server log"}
+
+
+def _uploads(n: int, speakers: list[str]):
+    for i in range(n):
+        speaker = speakers[i % len(speakers)]
+        yield speaker, [{"speaker": "Other", "content": f"питання {i}"}, {"speaker": speaker, "content": f"відповідь {i}"}]
+
+
+def test_fifty_clients_upload_while_training_and_polling(live_server, env):
+    speakers = ["Ann", "Bob", "Олена", "José"]
+    http = httpx.Client(base_url=live_server.url, timeout=120)
+    assert http.post("/upload-text", json={"dialog": SAMPLE_DIALOG, "speaker": "User1"}).status_code == 200
+    job = http.post("/train", json={"speaker": "User1", "epochs": 30}).json()
+
+    async def main():
+        async with httpx.AsyncClient(base_url=live_server.url, timeout=120,
+                                     limits=httpx.Limits(max_connections=60)) as client:
+            stop = asyncio.Event()
+
+            async def poll():
+                codes = []
+                while not stop.is_set():
+                    codes.append((await client.get(job["url"])).status_code)
+                    codes.append((await client.get("/jobs")).status_code)
+                    await asyncio.sleep(0.05)
+                return codes
+
+            async def clients(k):
+                out = []
+                for speaker, dialog in list(_uploads(200, speakers))[k::50]:
+                    r = await client.post("/upload-text", json={"dialog": dialog, "speaker": speaker})
+                    out.append(r.status_code)
+                return out
+
+            poller = asyncio.create_task(poll())
+            results = await asyncio.gather(*(clients(k) for k in range(50)))
+            stop.set()
+            return results, await poller
+
+    results, polled = asyncio.run(main())
+    assert [code for r in results for code in r] == [200] * 200
+    assert polled and set(polled) == {200}
+    assert http.get(job["url"]).json()["status"] in ("running", "succeeded")
+    for k, speaker in enumerate(speakers):
+        data = json.loads((Path(env["DATA_DIR"]) / f"{speaker}_messages.json").read_text(encoding="utf-8"))
+        replies = [m["reply"] for m in data["messages"]]
+        assert sorted(replies) == sorted(f"відповідь {i}" for i in range(k, 200, len(speakers)))  # none lost, none twice
+
+
+def test_sigkill_during_upload_burst_loses_no_acknowledged_upload(env, tmp_path):
+    speakers = ["Ann", "Bob", "Олена"]
+    acknowledged: list[tuple[str, str]] = []
+    cycles = 3
+    for cycle in range(cycles):
+        server = LiveServer(env, tmp_path / f"server{cycle}.log")
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                async def one(speaker, dialog):
+                    try:
+                        r = await client.post("/upload-text", json={"dialog": dialog, "speaker": speaker})
+                    except httpx.HTTPError:
+                        return
+                    if r.status_code == 200:
+                        acknowledged.append((speaker, dialog[-1]["content"]))
+
+                batch = [(s, [{**d[0], "content": f"{cycle}-{d[0]['content']}"}, {**d[1], "content": f"{cycle}-{d[1]['content']}"}])
+                         for s, d in _uploads(300, speakers)]
+                tasks = [asyncio.create_task(one(s, d)) for s, d in batch]
+                while sum(a[1].startswith(f"{cycle}-") for a in acknowledged) < 30:  # kill mid-burst
+                    await asyncio.sleep(0.005)
+                server.proc.send_signal(signal.SIGKILL)
+                await asyncio.gather(*tasks)
+
+        asyncio.run(burst())
+        server.proc.wait(10)
+        server.stop()
+        assert 0 < len([a for a in acknowledged if a[1].startswith(f"{cycle}-")]) < 300, "kill did not land mid-burst"
+    stored = set()
+    for speaker in speakers:
+        path = Path(env["DATA_DIR"]) / f"{speaker}_messages.json"
+        data = json.loads(path.read_text(encoding="utf-8"))  # valid JSON after every kill
+        replies = [m["reply"] for m in data["messages"]]
+        assert len(replies) == len(set(replies))
+        stored |= {(speaker, r) for r in replies}
+    assert set(acknowledged) <= stored
+    print(f"{cycles} kill cycles, {len(acknowledged)} acknowledged uploads, all stored; {len(stored)} stored in all")
