@@ -111,7 +111,8 @@ class JobRegistry:
                 )
             db.execute("COMMIT")
         if changed and "status" in fields:
-            log.info("job %s: %s%s", job_id, fields["status"], f" ({fields['error']})" if fields.get("error") else "")
+            log.info("job %s: %s%s", job_id, fields["status"], f" ({fields['error']})" if fields.get("error") else "",
+                     extra={"state_change": True})
         return changed
 
     def add_event(self, job_id: str, type_: str, data: dict[str, Any]) -> None:
@@ -373,6 +374,8 @@ class _EventLogHandler(logging.Handler):
         self.registry, self.job_id = registry, job_id
 
     def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "state_change", False):  # already a status event
+            return
         try:
             self.registry.add_event(self.job_id, "log", {"level": record.levelname, "message": record.getMessage()})
         except Exception:  # a log line must never fail the training

@@ -25,12 +25,13 @@ from jobs import FINISHED, JobRegistry, JobRunner, display_path
 from middleware import AccessLog, BodyLimit
 from models import (
     ErrorPublic,
+    EventsQuery,
     HealthPublic,
+    JobsQuery,
     JobEventsPublic,
     JobPublic,
     JobsPublic,
     JobStatus,
-    SpeakerName,
     TrainCompleted,
     TrainRequest,
     UploadTextRequest,
@@ -213,15 +214,9 @@ async def train_speaker(body: TrainRequest, request: Request, settings: Settings
 
 
 @api.get("/jobs", response_model=JobsPublic, responses=ERRORS)
-def list_jobs(
-    request: Request,
-    speaker: SpeakerName | None = None,
-    status: JobStatus | None = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
-) -> JobsPublic:
+def list_jobs(request: Request, query: Annotated[JobsQuery, Query()]) -> JobsPublic:
     """Training jobs, newest first, optionally filtered by speaker and status."""
-    data, count = registry(request).list(speaker, status, limit, offset)
+    data, count = registry(request).list(query.speaker, query.status, query.limit, query.offset)
     return JobsPublic(data=data, count=count)
 
 
@@ -248,14 +243,9 @@ KEEPALIVE_S = 15.0  # an SSE comment line this often keeps proxies from closing 
         **ERRORS,
     },
 )
-async def job_events(
-    job_id: str,
-    request: Request,
-    stream: bool = True,
-    after: Annotated[int, Query(ge=0, description="Only events with a larger id (also read from Last-Event-ID).")] = 0,
-):
+async def job_events(job_id: str, request: Request, query: Annotated[EventsQuery, Query()]):
     """A job's events (status changes, progress, log lines, errors), live as Server-Sent Events."""
-    reg = registry(request)
+    reg, stream, after = registry(request), query.stream, query.after
     await asyncio.to_thread(reg.get, job_id)  # 404 before any stream starts
     if not stream:
         events = await asyncio.to_thread(reg.events, job_id, after, 100_000)

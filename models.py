@@ -205,6 +205,26 @@ class JobPublic(BaseModel):
     cancel_requested: bool = False
 
 
+class JobsQuery(BaseModel):
+    """Query of GET /jobs. Unknown parameters are refused (422), so a typo never silently filters nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    speaker: SpeakerName | None = None
+    status: JobStatus | None = None
+    limit: int = Field(50, ge=1, le=500)
+    offset: int = Field(0, ge=0)
+
+
+class EventsQuery(BaseModel):
+    """Query of GET /jobs/{job_id}/events."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stream: bool = Field(True, description="Server-Sent Events (true) or the events so far as JSON (false).")
+    after: int = Field(0, ge=0, description="Only events with a larger id (also read from Last-Event-ID).")
+
+
 class JobsPublic(BaseModel):
     data: list[JobPublic]
     count: int

@@ -39,16 +39,21 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     return tiny.save_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
 
 
-@pytest.fixture
-def env(tmp_path, monkeypatch, tiny_gemma) -> dict[str, str]:
-    """Settings for one test: its own data, output and model folders, the tiny model as base."""
-    values = {
-        "DATA_DIR": str(tmp_path / "data"),
-        "OUTPUT_DIR": str(tmp_path / "output_lora"),
-        "MODELS_DIR": str(tmp_path / "models"),
-        "BASE_MODEL": str(tiny_gemma),
+def server_env(root: Path, base_model: Path) -> dict[str, str]:
+    """Settings of a test's server: its own data, output and model folders under root."""
+    return {
+        "DATA_DIR": str(root / "data"),
+        "OUTPUT_DIR": str(root / "output_lora"),
+        "MODELS_DIR": str(root / "models"),
+        "BASE_MODEL": str(base_model),
         "DEVICE": "cpu",
     }
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch, tiny_gemma) -> dict[str, str]:
+    """Settings for one test, in the environment: the tiny model as base, folders under tmp_path."""
+    values = server_env(tmp_path, tiny_gemma)
     for key, value in values.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("ALLOWED_SPEAKERS", raising=False)

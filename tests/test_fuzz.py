@@ -15,8 +15,7 @@ import schemathesis
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from hypothesis import HealthCheck, settings
 
-from conftest import LiveServer
-from config import get_settings
+from conftest import LiveServer, server_env
 
 CASES = {"count": 0}
 API_KEY = "fuzz-key"
@@ -26,11 +25,7 @@ API_KEY = "fuzz-key"
 def fuzz_server(tmp_path_factory, tiny_gemma):
     root = tmp_path_factory.mktemp("fuzz")
     env = {
-        "DATA_DIR": str(root / "data"),
-        "OUTPUT_DIR": str(root / "output_lora"),
-        "MODELS_DIR": str(root / "models"),
-        "BASE_MODEL": str(tiny_gemma),
-        "DEVICE": "cpu",
+        **server_env(root, tiny_gemma),
         "MAX_QUEUED_JOBS": "3",
         "API_KEY": API_KEY,  # fuzz the guarded service; Schemathesis also checks that requests without it get 401
     }

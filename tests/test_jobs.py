@@ -130,6 +130,8 @@ def test_jobs_listing_and_unknown_job(client, env):
     assert [j["job_id"] for j in only["data"]] == ids[:1]
     assert client.get("/jobs", params={"limit": 1, "offset": 1}).json()["data"][0]["job_id"] == ids[0]
     assert client.get("/jobs", params={"status": "nonsense"}).status_code == 422
+    typo = client.get("/jobs", params={"speeker": "User1"})
+    assert typo.status_code == 422 and typo.json()["detail"][0]["type"] == "extra_forbidden"
     r = client.get("/jobs/nope")
     assert r.status_code == 404 and r.json() == {"detail": "no job with id 'nope'"}
 
