@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     # The two below may only be lowered: the API schema publishes 5000 and 10000 as hard bounds.
     MAX_DIALOG_MESSAGES: int = Field(5000, ge=1, le=5000, description="Most messages in one uploaded dialog.")
     MAX_MESSAGE_CHARS: int = Field(10_000, ge=1, le=10_000, description="Longest message, in characters.")
+    MAX_UPLOAD_BYTES: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest export file for /upload-file; larger ones get 413 before being read."
+    )
+    MIN_SAMPLES: int = Field(10, ge=1, description="Fewer samples than this for a speaker draws a warning (OpenAI asks for 10).")
     MAX_QUEUED_JOBS: int = Field(20, ge=1, description="Most jobs waiting in the queue; more get 429.")
 
     @field_validator("ALLOWED_SPEAKERS", "REPORT_TO", mode="before")

@@ -21,6 +21,12 @@ class NotFound(ServiceError):
     status = 404
 
 
+class Unprocessable(ServiceError):
+    """The request is well-formed but its content cannot be used (an unreadable export file)."""
+
+    status = 422
+
+
 class Conflict(ServiceError):
     status = 409
 

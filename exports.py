@@ -229,7 +229,7 @@ def read_whatsapp(text: str, name: str = "chat") -> Chat:
     day_first = _day_first([stamp for stamp, _ in raw])
     messages = []
     for i, (stamp, body) in enumerate(raw):
-        speaker, sep, text = body.partition(": ")
+        speaker, sep, text = body.rstrip("\n").partition(": ")
         if not sep:  # Android system line: no author
             messages.append(ChatMessage(speaker="", text=body, kind="system", id=i, time=_wa_time(stamp, day_first)))
             continue

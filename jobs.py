@@ -359,6 +359,14 @@ def checkpoint_dir(settings: Settings, job_id: str) -> Path:
     return settings.OUTPUT_DIR / CHECKPOINTS / job_id
 
 
+def delete_checkpoint(settings: Settings, job_id: str) -> Path | None:
+    folder = checkpoint_dir(settings, job_id)
+    if not folder.is_dir():
+        return None
+    shutil.rmtree(folder)
+    return folder
+
+
 def _tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])

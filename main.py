@@ -10,7 +10,7 @@ from typing import Annotated
 
 import secrets
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request, Security
+from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request, Security, UploadFile
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
@@ -20,10 +20,15 @@ from fastapi.sse import format_sse_event
 import parser as dialog_parser
 import train
 from config import Settings, get_settings
-from errors import Conflict, Forbidden, NotFound, ServiceError, Unauthorized
-from jobs import FINISHED, JobRegistry, JobRunner, display_path
+from errors import Conflict, Forbidden, NotFound, ServiceError, Unauthorized, Unprocessable
+from exports import ExportError
+from jobs import FINISHED, JobRegistry, JobRunner, delete_checkpoint, display_path
 from middleware import AccessLog, BodyLimit
 from models import (
+    DatasetPublic,
+    DatasetQuery,
+    DeletedPublic,
+    DeleteQuery,
     ErrorPublic,
     EventsQuery,
     HealthPublic,
@@ -32,8 +37,15 @@ from models import (
     JobPublic,
     JobsPublic,
     JobStatus,
+    PageQuery,
+    SamplesPublic,
+    SpeakerName,
+    SpeakerPublic,
+    SpeakersPublic,
     TrainCompleted,
     TrainRequest,
+    UploadFileForm,
+    UploadFileResponse,
     UploadTextRequest,
     UploadTextResponse,
 )
@@ -125,6 +137,14 @@ def check_allowed(speaker: str, settings: Settings) -> None:
         raise Forbidden(f"speaker '{speaker}' is not in ALLOWED_SPEAKERS ({', '.join(settings.ALLOWED_SPEAKERS)})")
 
 
+def _upload_response(speaker: str, samples, empty: int, settings: Settings) -> dict:
+    result = dialog_parser.append_samples(settings.DATA_DIR, speaker, samples)
+    return dict(
+        message=f"Successfully saved messages for {speaker}", filepath=display_path(result.path), speaker=speaker,
+        added=result.added, duplicates=result.duplicates, skipped_empty=empty, total=result.total,
+    )
+
+
 def check_limits(body: UploadTextRequest, settings: Settings) -> None:
     """The operator's limits (settings), when lower than the schema's own bounds; 422 like the schema."""
     problems = []
@@ -166,16 +186,104 @@ def upload_text(body: UploadTextRequest, settings: SettingsDep) -> UploadTextRes
     check_limits(body, settings)
     check_allowed(body.speaker, settings)
     samples, empty = dialog_parser.build_samples(body.dialog, body.speaker, settings.MAX_CONTEXT_TURNS)
-    result = dialog_parser.append_samples(settings.DATA_DIR, body.speaker, samples)
-    return UploadTextResponse(
-        message=f"Successfully saved messages for {body.speaker}",
-        filepath=display_path(result.path),
-        speaker=body.speaker,
-        added=result.added,
-        duplicates=result.duplicates,
-        skipped_empty=empty,
-        total=result.total,
+    return UploadTextResponse(**_upload_response(body.speaker, samples, empty, settings))
+
+
+@api.post(
+    "/upload-file",
+    response_model=UploadFileResponse,
+    responses={
+        403: _error("Speaker not in ALLOWED_SPEAKERS."),
+        500: _error("Stored data unreadable or unwritable; nothing changed."),
+        507: _error("Disk full; nothing changed."),
+        **BODY_ERRORS,
+    },
+)
+def upload_file(file: UploadFile, form: Annotated[UploadFileForm, Form()], settings: SettingsDep) -> UploadFileResponse:
+    """Import a Telegram or WhatsApp export (or /upload-text JSON): clean it, keep the speaker's messages."""
+    check_allowed(form.speaker, settings)
+    try:
+        imported = dialog_parser.import_export(
+            file.file.read(), file.filename or "", form.speaker, form.format, form.chat, form.aliases or {},
+            form, settings.MAX_CONTEXT_TURNS, train.tokenizer_file(settings.BASE_MODEL, settings.MODELS_DIR),
+        )
+    except (ExportError, dialog_parser.UnknownSpeaker) as exc:
+        raise Unprocessable(str(exc)) from None
+    warnings = []
+    if len(imported.samples) < settings.MIN_SAMPLES:
+        warnings.append(f"{form.speaker} has {len(imported.samples)} samples in this export; at least "
+                        f"{settings.MIN_SAMPLES} (MIN_SAMPLES) are needed to train well")
+    return UploadFileResponse(
+        **_upload_response(form.speaker, imported.samples, 0, settings), format=imported.fmt, chats=imported.chats,
+        report=imported.report, speakers=imported.speakers, token_counter=imported.token_counter, warnings=warnings,
     )
+
+
+@api.get("/speakers", response_model=SpeakersPublic, responses={500: _error("A stored file is damaged.")})
+def list_speakers(settings: SettingsDep) -> SpeakersPublic:
+    """Every speaker with stored messages: count, last upload, and their adapter if trained."""
+    data = []
+    for stored in dialog_parser.list_speakers(settings.DATA_DIR):
+        info = train.adapter_info(settings.OUTPUT_DIR, stored.speaker)
+        data.append(SpeakerPublic(
+            speaker=stored.speaker, messages=len(stored.messages),
+            last_upload=max((m.added_at for m in stored.messages), default=None),
+            adapter=info is not None, trained_at=info.get("created_at") if info else None,
+        ))
+    return SpeakersPublic(data=data, count=len(data))
+
+
+def _stored(settings: Settings, speaker: str):
+    stored = dialog_parser.load_speaker(settings.DATA_DIR, speaker)
+    if stored is None:
+        raise NotFound(f"no messages stored for speaker '{speaker}'")
+    return stored
+
+
+@api.get("/speakers/{speaker}/messages", response_model=SamplesPublic, responses={404: _error("Nothing stored."), **ERRORS})
+def speaker_messages(speaker: SpeakerName, settings: SettingsDep, page: Annotated[PageQuery, Query()]) -> SamplesPublic:
+    """The speaker's stored messages with their context, oldest first."""
+    stored = _stored(settings, speaker)
+    return SamplesPublic(data=stored.messages[page.offset : page.offset + page.limit], count=len(stored.messages))
+
+
+@api.get(
+    "/speakers/{speaker}/dataset",
+    response_model=DatasetPublic,
+    responses={404: _error("Nothing stored."), 500: _error("The base model could not be loaded."), **ERRORS},
+)
+def speaker_dataset(speaker: SpeakerName, settings: SettingsDep, query: Annotated[DatasetQuery, Query()]) -> DatasetPublic:
+    """The first samples exactly as training renders them (chat template applied, trained span marked)."""
+    stored = _stored(settings, speaker)
+    try:
+        rendered = train.render_samples(stored.messages[: query.limit], speaker, settings.BASE_MODEL, settings.MODELS_DIR,
+                                        settings.MAX_SEQ_LENGTH)
+    except (OSError, ValueError) as exc:
+        raise ServiceError(f"could not load the tokenizer of base model {settings.BASE_MODEL!r}: {exc}") from None
+    return DatasetPublic(**rendered, count=len(stored.messages))
+
+
+@api.delete(
+    "/speakers/{speaker}",
+    response_model=DeletedPublic,
+    responses={404: _error("Nothing stored for the speaker."), 409: _error("The speaker is training."), **ERRORS},
+)
+def delete_speaker(
+    speaker: SpeakerName, request: Request, settings: SettingsDep, query: Annotated[DeleteQuery, Query()]
+) -> DeletedPublic:
+    """Delete the speaker's stored messages and, unless keep_adapter, their adapter and evaluation."""
+    active = registry(request).active_for(speaker)
+    if active:
+        raise Conflict(f"speaker '{speaker}' is training (job {active.job_id}); cancel it or wait, then delete")
+    deleted = [dialog_parser.delete_speaker(settings.DATA_DIR, speaker)]
+    if not query.keep_adapter:
+        deleted.append(train.delete_adapter(settings.OUTPUT_DIR, speaker))
+    for job in registry(request).list(speaker=speaker, limit=10_000)[0]:  # checkpoints hold a copy of the samples
+        deleted.append(delete_checkpoint(settings, job.job_id))
+    deleted = [display_path(p) for p in deleted if p]
+    if not deleted:
+        raise NotFound(f"nothing stored for speaker '{speaker}'")
+    return DeletedPublic(message=f"Deleted the data of {speaker}", deleted=deleted)
 
 
 @api.post(

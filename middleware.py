@@ -27,8 +27,10 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = get_settings().MAX_BODY_BYTES
-        detail = f"request body is larger than MAX_BODY_BYTES={limit} bytes; split the dialog into several uploads"
+        settings = get_settings()
+        name, limit = ("MAX_UPLOAD_BYTES", settings.MAX_UPLOAD_BYTES) if scope["path"] == "/upload-file" else (
+            "MAX_BODY_BYTES", settings.MAX_BODY_BYTES)
+        detail = f"request body is larger than {name}={limit} bytes; split the dialog into several uploads"
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
             return await _send_json(send, 413, detail)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import unicodedata
 from datetime import datetime
 from enum import Enum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Json, model_validator
 
 SPEAKER_MAX_CHARS = 64
 MAX_DIALOG_MESSAGES = 5000  # a long chat export split into uploads; ~1 MB of typical messages
-MAX_MESSAGE_CHARS = 10_000  # far beyond a chat message, well within a 32k-token context
+MAX_MESSAGE_CHARS = 10_000
+MAX_OFFSET = 10**9  # beyond any real list; larger numbers overflow SQLite's 64-bit integers  # far beyond a chat message, well within a 32k-token context
 _NAME_PUNCTUATION = set(" _.-")
 
 
@@ -129,6 +130,94 @@ class UploadTextResponse(BaseModel):
     total: int = Field(description="Messages stored for the speaker after this upload.")
 
 
+# --- /upload-file and speakers ------------------------------------------------------------------
+
+
+class CleaningOptions(BaseModel):
+    """Cleaning steps for exports, each on by default."""
+
+    drop_system: bool = Field(True, description="Drop service/system lines (joins, calls, encryption notices).")
+    drop_media: bool = Field(True, description="Drop media placeholders and deleted-message notices.")
+    merge_consecutive: bool = Field(True, description="Merge consecutive messages of one speaker into one turn.")
+    split_gap_minutes: float = Field(
+        180, ge=0, le=525_600, description="Start a new dialog after a silence this long (0: never), so context never spans unrelated conversations."
+    )
+    mask_pii: bool = Field(True, description="Replace e-mail addresses, phone numbers and card-like numbers.")
+    drop_empty: bool = Field(True, description="Drop messages left without text.")
+
+
+class UploadFileForm(CleaningOptions):
+    """Form fields of /upload-file, beside the file itself."""
+
+    speaker: SpeakerName
+    format: Literal["auto", "telegram", "whatsapp", "native"] = Field(
+        "auto", description="auto-detected by default: Telegram result.json, WhatsApp .txt/.zip, or /upload-text JSON."
+    )
+    chat: str | None = Field(None, description="Full Telegram export: the chat's name or id, or 'all' (default).")
+    aliases: Json[dict[str, str]] | None = Field(
+        None, description='JSON object mapping names to one speaker, e.g. {"Olena K": "Олена"}.', examples=['{"Olena K": "Олена"}']
+    )
+
+
+class SpeakerStats(BaseModel):
+    messages: int
+    tokens: int = Field(description="Tokens by the base model's tokenizer when available locally, else words.")
+
+
+class UploadFileResponse(UploadTextResponse):
+    """Answer to /upload-file."""
+
+    format: str = Field(examples=["telegram"])
+    chats: list[str] = Field(description="Names of the chats read.")
+    report: dict[str, int] = Field(description="What each cleaning step read, removed, merged or masked.")
+    speakers: dict[str, SpeakerStats] = Field(description="Per speaker in the cleaned export.")
+    token_counter: str = Field(description="'tokenizer' or 'words'.")
+    warnings: list[str] = []
+
+
+class SpeakerPublic(BaseModel):
+    speaker: str
+    messages: int
+    last_upload: datetime | None
+    adapter: bool = Field(description="Whether a trained adapter exists.")
+    trained_at: datetime | None = None
+
+
+class SpeakersPublic(BaseModel):
+    data: list[SpeakerPublic]
+    count: int
+
+
+class SamplesPublic(BaseModel):
+    data: list[Sample]
+    count: int
+
+
+class RenderedSample(BaseModel):
+    """A training sample exactly as the model sees it."""
+
+    sample_id: str
+    prompt: str = Field(description="The rendered context; not trained on.")
+    completion: str = Field(description="The trained span: the speaker's reply and the end-of-turn marker.")
+    marked: str = Field(description="prompt + completion, the trained span between ⟦ and ⟧.")
+    tokens: int
+    supervised_tokens: int
+    context_turns_dropped: int
+
+
+class DatasetPublic(BaseModel):
+    base_model: str
+    chat_template_source: str
+    max_seq_length: int
+    data: list[RenderedSample]
+    count: int = Field(description="Samples stored for the speaker.")
+
+
+class DeletedPublic(BaseModel):
+    message: str
+    deleted: list[str]
+
+
 # --- /train and jobs ---------------------------------------------------------------------------
 
 
@@ -213,7 +302,28 @@ class JobsQuery(BaseModel):
     speaker: SpeakerName | None = None
     status: JobStatus | None = None
     limit: int = Field(50, ge=1, le=500)
-    offset: int = Field(0, ge=0)
+    offset: int = Field(0, ge=0, le=MAX_OFFSET)
+
+
+class PageQuery(BaseModel):
+    """Query of paginated lists."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(50, ge=1, le=1000)
+    offset: int = Field(0, ge=0, le=MAX_OFFSET)
+
+
+class DatasetQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(5, ge=1, le=100, description="How many samples to render.")
+
+
+class DeleteQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    keep_adapter: bool = Field(False, description="Keep the trained adapter; delete only the messages.")
 
 
 class EventsQuery(BaseModel):
@@ -222,7 +332,7 @@ class EventsQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     stream: bool = Field(True, description="Server-Sent Events (true) or the events so far as JSON (false).")
-    after: int = Field(0, ge=0, description="Only events with a larger id (also read from Last-Event-ID).")
+    after: int = Field(0, ge=0, le=2**62, description="Only events with a larger id (also read from Last-Event-ID).")
 
 
 class JobsPublic(BaseModel):

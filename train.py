@@ -493,6 +493,55 @@ def _replace_dir(new: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def delete_adapter(output_root: Path, speaker: str) -> Path | None:
+    """Remove the speaker's adapter folder (with everything evaluated from it); None if absent."""
+    folder = output_root / speaker
+    if folder.resolve().parent != output_root.resolve() or not folder.is_dir():
+        return None
+    trash = output_root / f"{TMP_PREFIX}deleted-{speaker}-{uuid.uuid4().hex[:8]}"
+    os.replace(folder, trash)  # gone from its place at once; removed below, or at the next start
+    shutil.rmtree(trash, ignore_errors=True)
+    return folder
+
+
+def adapter_info(output_root: Path, speaker: str) -> dict[str, Any] | None:
+    """The adapter's training_info.json, or None when the speaker has no complete adapter."""
+    try:
+        return json.loads((output_root / speaker / "training_info.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def render_samples(samples: list[Sample], speaker: str, base_model: str, models_dir: Path, max_len: int) -> dict[str, Any]:
+    """Samples exactly as training formats them, decoded back to text with the trained span marked."""
+    from transformers import AutoConfig
+
+    model_path = resolve_base_model(base_model, models_dir)
+    tokenizer = load_tokenizer(model_path)
+    template, source = chat_template_for(tokenizer, AutoConfig.from_pretrained(model_path).model_type)
+    rendered = []
+    for sample in samples:
+        encoded = format_sample(sample, speaker, tokenizer, template, max_len)
+        if encoded is None:
+            continue
+        start = next(i for i, label in enumerate(encoded.labels) if label != -100)
+        prompt = tokenizer.decode(encoded.input_ids[:start])
+        completion = tokenizer.decode(encoded.input_ids[start:])
+        rendered.append({
+            "sample_id": sample.id, "prompt": prompt, "completion": completion, "marked": f"{prompt}⟦{completion}⟧",
+            "tokens": len(encoded.input_ids), "supervised_tokens": len(encoded.input_ids) - start,
+            "context_turns_dropped": encoded.context_turns_dropped,
+        })
+    return {"base_model": base_model, "chat_template_source": source, "max_seq_length": max_len, "data": rendered}
+
+
+def tokenizer_file(base_model: str, models_dir: Path) -> Path | None:
+    """The base model's tokenizer.json when it is on this machine already (never downloads)."""
+    folder = models_dir / DEFAULT_MODEL_DIRNAME if base_model == DEFAULT_BASE_MODEL else Path(base_model)
+    path = folder / "tokenizer.json"
+    return path if path.is_file() else None
+
+
 def clean_stale_outputs(output_root: Path) -> None:
     """At start-up: remove folders of runs that died mid-way; restore an adapter whose replacement
     was interrupted between its two renames."""

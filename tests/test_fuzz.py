@@ -43,6 +43,13 @@ def api_schema(fuzz_server):
 schema = schemathesis.pytest.from_fixture("api_schema")
 
 
+@schemathesis.hook
+def filter_query(context, query):
+    """Parameters with an empty name never reach the server (the HTTP client drops them), so the
+    server cannot be expected to refuse them."""
+    return not query or "" not in query
+
+
 @schema.parametrize()
 @settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "100")), deadline=None,
           suppress_health_check=list(HealthCheck))
