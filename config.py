@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     TRAIN_WORKERS: int = Field(
         1, ge=1, le=16, description="Trainings that run at once; 1 because one device rarely fits two."
     )
+    TRAIN_PROCESSES: int = Field(
+        1, ge=1, le=64,
+        description="Processes per training job: above 1, a job runs under `accelerate launch` with data parallelism (one per GPU; gloo on CPUs).",
+    )
     SEED: int = Field(42, description="Seed for training (data order, LoRA init, dropout).")
     CHECKPOINT_STEPS: int = Field(
         0, ge=0, description="Save a resumable checkpoint every N steps (0: off, right for short runs)."

@@ -13,10 +13,12 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
@@ -329,7 +331,7 @@ class JobRunner:
         cancelled = False
         with open(log_path, "ab") as log_file:
             child = subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), "run", job_id],
+                job_command(job_id, self.settings.TRAIN_PROCESSES),
                 env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
             )
             while child.poll() is None:
@@ -349,6 +351,20 @@ class JobRunner:
                 self.registry.mark_failed(
                     job_id, f"the training process exited with status {child.returncode}; last log lines:\n{_tail(log_path)}"
                 )
+
+
+def job_command(job_id: str, processes: int) -> list[str]:
+    """The child's command line: this file, or several copies of it under `accelerate launch`
+    (data parallel: one process per GPU, or gloo between CPU processes)."""
+    script = [str(Path(__file__).resolve()), "run", job_id]
+    if processes <= 1:
+        return [sys.executable, *script]
+    with socket.socket() as s:  # a free rendezvous port, so two launches never collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port), *script]
 
 
 def job_log_path(settings: Settings, job_id: str) -> Path:
@@ -412,15 +428,20 @@ def run_job(job_id: str) -> int:
     registry = JobRegistry(settings.db_path)
     job = registry.get(job_id)
     stop, training = threading.Event(), threading.Event()
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    main_process = train.is_main_process()
 
     def on_sigterm(signum, frame):
-        if not training.is_set():
-            os._exit(128 + signum)  # nothing worth keeping yet; the supervisor records why it stopped
+        if distributed or not training.is_set():
+            # Nothing worth keeping yet; or several processes, which must stop at the same step: they
+            # end now, before the main one writes anything. The supervisor records why.
+            os._exit(128 + signum)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    _die_with_parent()
-    logging.getLogger("persona_lora").addHandler(_EventLogHandler(registry, job_id))
+    _die_with_server()
+    if main_process:
+        logging.getLogger("persona_lora").addHandler(_EventLogHandler(registry, job_id))
     ckpt_dir = checkpoint_dir(settings, job_id)
     resume_from = job.checkpoint if job.checkpoint and Path(job.checkpoint).is_dir() else None
     if resume_from:
@@ -431,8 +452,8 @@ def run_job(job_id: str) -> int:
             stop=stop,
             callbacks=[
                 train.started_callback(training),
-                train.progress_callback(lambda p: registry.update_progress(job_id, p), settings.PROGRESS_INTERVAL_S),
-                train.checkpoint_callback(lambda path: registry.set_checkpoint(job_id, path)),
+                *([train.progress_callback(lambda p: registry.update_progress(job_id, p), settings.PROGRESS_INTERVAL_S),
+                   train.checkpoint_callback(lambda path: registry.set_checkpoint(job_id, path))] if main_process else []),
             ],
             checkpoint_dir=ckpt_dir if job.config.checkpoint_steps else None,
             resume_from=resume_from,
@@ -444,21 +465,36 @@ def run_job(job_id: str) -> int:
         log.exception("job %s failed", job_id)
         registry.mark_failed(job_id, describe_failure(exc))
         return 1
+    if not main_process:
+        return 0
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     summary = {k: v for k, v in outcome.info.items() if k not in ("loss_history", "config")}
     registry.mark_succeeded(job_id, {"model_path": display_path(outcome.model_path), **summary})
     return 0
 
 
-def _die_with_parent() -> None:
-    """A child whose server was killed must not train on, or later overwrite the adapter."""
+def _die_with_server() -> None:
+    """A child whose server was killed must not train on, or later overwrite the adapter. The
+    kernel ends a direct child with its parent (Linux); a watchdog covers processes started by
+    `accelerate launch` and other systems."""
+    server = int(os.environ.get("PERSONA_LORA_SERVER_PID", 0))
     if sys.platform.startswith("linux"):
         import ctypes
 
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != int(os.environ.get("PERSONA_LORA_SERVER_PID", os.getppid())):
-        os._exit(1)  # the server died before the line above took effect
+    if not server:
+        return
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(server, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, name="server-watchdog", daemon=True).start()
 
 
 def describe_failure(exc: BaseException) -> str:

@@ -101,6 +101,18 @@ def resolve_config(settings: Settings, request: TrainRequest) -> TrainConfig:
     return config
 
 
+def process_device(device: str) -> str:
+    """This process's device: under `accelerate launch` / `torchrun` each process takes the GPU of its
+    LOCAL_RANK (an 8-bit model is placed whole on it: device_map={"": local_rank})."""
+    if device == "cuda":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return device
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -368,13 +380,14 @@ def train_lora(
 
     if not samples:
         raise TrainingError(f"no stored messages for {speaker!r}; upload a dialog with POST /upload-text first")
+    device = process_device(config.device)
     started = time.monotonic()
     stop = stop or threading.Event()
     set_seed(config.seed)
     try:
         model_path = resolve_base_model(config.base_model, models_dir)
         tokenizer = load_tokenizer(model_path)
-        model = load_base_model(model_path, config.load_in_8bit, config.device)
+        model = load_base_model(model_path, config.load_in_8bit, device)
     except (OSError, ValueError) as exc:
         raise TrainingError(
             f"could not load base model {config.base_model!r}: {exc}. Set BASE_MODEL to a local checkpoint "
@@ -422,6 +435,8 @@ def train_lora(
         report_to=config.report_to,
         run_name=run_name or speaker,
         include_num_input_tokens_seen="non_padding",
+        ddp_find_unused_parameters=False,  # every LoRA weight is used in every step
+        average_tokens_across_devices=True,  # several processes compute the same loss as one
         seed=config.seed,
         use_cpu=config.device == "cpu",
         bf16=config.device.startswith("cuda"),
@@ -444,6 +459,8 @@ def train_lora(
             result = trainer.train(resume_from_checkpoint=resume_from)
         if stop.is_set():
             raise TrainingStopped("training stopped before it finished")
+        if not trainer.is_world_process_zero():  # data parallel: the main process writes the one adapter
+            return TrainOutcome(output_root / speaker, {"steps": trainer.state.global_step})
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         info = {
             "speaker": speaker,
@@ -583,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("--batch-size", type=int, default=1)
     cli.add_argument("--max-seq-length", type=int)
     cli.add_argument("--no-8bit", action="store_true", help="load the base model dense (overrides LOAD_IN_8BIT)")
+    cli.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout (0.1 as specified; 0 for exact comparisons)")
     ns = cli.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -605,12 +623,14 @@ def main(argv: list[str] | None = None) -> int:
     if stored is None or not stored.messages:
         print(f"error: no messages stored for {request.speaker!r} in {settings.DATA_DIR}; upload a dialog first", file=sys.stderr)
         return 1
-    config = resolve_config(settings, request)
+    config = resolve_config(settings, request).model_copy(update={"lora_dropout": ns.lora_dropout})
     try:
         outcome = train_lora(stored.messages, request.speaker, config, settings.OUTPUT_DIR, settings.MODELS_DIR, progress_bar=True)
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if not is_main_process():
+        return 0
     summary = {k: v for k, v in outcome.info.items() if k != "loss_history"}
     print(json.dumps({"message": f"Training completed successfully for {request.speaker}", "model_path": str(outcome.model_path), **summary}, indent=2, ensure_ascii=False))
     return 0
