@@ -46,6 +46,13 @@ class Settings(BaseSettings):
     TRAIN_WORKERS: int = Field(
         1, ge=1, le=16, description="Trainings that run at once; 1 because one device rarely fits two."
     )
+    EVAL_FRACTION: float = Field(
+        0.1, ge=0, le=0.5, description="Share of a speaker's samples held out of training for evaluation."
+    )
+    EVAL_MIN_SAMPLES: int = Field(10, ge=2, description="Hold samples out only when the speaker has at least this many.")
+    EVAL_GENERATIONS: int = Field(4, ge=0, le=50, description="Held-out contexts generated for the style comparison.")
+    EVALUATE_AFTER_TRAINING: bool = Field(True, description="Evaluate each adapter when its training succeeds.")
+    ADAPTER_CACHE_SIZE: int = Field(4, ge=1, le=256, description="Adapters kept loaded for generation (LRU).")
     TRAIN_PROCESSES: int = Field(
         1, ge=1, le=64,
         description="Processes per training job: above 1, a job runs under `accelerate launch` with data parallelism (one per GPU; gloo on CPUs).",

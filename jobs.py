@@ -468,7 +468,16 @@ def run_job(job_id: str) -> int:
     if not main_process:
         return 0
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    summary = {k: v for k, v in outcome.info.items() if k not in ("loss_history", "config")}
+    summary = {k: v for k, v in outcome.info.items() if k not in ("loss_history", "config", "heldout_ids")}
+    if settings.EVALUATE_AFTER_TRAINING:
+        try:
+            import evals
+
+            log.info("evaluating the adapter on %d held-out samples", outcome.info.get("num_heldout", 0))
+            summary["evaluation"] = evals.summary(evals.evaluate_speaker(settings, job.speaker))
+        except Exception as exc:  # the adapter is good; say why there is no report
+            log.exception("evaluation failed")
+            summary["evaluation_error"] = describe_failure(exc)
     registry.mark_succeeded(job_id, {"model_path": display_path(outcome.model_path), **summary})
     return 0
 

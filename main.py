@@ -13,12 +13,15 @@ import secrets
 from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request, Security, UploadFile
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import format_sse_event
 
+import evals
+import openai_compat
 import parser as dialog_parser
 import train
+from infer import AdapterNotFound, PersonaEngine, turns_to_messages
 from config import Settings, get_settings
 from errors import Conflict, Forbidden, NotFound, ServiceError, Unauthorized, Unprocessable
 from exports import ExportError
@@ -31,6 +34,8 @@ from models import (
     DeleteQuery,
     ErrorPublic,
     EventsQuery,
+    GenerateRequest,
+    GenerateResponse,
     HealthPublic,
     JobsQuery,
     JobEventsPublic,
@@ -44,6 +49,7 @@ from models import (
     SpeakersPublic,
     TrainCompleted,
     TrainRequest,
+    Turn,
     UploadFileForm,
     UploadFileResponse,
     UploadTextRequest,
@@ -66,6 +72,8 @@ async def lifespan(app: FastAPI):
     for job_id in registry.recover():
         runner.submit(job_id)
     app.state.registry, app.state.runner = registry, runner
+    app.state.engine = PersonaEngine(settings.BASE_MODEL, settings.MODELS_DIR, settings.OUTPUT_DIR, settings.DEVICE,
+                                     settings.LOAD_IN_8BIT, settings.ADAPTER_CACHE_SIZE)
     yield
     await asyncio.to_thread(runner.shutdown)
 
@@ -405,4 +413,64 @@ def resume_job(job_id: str, request: Request) -> JobPublic:
     return job
 
 
+@api.post(
+    "/generate",
+    response_model=GenerateResponse,
+    responses={404: _error("The speaker has no trained adapter."), **BODY_ERRORS},
+)
+async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
+    """The reply the speaker would write next, from their adapter on the base model."""
+    turns = body.messages if body.messages is not None else [Turn(speaker="user", content=body.prompt)]
+    try:
+        out = await asyncio.to_thread(
+            request.app.state.engine.generate, body.speaker, turns_to_messages(turns, body.speaker),
+            body.max_new_tokens, body.temperature, body.top_p, body.seed,
+        )
+    except AdapterNotFound:
+        raise NotFound(f"no adapter for speaker '{body.speaker}'; train one with POST /train") from None
+    return GenerateResponse(speaker=body.speaker, reply=out.text, prompt_tokens=out.prompt_tokens,
+                            completion_tokens=out.completion_tokens, finish_reason=out.finish_reason)
+
+
+@api.get("/speakers/{speaker}/evaluation", responses={404: _error("No evaluation for the speaker.")})
+def speaker_evaluation(speaker: SpeakerName, settings: SettingsDep) -> dict:
+    """The adapter's latest evaluation report (eval.json)."""
+    report = evals.read_report(settings, speaker)
+    if report is None:
+        raise NotFound(f"no evaluation for speaker '{speaker}'; train an adapter, or POST /speakers/{speaker}/evaluate")
+    return report
+
+
+@api.post(
+    "/speakers/{speaker}/evaluate",
+    responses={404: _error("The speaker has no adapter."), 409: _error("The speaker is training.")},
+)
+async def evaluate_speaker(speaker: SpeakerName, request: Request, settings: SettingsDep) -> dict:
+    """Evaluate the speaker's adapter now on its held-out samples; returns and stores the report."""
+    active = registry(request).active_for(speaker)
+    if active:
+        raise Conflict(f"speaker '{speaker}' is training (job {active.job_id}); evaluate when it has finished")
+    report = await asyncio.to_thread(evals.evaluate_speaker, settings, speaker, request.app.state.engine)
+    if report is None:
+        raise NotFound(f"no adapter for speaker '{speaker}'; train one with POST /train")
+    return report
+
+
+@api.get(
+    "/speakers/{speaker}/loss.png",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/png": {}}, "description": "Training and held-out loss."},
+               404: _error("No evaluation for the speaker.")},
+)
+def speaker_loss_plot(speaker: SpeakerName, settings: SettingsDep) -> FileResponse:
+    """The training loss curve with the held-out loss of base and adapter."""
+    path = settings.OUTPUT_DIR / speaker / evals.PLOT_FILE
+    if not path.is_file():
+        raise NotFound(f"no loss plot for speaker '{speaker}'; it is drawn when an adapter is evaluated")
+    return FileResponse(path, media_type="image/png")
+
+
 app.include_router(api)
+app.include_router(openai_compat.router, dependencies=[Depends(require_api_key)], responses={
+    401: {"model": ErrorPublic, "description": "API_KEY is set and the request did not send it."},
+    400: BODY_ERRORS[400], 413: BODY_ERRORS[413]})

@@ -7,7 +7,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Json, model_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, Json, model_validator
 
 SPEAKER_MAX_CHARS = 64
 MAX_DIALOG_MESSAGES = 5000  # a long chat export split into uploads; ~1 MB of typical messages
@@ -254,6 +254,8 @@ class TrainConfig(BaseModel):
     lora_dropout: float = 0.1
     target_modules: list[str] = ["q_proj", "v_proj"]
     checkpoint_steps: int = Field(0, description="Save a resumable checkpoint every N steps; 0 = off.")
+    eval_fraction: float = Field(0.0, description="Share of samples held out of training for evaluation.")
+    eval_min_samples: int = Field(10, description="Hold out only from speakers with at least this many samples.")
     report_to: list[str] = Field(["none"], description="Experiment trackers (transformers' report_to).")
 
 
@@ -361,6 +363,97 @@ class TrainCompleted(BaseModel):
     message: str = Field(examples=["Training completed successfully for User1"])
     model_path: str = Field(examples=["./output_lora/User1"])
     job: JobPublic
+
+
+# --- generation and the OpenAI-compatible API -------------------------------------------------------
+
+
+class GenerateRequest(BaseModel):
+    """Sent by clients: the conversation so far (or one prompt), and how to sample the reply."""
+
+    model_config = ConfigDict(strict=True, json_schema_extra={"examples": [
+        {"speaker": "User1", "messages": [{"speaker": "User2", "content": "Привіт! Що робиш?"}], "max_new_tokens": 48}]})
+
+    speaker: SpeakerName
+    messages: list[Turn] | None = Field(None, min_length=1, max_length=200, description="Earlier turns; the speaker's own turns count as theirs.")
+    prompt: str | None = Field(None, min_length=1, max_length=MAX_MESSAGE_CHARS, description="Instead of messages: one message to answer.")
+    max_new_tokens: int = Field(64, ge=1, le=1024)
+    temperature: float = Field(0.0, ge=0, le=2, description="0: greedy (deterministic).")
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("send either messages or prompt, not both and not neither")
+        return self
+
+
+class GenerateResponse(BaseModel):
+    speaker: str
+    reply: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: Literal["stop", "length"]
+
+
+class OpenAIMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str = Field(max_length=MAX_MESSAGE_CHARS)
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's chat completion request (the fields this service uses; others are ignored)."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+        {"model": "User1", "messages": [{"role": "user", "content": "Привіт!"}], "max_tokens": 48}]})
+
+    model: str = Field(min_length=1, max_length=512, description="A speaker with an adapter, or the base model's name.")
+    messages: list[OpenAIMessage] = Field(min_length=1, max_length=200)
+    max_tokens: int = Field(64, ge=1, le=1024, validation_alias=AliasChoices("max_completion_tokens", "max_tokens"))
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1, description="One choice per request.")
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    finish_reason: Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
 
 
 class HealthPublic(BaseModel):

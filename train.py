@@ -89,6 +89,8 @@ def resolve_config(settings: Settings, request: TrainRequest) -> TrainConfig:
         max_seq_length=request.max_seq_length or settings.MAX_SEQ_LENGTH,
         seed=settings.SEED,
         checkpoint_steps=settings.CHECKPOINT_STEPS,
+        eval_fraction=settings.EVAL_FRACTION,
+        eval_min_samples=settings.EVAL_MIN_SAMPLES,
         report_to=settings.REPORT_TO,
     )
     sent = request.model_fields_set - {"speaker", "wait"}
@@ -269,6 +271,16 @@ def format_sample(sample: Sample, speaker: str, tokenizer, template: str, max_le
     return Encoded(ids, labels, dropped)
 
 
+def holdout_split(samples: list[Sample], fraction: float, minimum: int) -> tuple[list[Sample], list[Sample]]:
+    """(train, held out): a deterministic share of samples, chosen by their ids so that the same
+    sample is held out in every run and after new uploads. Nothing is held out below `minimum`."""
+    if fraction <= 0 or len(samples) < minimum:
+        return samples, []
+    ranked = sorted(samples, key=lambda s: hashlib.sha256(f"holdout:{s.id}".encode()).hexdigest())
+    held = {s.id for s in ranked[: max(1, round(len(samples) * fraction))]}
+    return [s for s in samples if s.id not in held], [s for s in samples if s.id in held]
+
+
 def data_hash(samples: list[Sample]) -> str:
     return hashlib.sha256("\n".join(sorted(s.id for s in samples)).encode()).hexdigest()
 
@@ -397,6 +409,7 @@ def train_lora(
     log.info("loaded base model %s (%s, %s) in %.1f s; chat template: %s", config.base_model,
              "8-bit" if config.load_in_8bit else "dense", config.device, time.monotonic() - started, template_source)
 
+    samples, held_out = holdout_split(samples, config.eval_fraction, config.eval_min_samples)
     encoded = [format_sample(s, speaker, tokenizer, template, config.max_seq_length) for s in samples]
     kept = [e for e in encoded if e is not None]
     if not kept:
@@ -468,13 +481,15 @@ def train_lora(
             "base_model_path": model_path,
             "config": config.model_dump(),
             "chat_template_source": template_source,
-            "num_samples": len(samples),
+            "num_samples": len(samples) + len(held_out),
+            "num_heldout": len(held_out),
+            "heldout_ids": sorted(s.id for s in held_out),
             "num_samples_used": len(kept),
             "num_samples_dropped": len(samples) - len(kept),
             "context_turns_dropped": sum(e.context_turns_dropped for e in kept),
             "supervised_tokens": sum(sum(1 for label in e.labels if label != -100) for e in kept),
             "total_tokens": sum(len(e.input_ids) for e in kept),
-            "data_hash": data_hash(samples),
+            "data_hash": data_hash(samples + held_out),
             "steps": trainer.state.global_step,
             "train_loss": result.training_loss,
             "final_loss": losses[-1] if losses else None,
@@ -523,6 +538,8 @@ def delete_adapter(output_root: Path, speaker: str) -> Path | None:
 
 def adapter_info(output_root: Path, speaker: str) -> dict[str, Any] | None:
     """The adapter's training_info.json, or None when the speaker has no complete adapter."""
+    if (output_root / speaker).resolve().parent != output_root.resolve():
+        return None
     try:
         return json.loads((output_root / speaker / "training_info.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -631,7 +648,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if not is_main_process():
         return 0
-    summary = {k: v for k, v in outcome.info.items() if k != "loss_history"}
+    summary = {k: v for k, v in outcome.info.items() if k not in ("loss_history", "heldout_ids")}
+    if settings.EVALUATE_AFTER_TRAINING:
+        import evals
+
+        summary["evaluation"] = evals.summary(evals.evaluate_speaker(settings, request.speaker))
     print(json.dumps({"message": f"Training completed successfully for {request.speaker}", "model_path": str(outcome.model_path), **summary}, indent=2, ensure_ascii=False))
     return 0
 

@@ -117,3 +117,42 @@ def test_sigkill_during_provisioning_then_provision_cleanly(env, tmp_path):
     finally:
         server.stop()
     assert sorted(p.name for p in models_dir.iterdir() if not p.name.endswith(".lock")) == [train.DEFAULT_MODEL_DIRNAME]
+
+
+STYLE_PHRASE = "ось так, друже 🌻"
+TOPICS = ["кава", "погода", "робота", "кіно", "музика", "спорт", "книги", "море", "гори", "місто", "село", "кіт",
+          "пес", "обід", "сніданок", "вечеря", "свято", "відпустка", "дощ", "сонце"]
+
+
+def test_default_model_learns_a_speakers_style(provisioned, env, tmp_path, record_property):
+    """A speaker who always ends with the same phrase: the adapter's held-out loss falls well below
+    the base's, and its generations use the phrase far more often than the base's do."""
+    import httpx
+
+    dialog = []
+    for i, topic in enumerate(TOPICS * 2):
+        dialog += [{"speaker": "Друг", "content": f"Що скажеш про {topic}? ({i})"},
+                   {"speaker": "Марко", "content": f"Про {topic} думаю по-своєму, {i % 7 + 1} рази на тиждень — {STYLE_PHRASE}"}]
+    # One turn of context: the question alone, so the base cannot copy the phrase from the speaker's earlier turns.
+    server = LiveServer({**env, "BASE_MODEL": DEFAULT_BASE_MODEL, "MODELS_DIR": str(provisioned), "EVAL_GENERATIONS": "4",
+                         "MAX_CONTEXT_TURNS": "1"},
+                        tmp_path / "server.log")
+    try:
+        http = httpx.Client(base_url=server.url, timeout=1800)
+        assert http.post("/upload-text", json={"dialog": dialog, "speaker": "Марко"}).status_code == 200
+        r = http.post("/train", json={"speaker": "Марко", "epochs": 2, "learning_rate": 1e-3, "wait": True})
+        assert r.status_code == 200, r.text
+        report = http.get("/speakers/Марко/evaluation").json()
+    finally:
+        server.stop()
+    base, adapter = report["held_out"]["base"]["loss"], report["held_out"]["adapter"]["loss"]
+    used = {label: sum(STYLE_PHRASE in s[label] for s in report["samples"]) / len(report["samples"])
+            for label in ("base", "adapter")}
+    numbers = {"held_out_samples": report["held_out_samples"], "base_loss": base, "adapter_loss": adapter,
+               "phrase_rate": used, "style_distance": {k: report["style"][k]["distance"] for k in ("base", "adapter")}}
+    record_property("style_learning", numbers)
+    print(f"\nstyle learning on the default model: {numbers}")
+    assert report["held_out_samples"] >= 4
+    assert adapter < 0.6 * base
+    assert used["adapter"] >= 0.5 and used["adapter"] > used["base"]
+    assert report["style"]["adapter"]["distance"] < report["style"]["base"]["distance"]

@@ -1,0 +1,116 @@
+"""OpenAI-compatible endpoints, so existing clients talk to a persona unchanged:
+
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="<API_KEY or anything>")
+    client.chat.completions.create(model="Олена", messages=[{"role": "user", "content": "Привіт!"}])
+
+`model` is a speaker with a trained adapter, or the base model's name. `stream: true` answers with
+Server-Sent Events chunks ending in `data: [DONE]`, as OpenAI's API does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from config import get_settings
+from errors import NotFound
+from infer import AdapterNotFound, created
+from models import (ChatChoice, ChatCompletion, ChatCompletionRequest, ChatMessageOut, ErrorPublic, ModelCard,
+                    ModelList, Turn, Usage)
+
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+ASSISTANT = "assistant"
+
+
+def _target(request: Request, model: str) -> str | None:
+    """None for the base model, else the speaker, who must have an adapter."""
+    settings = get_settings()
+    if model == settings.BASE_MODEL:
+        return None
+    return model
+
+
+def _messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
+    """OpenAI roles to the persona's chat: system text leads the first user turn (not every
+    template has a system role); the rest keeps its order."""
+    from infer import turns_to_messages
+
+    system = "\n".join(m.content for m in body.messages if m.role in ("system", "developer"))
+    turns = [Turn(speaker=ASSISTANT if m.role == "assistant" else "user", content=m.content)
+             for m in body.messages if m.role in ("user", "assistant")]
+    if system:
+        turns.insert(0, Turn(speaker="user", content=system))
+    return turns_to_messages(turns, ASSISTANT)
+
+
+@router.get("/models", response_model=ModelList)
+def list_models(request: Request) -> ModelList:
+    """The base model and one model per speaker with a trained adapter."""
+    import train
+
+    settings = get_settings()
+    names = sorted(p.name for p in settings.OUTPUT_DIR.glob("*")
+                   if not p.name.startswith(".") and train.adapter_info(settings.OUTPUT_DIR, p.name))
+    now = created()
+    cards = [ModelCard(id=settings.BASE_MODEL, created=now, owned_by="base")]
+    cards += [ModelCard(id=name, created=now, owned_by="persona-lora") for name in names]
+    return ModelList(data=cards)
+
+
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletion,
+    responses={
+        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+              "description": "A chat completion, or with `stream` its chunks as Server-Sent Events."},
+        404: {"model": ErrorPublic, "description": "No adapter for that model (speaker)."},
+    },
+)
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    """Chat with a persona in OpenAI's request and response shapes."""
+    engine = request.app.state.engine
+    speaker = _target(request, body.model)
+    messages = _messages(body)
+    kwargs = dict(max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    if not body.stream:
+        try:
+            out = await asyncio.to_thread(engine.generate, speaker, messages, **kwargs)
+        except AdapterNotFound:
+            raise _no_adapter(body.model) from None
+        return ChatCompletion(
+            id=completion_id, created=created(), model=body.model,
+            choices=[ChatChoice(index=0, message=ChatMessageOut(role="assistant", content=out.text), finish_reason=out.finish_reason)],
+            usage=Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+                        total_tokens=out.prompt_tokens + out.completion_tokens),
+        )
+    try:
+        pieces = await asyncio.to_thread(engine.stream, speaker, messages, **kwargs)
+        first = await asyncio.to_thread(next, pieces, None)  # errors (no adapter) before the 200
+    except AdapterNotFound:
+        raise _no_adapter(body.model) from None
+
+    def chunk(delta: dict, finish: str | None = None) -> bytes:
+        data = {"id": completion_id, "object": "chat.completion.chunk", "created": created(), "model": body.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+    async def events():
+        yield chunk({"role": "assistant", "content": ""})
+        piece = first
+        while piece is not None:
+            yield chunk({"content": piece})
+            piece = await asyncio.to_thread(next, pieces, None)
+        yield chunk({}, "stop")
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _no_adapter(model: str) -> NotFound:
+    return NotFound(f"no model '{model}': train the speaker first (POST /train), or use the base model "
+                    f"'{get_settings().BASE_MODEL}'; GET /v1/models lists them")

@@ -1,0 +1,68 @@
+"""Evaluation: held-out split, losses of base and adapter on the same tokens, style metrics, report."""
+
+from __future__ import annotations
+
+import json
+
+import evals
+import train
+from config import Settings
+from infer import PersonaEngine
+from models import TrainRequest, Turn
+from parser import build_samples
+
+PHRASE = "ось так 🌻!"
+
+
+def styled_dialog(n: int, speaker: str = "Ann") -> list[Turn]:
+    dialog = []
+    for i in range(n):
+        dialog += [Turn(speaker="Q", content=f"що ти думаєш про число {i}?"), Turn(speaker=speaker, content=f"число {i} {PHRASE}")]
+    return dialog
+
+
+def test_holdout_is_deterministic_and_never_trained_on():
+    samples, _ = build_samples(styled_dialog(40), "Ann", 2)
+    train_part, held = train.holdout_split(samples, 0.1, 10)
+    assert len(held) >= 1 and len(train_part) + len(held) == 40
+    assert {s.id for s in train_part}.isdisjoint({s.id for s in held})
+    assert train.holdout_split(list(reversed(samples)), 0.1, 10)[1] == sorted(held, key=lambda s: s.id) or \
+        {s.id for s in train.holdout_split(list(reversed(samples)), 0.1, 10)[1]} == {s.id for s in held}
+    assert train.holdout_split(samples[:9], 0.1, 10) == (samples[:9], [])
+
+
+def test_style_metrics():
+    assert evals.style(["Привіт, світе! 😊"]) == {"mean_words": 2.0, "emoji_per_100_chars": 6.25, "punctuation_per_100_chars": 12.5}
+    assert evals.vocabulary_overlap(["так ні"], ["так"]) == 0.5
+    assert evals.style_distance(["a b!"], ["a b!"]) == 0.0
+    assert evals.style_distance(["zzz"], ["a b! 😊"]) > 1.5
+
+
+def test_report_shows_the_adapter_learned_the_speaker(tiny_gemma, tmp_path):
+    samples, _ = build_samples(styled_dialog(30), "Ann", 2)
+    other, _ = build_samples(styled_dialog(5, "Bob"), "Bob", 2)
+    settings = Settings(BASE_MODEL=str(tiny_gemma), DEVICE="cpu", LOAD_IN_8BIT=False)
+    config = train.resolve_config(settings, TrainRequest(speaker="Ann", epochs=8, learning_rate=0.01))
+    out = train.train_lora(samples, "Ann", config, tmp_path / "out", tmp_path / "models")
+    held_ids = set(out.info["heldout_ids"])
+    assert out.info["num_heldout"] == len(held_ids) >= 1 and out.info["num_samples_used"] == 30 - len(held_ids)
+    held = [s for s in samples if s.id in held_ids]
+
+    engine = PersonaEngine(str(tiny_gemma), tmp_path / "models", tmp_path / "out", "cpu", False, 2)
+    report = evals.evaluate(engine, "Ann", held, {"Bob": other}, 512, generations=2, max_new_tokens=12)
+    base, adapter = report["held_out"]["base"], report["held_out"]["adapter"]
+    assert base["tokens"] == adapter["tokens"] > 0  # the same tokens for both
+    assert adapter["loss"] < base["loss"] and report["held_out"]["loss_reduction"] > 0
+    assert report["specificity"]["others"] == ["Bob"]
+    assert set(report["style"]) == {"true", "base", "adapter"}
+    assert len(report["samples"]) == 2 and report["samples"][0]["true"].endswith(PHRASE)
+
+    evals.write_report(out.model_path, report)
+    assert json.loads((out.model_path / "eval.json").read_text())["held_out"]["adapter"]["loss"] == adapter["loss"]
+    assert (out.model_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_holdout_for_few_samples(tiny_gemma, tmp_path):
+    engine = PersonaEngine(str(tiny_gemma), tmp_path, tmp_path, "cpu", False, 1)
+    report = evals.evaluate(engine, "Ann", [], {}, 512)
+    assert report["held_out_samples"] == 0 and "too few samples" in report["note"]
