@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 from conftest import SAMPLE_DIALOG, LiveServer
 from config import get_settings
