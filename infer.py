@@ -132,10 +132,13 @@ class PersonaEngine:
         return ids.to(self._model.device), torch.ones_like(ids).to(self._model.device)
 
     def _generate_kwargs(self, max_new_tokens: int, temperature: float, top_p: float) -> dict:
+        # The reply ends with the turn: at EOS, at the template's end-of-turn, or where a base model
+        # that never learnt the format starts the next turn itself.
         stops = {self._tokenizer.eos_token_id}
-        end_of_turn = self._tokenizer.convert_tokens_to_ids("<end_of_turn>")
-        if isinstance(end_of_turn, int) and end_of_turn != self._tokenizer.unk_token_id:
-            stops.add(end_of_turn)
+        for marker in ("<end_of_turn>", "<start_of_turn>"):
+            token = self._tokenizer.convert_tokens_to_ids(marker)
+            if isinstance(token, int) and token != self._tokenizer.unk_token_id:
+                stops.add(token)
         kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=sorted(s for s in stops if s is not None),
                       pad_token_id=self._tokenizer.pad_token_id)
         if temperature > 0:
