@@ -153,6 +153,14 @@ def _upload_response(speaker: str, samples, empty: int, settings: Settings) -> d
     )
 
 
+UPLOAD_ERRORS = {
+    403: _error("Speaker not in ALLOWED_SPEAKERS."),
+    500: _error("Stored data unreadable or unwritable; nothing changed."),
+    507: _error("Disk full; nothing changed."),
+    **BODY_ERRORS,
+}
+
+
 def check_limits(body: UploadTextRequest, settings: Settings) -> None:
     """The operator's limits (settings), when lower than the schema's own bounds; 422 like the schema."""
     problems = []
@@ -182,12 +190,7 @@ def health(request: Request) -> HealthPublic:
 @api.post(
     "/upload-text",
     response_model=UploadTextResponse,
-    responses={
-        403: _error("Speaker not in ALLOWED_SPEAKERS."),
-        500: _error("Stored data unreadable or unwritable; nothing changed."),
-        507: _error("Disk full; nothing changed."),
-        **BODY_ERRORS,
-    },
+    responses=UPLOAD_ERRORS,
 )
 def upload_text(body: UploadTextRequest, settings: SettingsDep) -> UploadTextResponse:
     """Store the speaker's messages from a dialog, each with the turns it answered (appends, deduplicates)."""
@@ -200,12 +203,7 @@ def upload_text(body: UploadTextRequest, settings: SettingsDep) -> UploadTextRes
 @api.post(
     "/upload-file",
     response_model=UploadFileResponse,
-    responses={
-        403: _error("Speaker not in ALLOWED_SPEAKERS."),
-        500: _error("Stored data unreadable or unwritable; nothing changed."),
-        507: _error("Disk full; nothing changed."),
-        **BODY_ERRORS,
-    },
+    responses=UPLOAD_ERRORS,
 )
 def upload_file(file: UploadFile, form: Annotated[UploadFileForm, Form()], settings: SettingsDep) -> UploadFileResponse:
     """Import a Telegram or WhatsApp export (or /upload-text JSON): clean it, keep the speaker's messages."""
