@@ -156,10 +156,11 @@ class PersonaEngine:
             ids, mask = self._inputs(messages)
             if seed is not None:
                 torch.manual_seed(seed)
+            kwargs = self._generate_kwargs(max_new_tokens, temperature, top_p)
             with torch.no_grad(), self._adapter_context(speaker):
-                out = self._model.generate(input_ids=ids, attention_mask=mask, **self._generate_kwargs(max_new_tokens, temperature, top_p))
+                out = self._model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         new = out[0, ids.shape[1]:].tolist()
-        stopped = bool(new) and new[-1] in self._generate_kwargs(1, 0, 1)["eos_token_id"]
+        stopped = bool(new) and new[-1] in kwargs["eos_token_id"]
         text = self._tokenizer.decode(new, skip_special_tokens=True).strip()
         return Generation(text, ids.shape[1], len(new), "stop" if stopped or len(new) < max_new_tokens else "length")
 
