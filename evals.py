@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import packing
 import parser as dialog_parser
 import train
 from config import Settings
@@ -60,23 +61,11 @@ def style_distance(generated: list[str], true: list[str]) -> float:
 
 
 def _mean_loss(engine: PersonaEngine, speaker: str | None, samples: list[Sample], who: str, max_len: int) -> dict[str, Any]:
-    """Mean negative log-likelihood per reply token (and perplexity), base or adapter."""
-    import torch
-
-    total, tokens = 0.0, 0
+    """Mean negative log-likelihood per reply token (and perplexity), base or adapter; computed in
+    packed batches, on the reply tokens only, as in training."""
     with engine.session(speaker) as (model, tokenizer, template):
-        for sample in samples:
-            encoded = train.format_sample(sample, who, tokenizer, template, max_len)
-            if encoded is None:
-                continue
-            ids = torch.tensor([encoded.input_ids], device=model.device)
-            labels = torch.tensor([encoded.labels], device=model.device)
-            with torch.no_grad():
-                logits = model(input_ids=ids).logits[0, :-1].float()
-            target = labels[0, 1:]
-            mask = target != -100
-            total += torch.nn.functional.cross_entropy(logits[mask], target[mask], reduction="sum").item()
-            tokens += int(mask.sum())
+        encoded = [e for e in (train.format_sample(s, who, tokenizer, template, max_len) for s in samples) if e]
+        total, tokens = packing.loss_sums(model, encoded) if encoded else (0.0, 0)
     loss = total / tokens if tokens else None
     return {"loss": round(loss, 4) if loss is not None else None, "perplexity": round(math.exp(loss), 3) if loss is not None else None,
             "tokens": tokens, "samples": len(samples)}

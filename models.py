@@ -231,7 +231,11 @@ class TrainRequest(BaseModel):
     epochs: float = Field(1.0, gt=0, le=100, description="Passes over the data.")
     learning_rate: float | None = Field(None, gt=0, le=1, description="Defaults to the LEARNING_RATE setting.")
     max_steps: int | None = Field(None, ge=1, le=1_000_000, description="Stop after this many steps.")
-    batch_size: int = Field(1, ge=1, le=256)
+    batch_size: int = Field(1, ge=1, le=256, description="Packed sequences (or samples, when batch_tokens=0) per step.")
+    batch_tokens: int | None = Field(
+        None, ge=0, le=1_000_000,
+        description="Tokens per packed sequence; defaults to the BATCH_TOKENS setting; 0 = no packing.",
+    )
     max_seq_length: int | None = Field(
         None, ge=16, le=32768, description="Tokens per sample; defaults to the MAX_SEQ_LENGTH setting."
     )
@@ -249,6 +253,7 @@ class TrainConfig(BaseModel):
     batch_size: int
     max_seq_length: int
     seed: int
+    batch_tokens: int = Field(0, description="Tokens per packed sequence; 0 = one sample per sequence.")
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.1

@@ -28,6 +28,7 @@ from typing import Any
 
 from filelock import FileLock
 
+import packing
 from config import DEFAULT_BASE_MODEL, Settings, get_settings
 from models import Sample, TrainConfig, TrainRequest
 
@@ -86,6 +87,7 @@ def resolve_config(settings: Settings, request: TrainRequest) -> TrainConfig:
         learning_rate=request.learning_rate or settings.LEARNING_RATE,
         max_steps=request.max_steps,
         batch_size=request.batch_size,
+        batch_tokens=settings.BATCH_TOKENS if request.batch_tokens is None else request.batch_tokens,
         max_seq_length=request.max_seq_length or settings.MAX_SEQ_LENGTH,
         seed=settings.SEED,
         checkpoint_steps=settings.CHECKPOINT_STEPS,
@@ -388,7 +390,7 @@ def train_lora(
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments, set_seed
+    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
     if not samples:
         raise TrainingError(f"no stored messages for {speaker!r}; upload a dialog with POST /upload-text first")
@@ -419,7 +421,12 @@ def train_lora(
         )
     log.info("%d of %d samples fit max_seq_length=%d; %d supervised tokens", len(kept), len(samples),
              config.max_seq_length, sum(sum(1 for label in e.labels if label != -100) for e in kept))
-    dataset = Dataset.from_dict({"input_ids": [e.input_ids for e in kept], "labels": [e.labels for e in kept]})
+    items = packing.pack_examples(kept, config.batch_tokens, config.seed) if config.batch_tokens else packing.single_examples(kept)
+    dataset = Dataset.from_list(items)
+    samples_per_step = len(kept) / len(items) * config.batch_size * int(os.environ.get("WORLD_SIZE", 1))
+    learning_rate = packing.scaled_learning_rate(config.learning_rate, samples_per_step) if config.batch_tokens else config.learning_rate
+    log.info("%d samples in %d sequences (%.1f samples per step); learning rate %.3g", len(kept), len(items),
+             samples_per_step, learning_rate)
 
     if config.load_in_8bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -440,7 +447,7 @@ def train_lora(
         num_train_epochs=config.epochs,
         max_steps=config.max_steps or -1,
         per_device_train_batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
+        learning_rate=learning_rate,
         logging_steps=1,
         save_strategy="steps" if checkpointing else "no",
         save_steps=config.checkpoint_steps or 500,
@@ -461,7 +468,9 @@ def train_lora(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        processing_class=tokenizer,  # lets the Trainer count non-padding tokens
+        data_collator=packing.PackedCollator(tokenizer.pad_token_id or 0),
+        compute_loss_func=packing.supervised_loss,  # logits only where a reply token is predicted
         callbacks=[_stop_callback(stop), *(callbacks or [])],
     )
     if not progress_bar:  # the service logs through its job registry, not stdout
@@ -489,6 +498,10 @@ def train_lora(
             "context_turns_dropped": sum(e.context_turns_dropped for e in kept),
             "supervised_tokens": sum(sum(1 for label in e.labels if label != -100) for e in kept),
             "total_tokens": sum(len(e.input_ids) for e in kept),
+            "packed_sequences": len(items),
+            "samples_per_step": round(samples_per_step, 3),
+            "learning_rate_effective": learning_rate,
+            "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 3),
             "data_hash": data_hash(samples + held_out),
             "steps": trainer.state.global_step,
             "train_loss": result.training_loss,
@@ -614,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("--epochs", type=float, default=1.0)
     cli.add_argument("--learning-rate", type=float)
     cli.add_argument("--max-steps", type=int)
-    cli.add_argument("--batch-size", type=int, default=1)
+    cli.add_argument("--batch-size", type=int, default=1, help="packed sequences (samples with --batch-tokens 0) per step")
+    cli.add_argument("--batch-tokens", type=int, help="tokens per packed sequence (BATCH_TOKENS); 0 = no packing")
     cli.add_argument("--max-seq-length", type=int)
     cli.add_argument("--no-8bit", action="store_true", help="load the base model dense (overrides LOAD_IN_8BIT)")
     cli.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout (0.1 as specified; 0 for exact comparisons)")
@@ -631,6 +645,7 @@ def main(argv: list[str] | None = None) -> int:
             learning_rate=ns.learning_rate,
             max_steps=ns.max_steps,
             batch_size=ns.batch_size,
+            batch_tokens=ns.batch_tokens,
             max_seq_length=ns.max_seq_length,
         )
     except ValueError as exc:

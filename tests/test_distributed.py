@@ -32,7 +32,8 @@ def stored(env):
 
 
 def run_train(env, output: Path, launcher: list[str], batch_size: int) -> dict:
-    args = ["train.py", "--speaker", "A", "--batch-size", str(batch_size), "--epochs", "3",
+    # --batch-tokens 1: a packed sequence per sample, so batches of 8 and 2x4 hold the same samples
+    args = ["train.py", "--speaker", "A", "--batch-size", str(batch_size), "--batch-tokens", "1", "--epochs", "3",
             "--lora-dropout", "0", "--learning-rate", "0.01"]
     run = subprocess.run([*launcher, *args], cwd=ROOT, env={**os.environ, **env, "OUTPUT_DIR": str(output)},
                          capture_output=True, text=True, timeout=600)
@@ -59,7 +60,7 @@ def test_service_runs_jobs_with_two_processes(env, stored, tmp_path):
     server = LiveServer({**env, "TRAIN_PROCESSES": "2", "PROGRESS_INTERVAL_S": "0"}, tmp_path / "server.log")
     try:
         http = httpx.Client(base_url=server.url, timeout=600)
-        r = http.post("/train", json={"speaker": "A", "epochs": 2, "wait": True})
+        r = http.post("/train", json={"speaker": "A", "epochs": 2, "wait": True, "batch_tokens": 1})
         assert r.status_code == 200, r.text
         job = r.json()["job"]
         assert job["result"]["steps"] == 8  # 8 samples x 2 epochs over 2 processes at batch 1

@@ -69,7 +69,7 @@ def test_events_stream_live_and_as_json(env, tmp_path):
     try:
         http = httpx.Client(base_url=server.url, timeout=120)
         upload(http)
-        job = http.post("/train", json={"speaker": "User1", "epochs": 5}).json()
+        job = http.post("/train", json={"speaker": "User1", "epochs": 5, "batch_tokens": 1}).json()
         with http.stream("GET", f"/jobs/{job['job_id']}/events") as r:
             assert r.status_code == 200
             assert r.headers["content-type"].startswith("text/event-stream")
@@ -124,10 +124,10 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(env, tmp_path):
         http = httpx.Client(base_url=server.url, timeout=300)
         upload(http, "A")
         upload(http, "B")
-        steps = 40  # 2 samples x 20 epochs
-        straight = http.post("/train", json={"speaker": "B", "epochs": 20, "wait": True})
+        steps = 40  # 2 samples x 20 epochs, one sample per packed sequence (batch_tokens=1)
+        straight = http.post("/train", json={"speaker": "B", "epochs": 20, "wait": True, "batch_tokens": 1})
         assert straight.status_code == 200, straight.text
-        job = http.post("/train", json={"speaker": "A", "epochs": 20}).json()
+        job = http.post("/train", json={"speaker": "A", "epochs": 20, "batch_tokens": 1}).json()
         wait_for(http, job["job_id"], lambda j: j["checkpoint"] is not None or finished(j))
         http.post(f"/jobs/{job['job_id']}/cancel")
         stopped = wait_for(http, job["job_id"], finished)
