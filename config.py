@@ -44,10 +44,11 @@ class Settings(BaseSettings):
     MAX_SEQ_LENGTH: int = Field(512, ge=16, le=32768, description="Default max tokens per training sample.")
     LEARNING_RATE: float = Field(2e-4, gt=0, le=1, description="Default learning rate.")
     BATCH_TOKENS: int = Field(
-        1024, ge=0, le=1_000_000,
+        0, ge=0, le=1_000_000,
         description=(
             "Tokens per packed sequence: samples are packed, padding-free, into sequences of at most this many "
-            "tokens, and batch_size counts such sequences. 0 turns packing off (batch_size counts samples)."
+            "tokens, and batch_size counts such sequences (1024 trains ~2.8x faster on CPU). 0 (the default) turns "
+            "packing off: batch_size counts samples. Off by default until packed runs match the held-out loss."
         ),
     )
     TRAIN_WORKERS: int = Field(
