@@ -62,11 +62,25 @@ def rows_of(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+# Packs shrink so that an epoch has at least this many steps: a few dozen samples packed into two
+# or three steps learn nothing (36 samples of the style test in 4 steps: the phrase in 0% of
+# generations), and small data is cheap to train one sample at a time anyway.
+MIN_STEPS_PER_EPOCH = 32
+
+
+def step_tokens(total_tokens: int, batch_tokens: int) -> int:
+    """The token budget of a pack: `batch_tokens`, or less where the data would give fewer than
+    MIN_STEPS_PER_EPOCH steps."""
+    return max(1, min(batch_tokens, total_tokens // MIN_STEPS_PER_EPOCH))
+
+
 def scaled_learning_rate(learning_rate: float, samples_per_step: float) -> float:
     """`learning_rate` is the rate for one sample per step (the classic loop); a step over k samples
-    takes it times √k, Adam's square-root scaling rule (Malladi et al., 2022), so one epoch of packed
-    steps learns about as much as one epoch of single samples: fewer steps, each a better estimate."""
-    return learning_rate * max(1.0, samples_per_step) ** 0.5
+    takes it times k, the linear scaling rule (Goyal et al., 2017), so that an epoch of k-sample
+    steps moves the adapter about as far as an epoch of single samples. Measured on the default
+    model (bench/train_throughput.py, 192 samples, 4.5 per step), the held-out loss was 4.04 with
+    √k scaling, 3.60 with k, and 3.40 with k from a base rate of 3e-4 (the seed loop: 3.49)."""
+    return learning_rate * max(1.0, samples_per_step)
 
 
 def pack_examples(encoded: Sequence[Any], batch_tokens: int, seed: int) -> list[dict[str, list[list[int]]]]:

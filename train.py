@@ -421,7 +421,11 @@ def train_lora(
         )
     log.info("%d of %d samples fit max_seq_length=%d; %d supervised tokens", len(kept), len(samples),
              config.max_seq_length, sum(sum(1 for label in e.labels if label != -100) for e in kept))
-    items = packing.pack_examples(kept, config.batch_tokens, config.seed) if config.batch_tokens else packing.single_examples(kept)
+    if config.batch_tokens:
+        budget = packing.step_tokens(sum(len(e.input_ids) for e in kept), config.batch_tokens)
+        items = packing.pack_examples(kept, budget, config.seed)
+    else:
+        items = packing.single_examples(kept)
     dataset = Dataset.from_list(items)
     samples_per_step = len(kept) / len(items) * config.batch_size * int(os.environ.get("WORLD_SIZE", 1))
     learning_rate = packing.scaled_learning_rate(config.learning_rate, samples_per_step) if config.batch_tokens else config.learning_rate

@@ -196,8 +196,13 @@ def run_method(ns) -> dict:
                     "all_tokens": sum(len(e.input_ids) for e in enc),
                     "supervised_tokens": sum(sum(1 for x in e.labels[1:] if x != -100) for e in enc)}
     cuda = ns.device == "cuda"
+    from config import Settings
+
+    # the seed loop and TRL at the seed's rate; the project at its own default (LEARNING_RATE) unless --lr
+    project_lr = ns.project_lr or Settings().LEARNING_RATE
+    result["learning_rate"] = project_lr if ns.worker == "project" else ns.lr
     config = TrainConfig(base_model=ns.model_path, load_in_8bit=ns.quant == "8bit", device=ns.device, epochs=1,
-                         learning_rate=ns.lr, max_steps=None, batch_size=1, batch_tokens=ns.batch_tokens,
+                         learning_rate=project_lr, max_steps=None, batch_size=1, batch_tokens=ns.batch_tokens,
                          max_seq_length=ns.max_seq_length, seed=ns.seed)
     lora_kwargs = dict(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                        target_modules=config.target_modules, task_type="CAUSAL_LM")
@@ -256,7 +261,8 @@ def run_method(ns) -> dict:
 
 def child(ns, *extra: str) -> dict:
     cmd = [sys.executable, __file__, *extra, "--model-path", ns.model_path, "--device", ns.device,
-           "--quant", ns.quant, "--lr", str(ns.lr), "--batch-tokens", str(ns.batch_tokens),
+           "--quant", ns.quant, "--lr", str(ns.lr), *(["--project-lr", str(ns.project_lr)] if ns.project_lr else []),
+           "--batch-tokens", str(ns.batch_tokens),
            "--max-seq-length", str(ns.max_seq_length), "--seed", str(ns.seed)]
     if ns.trl_gradient_checkpointing:
         cmd.append("--trl-gradient-checkpointing")
@@ -291,7 +297,8 @@ def main() -> int:
     cli.add_argument("--context-turns", type=int, default=6)
     cli.add_argument("--batch-tokens", type=int, default=1024)
     cli.add_argument("--max-seq-length", type=int, default=512)
-    cli.add_argument("--lr", type=float, default=2e-4)
+    cli.add_argument("--lr", type=float, default=2e-4, help="learning rate of the seed loop and TRL")
+    cli.add_argument("--project-lr", type=float, help="the project's rate per sample (default: its LEARNING_RATE)")
     cli.add_argument("--seed", type=int, default=0)
     cli.add_argument("--trl-gradient-checkpointing", action="store_true", help="TRL's default; off here to favour TRL")
     cli.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "train_throughput.json")

@@ -37,8 +37,8 @@ def test_train_with_wait_answers_when_done(client, env):
     assert body["model_path"] == f"{env['OUTPUT_DIR']}/User1"
     assert body["job"]["status"] == "succeeded"
     assert body["job"]["config"]["epochs"] == 2
-    assert body["job"]["config"]["batch_tokens"] == 0  # the BATCH_TOKENS default: no packing
-    assert body["job"]["result"]["steps"] == 4
+    assert body["job"]["config"]["batch_tokens"] == 1024  # the BATCH_TOKENS default: packed
+    assert body["job"]["result"]["steps"] == 4  # 2 samples are too few to pack (MIN_STEPS_PER_EPOCH)
     assert (Path(env["OUTPUT_DIR"]) / "User1" / "training_info.json").exists()
 
 

@@ -140,7 +140,15 @@ def test_loss_sums_matches_per_sample_evaluation(tiny_gemma):
     assert abs(total - ref) / ref < 1e-5
 
 
-def test_packed_training_gives_the_adapter_of_padded_batches(tiny_gemma, tmp_path):
+def test_small_data_gets_smaller_packs_and_a_linearly_scaled_rate():
+    assert packing.step_tokens(100_000, 1024) == 1024  # plenty of data: the full budget
+    assert packing.step_tokens(32 * 300, 1024) == 300  # keeps MIN_STEPS_PER_EPOCH (32) steps
+    assert packing.step_tokens(40, 1024) == 1  # a handful of samples: one per step
+    assert packing.scaled_learning_rate(3e-4, 4.5) == pytest.approx(1.35e-3)
+    assert packing.scaled_learning_rate(3e-4, 0.5) == 3e-4  # never below the one-sample rate
+
+
+def test_packed_training_gives_the_adapter_of_padded_batches(tiny_gemma, tmp_path, monkeypatch):
     """One optimizer step over the same samples, packed into one padding-free row or padded one
     sample per row, moves the LoRA weights the same way: packing changes the speed, not the result."""
     from safetensors.torch import load_file
@@ -152,6 +160,7 @@ def test_packed_training_gives_the_adapter_of_padded_batches(tiny_gemma, tmp_pat
 
     dialog = [Turn(speaker="A" if i % 2 else "B", content=f"повідомлення {i} " * (1 + i % 4)) for i in range(24)]
     samples, _ = build_samples(dialog, "A", 3)
+    monkeypatch.setattr(packing, "MIN_STEPS_PER_EPOCH", 1)  # all samples in one packed step
     base = dict(base_model=str(tiny_gemma), load_in_8bit=False, device="cpu", epochs=1, learning_rate=1e-2,
                 max_steps=None, max_seq_length=256, seed=0, lora_dropout=0.0)
     packed = train.train_lora(samples, "A", TrainConfig(**base, batch_size=1, batch_tokens=100_000), tmp_path / "p", tmp_path)

@@ -153,7 +153,7 @@ def test_training_changes_only_lora_weights_and_reloads(tiny_gemma, tmp_path, lo
     assert info["config"]["lora_r"] == 8 and info["config"]["lora_alpha"] == 16
     assert info["config"]["target_modules"] == ["q_proj", "v_proj"] and info["config"]["lora_dropout"] == 0.1
     assert info["config"]["load_in_8bit"] is load_in_8bit
-    # BATCH_TOKENS=0 (default): one sample per sequence, one per step
+    # packed by default, but two samples are too few to share a step (MIN_STEPS_PER_EPOCH)
     assert info["num_samples"] == 2 and info["packed_sequences"] == 2 and info["steps"] == 6 and info["final_loss"] > 0
     assert info["supervised_tokens"] < info["total_tokens"]
     assert list((tmp_path / "out").iterdir()) == [folder]
