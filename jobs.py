@@ -440,6 +440,8 @@ def run_job(job_id: str) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     _die_with_server()
+    if settings.TRAIN_NICE:
+        os.nice(settings.TRAIN_NICE)  # the server's requests come first when they share the cores
     if main_process:
         logging.getLogger("persona_lora").addHandler(_EventLogHandler(registry, job_id))
     ckpt_dir = checkpoint_dir(settings, job_id)
