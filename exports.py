@@ -1,8 +1,11 @@
 """Messenger exports → chats of `ChatMessage`s: Telegram Desktop JSON (one chat or the full account),
-WhatsApp `.txt` / iOS `.zip` (Android and iOS styles), and the native JSON of /upload-text.
+WhatsApp `.txt` / `.zip` (Android and iOS, every locale we have seen), Discord (DiscordChatExporter
+JSON), Facebook Messenger / Instagram JSON ("download your information"), and the native JSON of
+/upload-text.
 
 Reading only: it marks what a line is (a message, a system notice, a media placeholder, a deleted
-message) and leaves dropping, merging, splitting and masking to parser.clean. Knows nothing of HTTP.
+message) and leaves dropping, merging, splitting and masking to parser.clean. Bounded work: a zip is
+unpacked member by member up to a byte budget, JSON nesting errors are caught. Knows nothing of HTTP.
 """
 
 from __future__ import annotations
@@ -13,15 +16,21 @@ import re
 import unicodedata
 import zipfile
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
+from pathlib import PurePosixPath
 from typing import Any, Literal
 
 Kind = Literal["message", "system", "media", "deleted"]
-FORMATS = ("telegram", "whatsapp", "native")
+FORMATS = ("telegram", "whatsapp", "discord", "messenger", "native")
+MAX_ZIP_MEMBERS = 50_000  # a WhatsApp export with media holds one file per photo; far beyond a real one
 
 
 class ExportError(ValueError):
     """The file is not a readable export of the given (or any) format; the message says why."""
+
+
+class ExportTooLarge(ExportError):
+    """The archive unpacks to more than the budget (a zip bomb, or simply too much)."""
 
 
 @dataclass
@@ -42,49 +51,162 @@ class Chat:
     messages: list[ChatMessage]
 
 
-def read_export(data: bytes, filename: str, fmt: str = "auto", chat: str | None = None) -> list[Chat]:
-    """The chats of an export. `chat` picks one chat of a full Telegram export by name or id; None
-    or "all" takes every chat."""
+def read_export(data: bytes, filename: str, fmt: str = "auto", chat: str | None = None,
+                max_unpacked: int = 256 * 1024 * 1024) -> list[Chat]:
+    """The chats of an export. `chat` picks one chat of a full Telegram export (or one thread of a
+    Messenger archive) by name or id; None or "all" takes every chat. A zip may unpack to at most
+    `max_unpacked` bytes of chat files."""
+    return read_chats(data, filename, fmt, chat, max_unpacked)[0]
+
+
+def read_chats(data: bytes, filename: str, fmt: str = "auto", chat: str | None = None,
+               max_unpacked: int = 256 * 1024 * 1024) -> tuple[list[Chat], str]:
+    """read_export, and the format it read (detected when `fmt` is "auto")."""
+    files = _unpack(data, filename, max_unpacked)
     if fmt == "auto":
-        fmt = detect_format(data, filename)
+        fmt = _detect(files)
+    return _read(files, filename, fmt, chat), fmt
+
+
+def _read(files: list[tuple[str, bytes]], filename: str, fmt: str, chat: str | None) -> list[Chat]:
     if fmt == "whatsapp":
-        return [read_whatsapp(_whatsapp_text(data, filename), filename)]
-    document = _json(data)
+        name, raw = next(((n, d) for n, d in files if n.lower().endswith("_chat.txt")), files[0])
+        return [read_whatsapp(decode_text(raw), PurePosixPath(filename).stem or name)]
+    if fmt in ("messenger", "instagram"):
+        return _pick([read_messenger(_json(raw), PurePosixPath(name).parent.name or name) for name, raw in files], chat)
+    document = _json(files[0][1])
     if fmt == "telegram":
         return read_telegram(document, chat)
+    if fmt == "discord":
+        return [read_discord(document)]
     if fmt == "native":
         return [read_native(document)]
     raise ExportError(f"unknown format {fmt!r}; use one of auto, {', '.join(FORMATS)}")
 
 
-def detect_format(data: bytes, filename: str) -> str:
-    if data[:4] == b"PK\x03\x04" or filename.lower().endswith((".txt", ".zip")):
+def detect_format(data: bytes, filename: str, max_unpacked: int = 256 * 1024 * 1024) -> str:
+    return _detect(_unpack(data, filename, max_unpacked))
+
+
+def _detect(files: list[tuple[str, bytes]]) -> str:
+    name, data = files[0]
+    if name.lower().endswith(".txt"):
         return "whatsapp"
-    head = data[:4096].lstrip(b"\xef\xbb\xbf \t\r\n")
-    if head[:1] in (b"{", b"["):
+    text = decode_text(data[:4096], partial=True).lstrip("\ufeff \t\r\n")
+    if text[:1] in ("{", "["):
         document = _json(data)
-        if isinstance(document, dict) and ("messages" in document or "chats" in document):
-            return "telegram"
+        if isinstance(document, dict):
+            first = next((m for m in document.get("messages") or [] if isinstance(m, dict)), {}) \
+                if isinstance(document.get("messages"), list) else {}
+            if "guild" in document and "channel" in document:
+                return "discord"
+            if "sender_name" in first or "timestamp_ms" in first or "participants" in document:
+                return "messenger"
+            if "messages" in document or "chats" in document:
+                return "telegram"
         return "native"
-    if _WA_ANDROID.match(_first_line(data)) or _WA_IOS.match(_first_line(data)):
+    if _WA_LINE.match(text.lstrip("\u200e").split("\n", 1)[0].strip("\r")):
         return "whatsapp"
     raise ExportError(
-        "could not tell the format: expected a Telegram result.json, a WhatsApp .txt/.zip export or the "
-        "JSON of /upload-text; name it with the `format` field"
+        "could not tell the format: expected a Telegram result.json, a WhatsApp .txt/.zip export, a Discord or "
+        "Messenger JSON export, or the JSON of /upload-text; name it with the `format` field"
     )
 
 
-def _first_line(data: bytes) -> str:
-    return data[:1000].decode("utf-8", errors="replace").lstrip("\ufeff\u200e").split("\n", 1)[0]
+def _pick(chats: list[Chat], chat: str | None) -> list[Chat]:
+    if chat in (None, "", "all"):
+        return chats
+    chosen = [c for c in chats if chat in (c.name, c.id)]
+    if not chosen:
+        raise ExportError(f"no chat named or numbered {chat!r} in the export; its chats are {[c.name for c in chats]}")
+    return chosen
+
+
+# --- files: zip, text encodings, JSON -------------------------------------------------------------
+
+
+def _unpack(data: bytes, filename: str, budget: int) -> list[tuple[str, bytes]]:
+    """The chat files of an upload: the file itself, or the .txt/.json members of a zip, read as a
+    stream and stopped at `budget` unpacked bytes (a zip bomb is never unpacked whole)."""
+    if data[:4] != b"PK\x03\x04":
+        return [(filename, data)]
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = archive.infolist()
+            if len(members) > MAX_ZIP_MEMBERS:
+                raise ExportTooLarge(f"the .zip holds {len(members)} files; at most {MAX_ZIP_MEMBERS} are read")
+            texts = [m for m in members if m.filename.lower().endswith(".txt") and not m.is_dir()]
+            chats = [m for m in texts if m.filename.lower().endswith("_chat.txt")] or texts[:1]
+            if not chats:
+                chats = [m for m in members if re.search(r"(^|/)message_\d+\.json$", m.filename)]
+            if not chats:
+                chats = [m for m in members if m.filename.lower().endswith(".json")][:1]
+            if not chats:
+                raise ExportError("the .zip holds no chat file (expected _chat.txt, a .txt chat or message_1.json)")
+            out, left = [], budget
+            for member in chats:
+                raw = _read_member(archive, member, left, budget)
+                left -= len(raw)
+                out.append((member.filename, raw))
+            return out
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as exc:
+        raise ExportError(f"the .zip is damaged or unsupported: {exc}") from None
+
+
+def _read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, left: int, budget: int) -> bytes:
+    too_large = ExportTooLarge(
+        f"the .zip unpacks to more than {budget} bytes of chat files (4 × MAX_UPLOAD_BYTES); export a shorter chat"
+    )
+    if member.file_size > left:
+        raise too_large
+    out = bytearray()
+    with archive.open(member) as stream:  # the declared size may lie: count what is really unpacked
+        while chunk := stream.read(1 << 20):
+            out += chunk
+            if len(out) > left:
+                raise too_large
+    return bytes(out)
+
+
+def decode_text(data: bytes, partial: bool = False) -> str:
+    """UTF-8 (with or without BOM) or UTF-16 (LE/BE, with BOM, or detected by its zero bytes)."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        encoding = "utf-16"
+    elif len(data) >= 4 and data[1:4:2] == b"\x00\x00" and data[0:3:2] != b"\x00\x00":
+        encoding = "utf-16-le"
+    elif len(data) >= 4 and data[0:3:2] == b"\x00\x00" and data[1:4:2] != b"\x00\x00":
+        encoding = "utf-16-be"
+    else:
+        encoding = "utf-8-sig"
+    try:
+        return data.decode(encoding, errors="ignore" if partial else "strict")
+    except UnicodeDecodeError as exc:
+        raise ExportError(f"the file is not UTF-8 or UTF-16 text (byte {exc.start}); is it the right file?") from None
 
 
 def _json(data: bytes) -> Any:
     try:
-        return json.loads(data.decode("utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise ExportError(f"the file is not UTF-8 text (byte {exc.start}); is it the right file?") from None
+        return json.loads(decode_text(data))
     except json.JSONDecodeError as exc:
         raise ExportError(f"the file is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    except RecursionError:
+        raise ExportError("the JSON is nested too deeply to be a chat export") from None
+
+
+def parse_time(value: Any) -> datetime | None:
+    """An ISO date, as naive UTC when it carries an offset, so aware and naive dates compare."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return naive(datetime.fromisoformat(value))
+    except ValueError:
+        return None
+
+
+def naive(time: datetime | None) -> datetime | None:
+    if time is None or time.tzinfo is None:
+        return time
+    return time.astimezone(timezone.utc).replace(tzinfo=None)
 
 
 # --- native -------------------------------------------------------------------------------------
@@ -111,9 +233,9 @@ def read_telegram(document: Any, chat: str | None) -> list[Chat]:
     if not isinstance(document, dict):
         raise ExportError("a Telegram export is a JSON object (result.json)")
     if "chats" in document:  # the full-account export
-        chats = (document.get("chats") or {}).get("list")
+        chats = document["chats"].get("list") if isinstance(document["chats"], dict) else None
         if not isinstance(chats, list):
-            raise ExportError("Telegram full export: 'chats.list' is missing")
+            raise ExportError("Telegram full export: 'chats.list' is missing or not a list")
         if chat not in (None, "", "all"):
             chosen = [c for c in chats if isinstance(c, dict) and chat in (str(c.get("id")), c.get("name"))]
             if not chosen:
@@ -144,7 +266,7 @@ def _telegram_chat(raw: dict) -> Chat:
         out.append(ChatMessage(
             speaker=str(speaker), text=text, kind=kind,
             id=m.get("id") if isinstance(m.get("id"), int) else None,
-            time=_parse_iso(m.get("date")),
+            time=parse_time(m.get("date")),
             reply_to=m.get("reply_to_message_id") if isinstance(m.get("reply_to_message_id"), int) else None,
         ))
     return Chat(name=str(raw.get("name") or "chat"), id=str(raw["id"]) if raw.get("id") is not None else None, messages=out)
@@ -159,98 +281,193 @@ def telegram_text(value: Any) -> str:
     return ""
 
 
-def _parse_iso(value: Any) -> datetime | None:
+# --- Discord (DiscordChatExporter JSON) -----------------------------------------------------------
+
+_DISCORD_MESSAGE_TYPES = ("Default", "Reply", "0", "19")
+
+
+def read_discord(document: Any) -> Chat:
+    messages = document.get("messages") if isinstance(document, dict) else None
+    if not isinstance(messages, list):
+        raise ExportError("a Discord export (DiscordChatExporter JSON) has a 'messages' list")
+    out = []
+    for m in messages:
+        if not isinstance(m, dict):
+            continue
+        author = m.get("author") if isinstance(m.get("author"), dict) else {}
+        text = m.get("content") if isinstance(m.get("content"), str) else ""
+        kind: Kind = "message"
+        if str(m.get("type", "Default")) not in _DISCORD_MESSAGE_TYPES:
+            kind = "system"
+        elif not text.strip() and (m.get("attachments") or m.get("stickers") or m.get("embeds")):
+            kind = "media"
+        reference = m.get("reference") if isinstance(m.get("reference"), dict) else {}
+        out.append(ChatMessage(
+            speaker=str(author.get("nickname") or author.get("name") or ""), text=text, kind=kind,
+            id=_int(m.get("id")), time=parse_time(m.get("timestamp")), reply_to=_int(reference.get("messageId")),
+        ))
+    guild = document.get("guild") if isinstance(document.get("guild"), dict) else {}
+    channel = document.get("channel") if isinstance(document.get("channel"), dict) else {}
+    name = " / ".join(str(part) for part in (guild.get("name"), channel.get("name")) if part) or "discord"
+    return Chat(name=name, id=str(channel["id"]) if channel.get("id") is not None else None, messages=out)
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, int):
+        return value
+    return int(value) if isinstance(value, str) and value.isdigit() else None
+
+
+# --- Facebook Messenger / Instagram ("download your information" JSON) ----------------------------
+
+_FB_MEDIA_FIELDS = ("photos", "videos", "audio_files", "gifs", "files", "sticker", "share")
+_FB_SYSTEM_TYPES = ("Call", "Subscribe", "Unsubscribe")
+_FB_GENERATED = re.compile(r"\bsent an? (attachment|photo|video|link|GIF|sticker|voice message)\.?$", re.IGNORECASE)
+
+
+def read_messenger(document: Any, name: str = "messenger") -> Chat:
+    """Messages come newest first and their text is UTF-8 mis-encoded as latin-1 escapes."""
+    messages = document.get("messages") if isinstance(document, dict) else None
+    if not isinstance(messages, list):
+        raise ExportError("a Messenger/Instagram export (message_1.json) has a 'messages' list")
+    out = []
+    for m in reversed(messages):
+        if not isinstance(m, dict):
+            continue
+        text = repair_mojibake(m["content"]) if isinstance(m.get("content"), str) else ""
+        kind: Kind = "message"
+        if m.get("is_unsent"):
+            kind = "deleted"
+        elif m.get("type") in _FB_SYSTEM_TYPES:
+            kind = "system"
+        elif any(m.get(f) for f in _FB_MEDIA_FIELDS) and (not text.strip() or _FB_GENERATED.search(text)):
+            kind = "media"
+        elif not text.strip():
+            kind = "system"  # reactions-only or unsupported items
+        ms = m.get("timestamp_ms")
+        time = datetime.fromtimestamp(ms / 1000, timezone.utc).replace(tzinfo=None) if isinstance(ms, (int, float)) else None
+        out.append(ChatMessage(speaker=repair_mojibake(str(m.get("sender_name") or "")), text=text, kind=kind, time=time))
+    out.sort(key=lambda m: m.time or datetime.min)
+    for i, m in enumerate(out):
+        m.id = i
+    title = document.get("title")
+    return Chat(name=repair_mojibake(title) if isinstance(title, str) and title else name, id=name, messages=out)
+
+
+def repair_mojibake(text: str) -> str:
+    """Meta's exports write UTF-8 bytes as latin-1 code points ("\\u00e2\\u009d\\u00a4"): undo that
+    when it round-trips, and leave real latin-1 text (or already fixed text) as it is."""
     try:
-        return datetime.fromisoformat(value) if isinstance(value, str) else None
-    except ValueError:
-        return None
+        return text.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return text
 
 
 # --- WhatsApp -----------------------------------------------------------------------------------
 
-# Android: "12/31/23, 21:05 - Name: text", "31.12.2023, 9:05 pm - Name: text"
-_WA_ANDROID = re.compile(
-    r"^(\d{1,4})[./-](\d{1,2})[./-](\d{1,4}),? (\d{1,2}):(\d{2})(?::(\d{2}))?(?:\s?([AaPp])\.?\s?[Mm]\.?)? [-–] (.*)$"
+# One pattern for every locale seen in public exports (tests/exports_fixtures.py has one of each):
+#   Android "12/31/23, 9:05 PM - Name: text"   "31.12.2023, 21:05 - Name: text"   "2024/12/01, 10:04 pm - …"
+#           "28/3/2025 9:29 p. m. - …"   "13.6.2018 klo 21.25.15 - …"   "2022/12/14, 13:34. - …"
+#           "2021. 1. 26. 오후 9:05 - …"   "2024/12/10 午後9:05 - …"
+#   iOS     "[31.12.23, 21:05:09] Name: text"   "[26/01/21 21.05.53] …"   "[2018/06/13 1:55:00 p. m.] …"
+#   old iOS "7/1/16, 4:56:55 PM: Name: text" (no brackets)
+# Spaces may be U+00A0 or U+202F; an AM/PM word may stand before or after the time.
+_WA_LINE = re.compile(
+    r"^(?P<open>\[)?"
+    r"(?P<a>\d{1,4})(?P<sep>[./-])\s?(?P<b>\d{1,2})(?P=sep)\s?(?P<c>\d{1,4})\.?"
+    r",?\s(?:(?P<pre>[^\W\d_]{1,5}\.?)\s?)?"
+    r"(?P<hour>\d{1,2})[:.](?P<minute>\d{2})(?:[:.](?P<second>\d{2}))?\.?"
+    r"(?:\s?(?P<post>[^\W\d_]{1,5}\.?(?:\s?[^\W\d_]{1,5}\.?)?))?"
+    r"(?(open)\]\s?|(?:\s[-–]\s|:\s))"
+    r"(?P<body>.*)$"
 )
-# iOS: "[31.12.23, 21:05:09] Name: text"
-_WA_IOS = re.compile(
-    r"^\[(\d{1,4})[./-](\d{1,2})[./-](\d{1,4}),? (\d{1,2}):(\d{2})(?::(\d{2}))?(?:\s?([AaPp])\.?\s?[Mm]\.?)?\] (.*)$"
-)
+# AM/PM words, without dots and spaces, lower case: English, Spanish/Portuguese ("a. m."), German,
+# Japanese, Chinese, Korean, Arabic, Greek, Hungarian, Vietnamese, Finnish, Swedish/Norwegian, Czech, Persian.
+_AM = {"am", "vorm", "午前", "上午", "오전", "ص", "πμ", "de", "sa", "ap", "fm", "dop", "قظ"}
+_PM = {"pm", "nachm", "午後", "下午", "오후", "م", "μμ", "du", "ch", "ip", "em", "odp", "بظ"}
 _WA_MEDIA = re.compile(
-    r"^(<Media omitted>|<Медіа пропущено>|<attached: [^>]*>|(image|video|audio|sticker|GIF|document|Contact card) omitted"
-    r"|.+ \(file attached\))$",
+    r"^(<[^<>]{3,80}>"  # Android: <Media omitted>, <Medien ausgeschlossen>, <Multimedia omitido>, <Médias omis>, <attached: …>
+    r"|(image|video|audio|sticker|GIF|document|Contact card|imagen|vídeo|foto|Bild|Video|Audio|Sticker|GIF|Dokument"
+    r"|Kontaktkarte|documento|tarjeta de contacto|image absente|vidéo absente|audio omis|imagem|arquivo de mídia)"
+    r" (omitted|omitida|omitido|weggelassen|ausgeschlossen|omis|omise|absente|ocultad[oa]|oculta|omessa|omesso|weggelaten)"
+    r"|.+ \((file attached|Datei angehängt|archivo adjunto|fichier joint|arquivo anexado|file allegato|ファイル添付)\)"
+    r"|(‎)?(null|<Media omitted>))$",
     re.IGNORECASE,
 )
-_WA_DELETED = re.compile(r"^(This message was deleted\.?|You deleted this message\.?|Це повідомлення видалено\.?)$", re.IGNORECASE)
-# iOS puts an author on system notices: recognise them by their text. Phrases no one types in a
-# chat count always; everyday words ("added", "left") only on lines iOS marks with U+200E.
+_WA_DELETED = re.compile(
+    r"^(This message was deleted|You deleted this message|Це повідомлення видалено|Ви видалили це повідомлення"
+    r"|Это сообщение удалено|Вы удалили это сообщение|Diese Nachricht wurde gelöscht|Du hast diese Nachricht gelöscht"
+    r"|Se eliminó este mensaje|Eliminaste este mensaje|Este mensaje fue eliminado|Ce message a été supprimé"
+    r"|Vous avez supprimé ce message|Questo messaggio è stato eliminato|Hai eliminato questo messaggio"
+    r"|Mensagem apagada|Essa mensagem foi apagada|Você apagou esta mensagem|Dit bericht is verwijderd"
+    r"|Je hebt dit bericht verwijderd|Bu mesaj silindi|Bu mesajı sildiniz)\.?$",
+    re.IGNORECASE,
+)
+# iOS puts an author on system notices (and marks them with U+200E): recognise them by their text.
+# Phrases no one types in a chat count always; everyday words ("added", "left") only on marked lines.
 _WA_SYSTEM = re.compile(
-    r"(Messages and calls are end-to-end encrypted|\b(created group|changed the subject|changed this group's icon"
-    r"|changed the group description|deleted this group's icon|joined using this group's invite link"
-    r"|changed their phone number)\b|security code (with .+ )?changed)",
+    r"(Messages and calls are end-to-end encrypted|Messages (you send )?to this (group|chat) are now secured"
+    r"|end-to-end[- ]verschlüsselt|Ende-zu-Ende-verschlüsselt|cifrad[oa]s de extremo a extremo"
+    r"|chiffrés de bout en bout|crittografati end-to-end|protegidas com a criptografia de ponta a ponta"
+    r"|criptografad[oa]s de ponta a ponta|защищены сквозным шифрованием|захищені наскрізним шифруванням"
+    r"|uçtan uca şifreli|This business uses a secure service from Meta"
+    r"|\b(created group|changed the subject|changed this group's icon|changed the group description"
+    r"|deleted this group's icon|joined using this group's invite link|changed their phone number"
+    r"|a créé le groupe|hat die Gruppe .{0,40}erstellt|creó el grupo|ha creato il gruppo|criou o grupo"
+    r"|создал\(а\)? группу|створив\(ла\)? групу)\b|security code (with .+ )?changed|Sicherheitsnummer .+ geändert)",
     re.IGNORECASE,
 )
 _WA_SYSTEM_MARKED = re.compile(r"(\badded\b|\bremoved\b|\bleft\b|Missed (voice|video) call|is a contact)", re.IGNORECASE)
-_INVISIBLE = "\u200e\u200f\u202a\u202b\u202c\u202d\u202e\ufeff"
-
-
-def _whatsapp_text(data: bytes, filename: str) -> str:
-    if data[:4] == b"PK\x03\x04":
-        try:
-            with zipfile.ZipFile(io.BytesIO(data)) as archive:
-                names = [n for n in archive.namelist() if n.endswith(".txt")]
-                if not names:
-                    raise ExportError("the .zip holds no .txt chat (expected _chat.txt)")
-                name = next((n for n in names if n.endswith("_chat.txt")), names[0])
-                data = archive.read(name)
-        except zipfile.BadZipFile as exc:
-            raise ExportError(f"the .zip is damaged: {exc}") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ExportError(f"the chat is not UTF-8 text (byte {exc.start}); is it the right file?") from None
+_INVISIBLE = "\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2060\ufeff"
 
 
 def read_whatsapp(text: str, name: str = "chat") -> Chat:
     """Lines starting with a timestamp begin a message; others continue the one before it."""
-    raw: list[tuple[tuple[str, ...], str]] = []
-    for line in text.replace("\r\n", "\n").split("\n"):
-        clean = line.strip(_INVISIBLE)
-        match = _WA_ANDROID.match(clean) or _WA_IOS.match(clean)
+    raw: list[tuple[re.Match, str]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        clean = line.strip(_INVISIBLE + " \t")
+        match = _WA_LINE.match(clean)
         if match:
-            raw.append((match.groups()[:7], match.group(8)))
+            raw.append((match, match["body"]))
         elif raw:
             stamp, body = raw[-1]
             raw[-1] = (stamp, body + "\n" + line.strip(_INVISIBLE))
         elif clean:
-            raise ExportError(f"line 1 is not a WhatsApp message line: {clean[:80]!r}")
+            raise ExportError(
+                f"line {number} is not a WhatsApp message line: {clean[:80]!r}; expected '31/12/23, 21:05 - Name: text' "
+                "or '[31.12.23, 21:05:09] Name: text'"
+            )
     if not raw:
         raise ExportError("no WhatsApp message lines found (expected '12/31/23, 21:05 - Name: text' or '[31.12.23, 21:05:09] Name: text')")
     day_first = _day_first([stamp for stamp, _ in raw])
     messages = []
     for i, (stamp, body) in enumerate(raw):
+        time = _wa_time(stamp, day_first)
         speaker, sep, text = body.rstrip("\n").partition(": ")
-        if not sep:  # Android system line: no author
-            messages.append(ChatMessage(speaker="", text=body, kind="system", id=i, time=_wa_time(stamp, day_first)))
+        if not sep and body.endswith(":") and "\n" not in body:  # "Name:" with nothing after it
+            speaker, sep, text = body[:-1], ":", ""
+        if not sep:  # Android (and some iOS) system lines: no author
+            messages.append(ChatMessage(speaker="", text=body, kind="system", id=i, time=time))
             continue
         marked = text.startswith("\u200e")
         text = text.strip(_INVISIBLE)
+        bare = text.strip()
         kind: Kind = "message"
-        if _WA_MEDIA.match(text.strip()):
+        if _WA_MEDIA.match(bare):
             kind = "media"
-        elif _WA_DELETED.match(text.strip()):
+        elif _WA_DELETED.match(bare):
             kind = "deleted"
         elif _WA_SYSTEM.search(text) or (marked and _WA_SYSTEM_MARKED.search(text)):
             kind = "system"
-        messages.append(ChatMessage(speaker=speaker.strip(_INVISIBLE + " "), text=text, kind=kind, id=i, time=_wa_time(stamp, day_first)))
+        messages.append(ChatMessage(speaker=speaker.strip(_INVISIBLE + " "), text=text, kind=kind, id=i, time=time))
     return Chat(name=name, id=None, messages=messages)
 
 
-def _day_first(stamps: list[tuple[str, ...]]) -> bool:
+def _day_first(stamps: list[re.Match]) -> bool:
     """Infer the date order across the whole file: a first number over 12 means day-first, a
     second over 12 month-first; with neither, day-first (the order of most locales)."""
-    firsts = [int(s[0]) for s in stamps if len(s[0]) <= 2]
-    seconds = [int(s[1]) for s in stamps]
+    firsts = [int(s["a"]) for s in stamps if len(s["a"]) <= 2]
+    seconds = [int(s["b"]) for s in stamps if len(s["a"]) <= 2]
     if any(n > 12 for n in firsts):
         return True
     if any(n > 12 for n in seconds):
@@ -258,21 +475,25 @@ def _day_first(stamps: list[tuple[str, ...]]) -> bool:
     return True
 
 
-def _wa_time(stamp: tuple[str, ...], day_first: bool) -> datetime | None:
-    a, b, c, hour, minute, second, ampm = stamp
-    if len(a) == 4:  # 2023-12-31
+def _wa_time(stamp: re.Match, day_first: bool) -> datetime | None:
+    a, b, c = stamp["a"], stamp["b"], stamp["c"]
+    if len(a) == 4:  # 2023-12-31, 2021. 1. 26.
         year, month, day = int(a), int(b), int(c)
     else:
         day, month = (int(a), int(b)) if day_first else (int(b), int(a))
-        year = int(c) + (2000 if len(c) == 2 else 0)
-    h = int(hour)
-    if ampm:
-        h = h % 12 + (12 if ampm.lower() == "p" else 0)
+        year = int(c) + (2000 if len(c) <= 2 else 0)
+    hour = int(stamp["hour"])
+    for word in (stamp["pre"], stamp["post"]):
+        key = re.sub(r"[\s.]", "", word or "").lower()
+        if key in _AM or key in _PM:
+            hour = hour % 12 + (12 if key in _PM else 0)
     try:
-        return datetime(year, month, day, h, int(minute), int(second or 0))
+        return datetime(year, month, day, hour, int(stamp["minute"]), int(stamp["second"] or 0))
     except ValueError:
         return None
 
 
 def normalise_name(name: str) -> str:
-    return unicodedata.normalize("NFC", name).strip()
+    """NFC, without the spaces and invisible direction or zero-width marks WhatsApp and Telegram put
+    around names ("\\u202a+234 903 186 6339\\u202c")."""
+    return unicodedata.normalize("NFC", name).strip(_INVISIBLE + " \t\r\n\u00a0\u202f")

@@ -23,8 +23,8 @@ import parser as dialog_parser
 import train
 from infer import AdapterNotFound, PersonaEngine, turns_to_messages
 from config import Settings, get_settings
-from errors import Conflict, Forbidden, NotFound, ServiceError, Unauthorized, Unprocessable
-from exports import ExportError
+from errors import Conflict, Forbidden, NotFound, PayloadTooLarge, ServiceError, Unauthorized, Unprocessable
+from exports import ExportError, ExportTooLarge
 from jobs import FINISHED, JobRegistry, JobRunner, delete_checkpoint, display_path
 from middleware import AccessLog, BodyLimit
 from models import (
@@ -206,13 +206,16 @@ def upload_text(body: UploadTextRequest, settings: SettingsDep) -> UploadTextRes
     responses=UPLOAD_ERRORS,
 )
 def upload_file(file: UploadFile, form: Annotated[UploadFileForm, Form()], settings: SettingsDep) -> UploadFileResponse:
-    """Import a Telegram or WhatsApp export (or /upload-text JSON): clean it, keep the speaker's messages."""
+    """Import a Telegram, WhatsApp, Discord or Messenger/Instagram export (or /upload-text JSON): clean it, keep the speaker's messages."""
     check_allowed(form.speaker, settings)
     try:
         imported = dialog_parser.import_export(
             file.file.read(), file.filename or "", form.speaker, form.format, form.chat, form.aliases or {},
             form, settings.MAX_CONTEXT_TURNS, train.tokenizer_file(settings.BASE_MODEL, settings.MODELS_DIR),
+            max_unpacked=4 * settings.MAX_UPLOAD_BYTES,
         )
+    except ExportTooLarge as exc:
+        raise PayloadTooLarge(str(exc)) from None
     except (ExportError, dialog_parser.UnknownSpeaker) as exc:
         raise Unprocessable(str(exc)) from None
     warnings = []

@@ -10,6 +10,9 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, Json, model_validator
 
 SPEAKER_MAX_CHARS = 64
+NAME_MAX_CHARS = 128  # a name in a chat: Telegram allows 128 characters
+# Direction embeddings, overrides and isolates: they reorder how a name reads, so no name holds one.
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 MAX_DIALOG_MESSAGES = 5000  # a long chat export split into uploads; ~1 MB of typical messages
 MAX_MESSAGE_CHARS = 10_000
 MAX_OFFSET = 10**9  # beyond any real list; larger numbers overflow SQLite's 64-bit integers  # far beyond a chat message, well within a 32k-token context
@@ -21,10 +24,11 @@ def _normalise(value: object) -> object:
 
 
 def _check_display_name(name: str) -> str:
-    """Any speaker in a dialog: non-empty, bounded, printable."""
+    """Any speaker in a dialog: non-empty, bounded, printable. Joiners stay (emoji families such as
+    👨\u200d👩\u200d👧 need U+200D); control characters, surrogates and direction overrides do not."""
     if not name:
         raise ValueError("speaker must not be empty")
-    if any(unicodedata.category(ch).startswith("C") for ch in name):
+    if any(unicodedata.category(ch) in ("Cc", "Cs") or ch in BIDI_CONTROLS for ch in name):
         raise ValueError("speaker must not contain control or invisible format characters")
     return name
 
@@ -48,7 +52,7 @@ def _check_speaker_name(name: str) -> str:
 DisplayName = Annotated[
     str,
     BeforeValidator(_normalise),
-    Field(min_length=1, max_length=SPEAKER_MAX_CHARS, examples=["User2"]),
+    Field(min_length=1, max_length=NAME_MAX_CHARS, examples=["User2"]),
     AfterValidator(_check_display_name),
 ]
 SpeakerName = Annotated[
@@ -150,8 +154,9 @@ class UploadFileForm(CleaningOptions):
     """Form fields of /upload-file, beside the file itself."""
 
     speaker: SpeakerName
-    format: Literal["auto", "telegram", "whatsapp", "native"] = Field(
-        "auto", description="auto-detected by default: Telegram result.json, WhatsApp .txt/.zip, or /upload-text JSON."
+    format: Literal["auto", "telegram", "whatsapp", "discord", "messenger", "instagram", "native"] = Field(
+        "auto", description="auto-detected by default: Telegram result.json, WhatsApp .txt/.zip, DiscordChatExporter "
+        "JSON, Messenger/Instagram message_1.json (or their .zip), or /upload-text JSON.",
     )
     chat: str | None = Field(None, description="Full Telegram export: the chat's name or id, or 'all' (default).")
     aliases: Json[dict[str, str]] | None = Field(

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import tempfile
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,8 +26,10 @@ from filelock import FileLock
 from pydantic import ValidationError
 
 from errors import InsufficientStorage, ServiceError, StorageError
-from exports import Chat, ChatMessage, detect_format, normalise_name, read_export
-from models import CleaningOptions, Sample, SpeakerFile, Turn
+import phonenumbers
+
+from exports import Chat, ChatMessage, naive, normalise_name, read_chats
+from models import BIDI_CONTROLS, MAX_MESSAGE_CHARS, NAME_MAX_CHARS, CleaningOptions, Sample, SpeakerFile, Turn
 
 
 def build_samples(dialog: list[Turn], speaker: str, max_context_turns: int) -> tuple[list[Sample], int]:
@@ -140,27 +143,56 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 # --- exports: cleaning and samples with reply context ---------------------------------------------
 
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+")
-_CARD = re.compile(r"\b\d(?:[ -]?\d){12,18}\b")
-_PHONE = re.compile(r"(?<![\w+])\+?\d[\d ()-]{7,}\d\b")
+_EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){1,8}")  # bounded: linear time
+_CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
+NO_SENDER = "(no sender)"  # the speaker of kept system lines that have none
 
 
 def mask_pii(text: str) -> tuple[str, int]:
-    """E-mail addresses, card-like numbers (13-19 digits) and phone numbers become placeholders."""
-    total = 0
-    for pattern, label in ((_EMAIL, "[email]"), (_CARD, "[card]"), (_PHONE, "[phone]")):
-        text, n = pattern.subn(label, text)
-        total += n
-    return text, total
+    """E-mail addresses, card numbers (13-19 digits passing the Luhn check) and phone numbers in
+    international form (libphonenumber, valid numbers only) become placeholders. Linear time: every
+    pattern is bounded, and the phone matcher gets a number of tries proportional to the line."""
+    text, emails = _EMAIL.subn("[email]", text)
+    found: list[str] = []
+    text = _CARD.sub(lambda m: found.append(m[0]) or "[card]" if _luhn(m[0]) and not _isbn13(m[0]) else m[0], text)
+    cards = len(found)
+    phones = 0
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if "+" not in line:
+            continue
+        spans = [(m.start, m.end) for m in phonenumbers.PhoneNumberMatcher(
+            line, None, leniency=phonenumbers.Leniency.VALID, max_tries=100 + len(line) // 20)]
+        for start, end in reversed(spans):
+            line = line[:start] + "[phone]" + line[end:]
+        phones += len(spans)
+        lines[i] = line
+    return "\n".join(lines), emails + cards + phones
+
+
+def _digits(text: str) -> list[int]:
+    return [int(ch) for ch in text if ch.isdigit()]
+
+
+def _luhn(text: str) -> bool:
+    digits = _digits(text)[::-1]
+    return sum(d if i % 2 == 0 else (d * 2 - 9 if d > 4 else d * 2) for i, d in enumerate(digits)) % 10 == 0
+
+
+def _isbn13(text: str) -> bool:
+    digits = _digits(text)
+    return len(digits) == 13 and text[:3] in ("978", "979") and sum(d * (3 if i % 2 else 1) for i, d in enumerate(digits)) % 10 == 0
 
 
 def clean(chat: Chat, options: CleaningOptions, aliases: dict[str, str]) -> tuple[list[list[ChatMessage]], dict[str, int]]:
     """Apply the cleaning steps in order; return the chat's dialogs and what each step removed."""
     report = {"messages_read": len(chat.messages), "renamed_by_alias": 0, "dropped_system": 0, "dropped_media": 0,
-              "dropped_deleted": 0, "masked_pii": 0, "dropped_empty": 0, "merged": 0, "dialogs": 0}
+              "dropped_deleted": 0, "masked_pii": 0, "dropped_empty": 0, "cut_long": 0, "merged": 0,
+              "merge_capped": 0, "dialogs": 0}
     kept: list[ChatMessage] = []
     for m in chat.messages:
-        m = ChatMessage(**{**m.__dict__, "speaker": normalise_name(m.speaker), "merged_ids": list(m.merged_ids)})
+        m = ChatMessage(**{**m.__dict__, "speaker": display_name(m.speaker), "text": _scrub(m.text),
+                           "time": naive(m.time), "merged_ids": list(m.merged_ids)})
         if m.speaker in aliases:
             m.speaker = aliases[m.speaker]
             report["renamed_by_alias"] += 1
@@ -170,12 +202,17 @@ def clean(chat: Chat, options: CleaningOptions, aliases: dict[str, str]) -> tupl
         if options.drop_media and m.kind in ("media", "deleted"):
             report["dropped_media" if m.kind == "media" else "dropped_deleted"] += 1
             continue
+        if len(m.text) > MAX_MESSAGE_CHARS:
+            m.text = m.text[:MAX_MESSAGE_CHARS]
+            report["cut_long"] += 1
         if options.mask_pii:
             m.text, n = mask_pii(m.text)
+            m.text = m.text[:MAX_MESSAGE_CHARS]
             report["masked_pii"] += n
         if options.drop_empty and (not m.text.strip() or not m.speaker):
             report["dropped_empty"] += 1
             continue
+        m.speaker = m.speaker or NO_SENDER
         kept.append(m)
 
     dialogs: list[list[ChatMessage]] = []
@@ -188,6 +225,10 @@ def clean(chat: Chat, options: CleaningOptions, aliases: dict[str, str]) -> tupl
         if new_dialog:
             dialogs.append([m])
         elif options.merge_consecutive and previous.speaker == m.speaker:
+            if len(previous.text) + 1 + len(m.text) > MAX_MESSAGE_CHARS:  # a turn stays within MAX_MESSAGE_CHARS
+                dialogs[-1].append(m)
+                report["merge_capped"] += 1
+                continue
             previous.text += "\n" + m.text
             previous.merged_ids.append(m.id)
             previous.time = m.time or previous.time
@@ -196,6 +237,22 @@ def clean(chat: Chat, options: CleaningOptions, aliases: dict[str, str]) -> tupl
             dialogs[-1].append(m)
     report["dialogs"] = len(dialogs)
     return dialogs, report
+
+
+def display_name(name: str) -> str:
+    """A speaker of an export as a valid models.DisplayName: NFC, invisible marks stripped at the
+    ends, no control or direction-override characters inside, at most NAME_MAX_CHARS."""
+    name = normalise_name(_scrub(name))
+    name = "".join(ch for ch in name if unicodedata.category(ch) != "Cc" and ch not in BIDI_CONTROLS)
+    return normalise_name(name[:NAME_MAX_CHARS])
+
+
+def _scrub(text: str) -> str:
+    """Lone surrogates (from JSON "\\ud800") cannot be written as UTF-8: they become U+FFFD."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace") if _SURROGATE.search(text) else text
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def dialog_samples(dialogs: list[list[ChatMessage]], speaker: str, max_context_turns: int) -> list[Sample]:
@@ -229,13 +286,12 @@ class ImportResult:
 
 def import_export(
     data: bytes, filename: str, speaker: str, fmt: str, chat: str | None, aliases: dict[str, str],
-    options: CleaningOptions, max_context_turns: int, tokenizer_file: Path | None,
+    options: CleaningOptions, max_context_turns: int, tokenizer_file: Path | None, max_unpacked: int = 256 * 1024 * 1024,
 ) -> ImportResult:
     """Read, clean and turn an export into the speaker's samples. ExportError for unreadable
     files; UnknownSpeaker when the speaker does not occur in the cleaned chats."""
-    fmt = detect_format(data, filename) if fmt == "auto" else fmt
-    chats = read_export(data, filename, fmt, chat)
-    aliases = {normalise_name(k): normalise_name(v) for k, v in aliases.items()}
+    chats, fmt = read_chats(data, filename, fmt, chat, max_unpacked)
+    aliases = {display_name(k): display_name(v) for k, v in aliases.items()}
     report: dict[str, int] = {}
     per_chat = []
     for one in chats:

@@ -58,7 +58,8 @@ def test_cleaning_steps_and_reply_context():
     chat = exports.read_telegram(telegram_chat(), None)[0]
     dialogs, report = dialog_parser.clean(chat, CleaningOptions(), {})
     assert report == {"messages_read": 11, "renamed_by_alias": 0, "dropped_system": 2, "dropped_media": 1,
-                      "dropped_deleted": 0, "masked_pii": 3, "dropped_empty": 0, "merged": 1, "dialogs": 2}
+                      "dropped_deleted": 0, "masked_pii": 3, "dropped_empty": 0, "cut_long": 0, "merged": 1,
+                      "merge_capped": 0, "dialogs": 2}
     assert [[m.speaker for m in d] for d in dialogs] == [["Андрій", "Олена", "Андрій", "Олена", "user9"], ["Андрій", "Олена"]]
     assert dialogs[0][1].text == "Все добре, дякую\nА в тебе?"
     assert dialogs[0][2].text == "Пиши на [email] або дзвони [phone]"
@@ -76,7 +77,7 @@ def test_cleaning_steps_and_reply_context():
 
 
 def test_mask_pii():
-    text, n = dialog_parser.mask_pii("a.b+c@mail.co.uk, +1 (555) 123-4567, 5500-0000-0000-0004, 2024 рік, 15:30")
+    text, n = dialog_parser.mask_pii("a.b+c@mail.co.uk, +1 (202) 555-0143, 5500-0000-0000-0004, 2024 рік, 15:30")
     assert text == "[email], [phone], [card], 2024 рік, 15:30" and n == 3
 
 
