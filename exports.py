@@ -93,6 +93,8 @@ def _detect(files: list[tuple[str, bytes]]) -> str:
     if name.lower().endswith(".txt"):
         return "whatsapp"
     text = decode_text(data[:4096], partial=True).lstrip("\ufeff \t\r\n")
+    if _WA_LINE.match(text.lstrip("\u200e").split("\n", 1)[0].strip("\r")):  # before JSON: iOS lines start with "["
+        return "whatsapp"
     if text[:1] in ("{", "["):
         document = _json(data)
         if isinstance(document, dict):
@@ -105,8 +107,6 @@ def _detect(files: list[tuple[str, bytes]]) -> str:
             if "messages" in document or "chats" in document:
                 return "telegram"
         return "native"
-    if _WA_LINE.match(text.lstrip("\u200e").split("\n", 1)[0].strip("\r")):
-        return "whatsapp"
     raise ExportError(
         "could not tell the format: expected a Telegram result.json, a WhatsApp .txt/.zip export, a Discord or "
         "Messenger JSON export, or the JSON of /upload-text; name it with the `format` field"

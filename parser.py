@@ -249,7 +249,7 @@ def display_name(name: str) -> str:
 
 def _scrub(text: str) -> str:
     """Lone surrogates (from JSON "\\ud800") cannot be written as UTF-8: they become U+FFFD."""
-    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace") if _SURROGATE.search(text) else text
+    return _SURROGATE.sub("\ufffd", text)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -69,9 +69,115 @@ WHATSAPP_IOS = (
 )
 
 
-def zipped(text: str, name: str = "_chat.txt") -> bytes:
+def zipped(text: str | bytes, name: str = "_chat.txt") -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr(name, text)
         archive.writestr("IMG-0001.jpg", b"\xff\xd8\xff")
     return buffer.getvalue()
+
+
+# --- WhatsApp: one variant per locale and version seen in public exports ---------------------------
+# Each is the line prefix of a message on 31 Dec 2023 21:05:09 and one on 13 Jan 2024 10:00 (13 > 12,
+# so the date order is decidable); the messages themselves are invented.
+WHATSAPP_VARIANTS = {
+    "android-en-us-12h": ("12/31/23, 9:05 PM - ", "1/13/24, 10:00 AM - "),
+    "android-en-us-12h-narrow-nbsp": ("12/31/23, 9:05\u202fPM - ", "1/13/24, 10:00\u202fAM - "),
+    "android-en-gb-24h": ("31/12/2023, 21:05 - ", "13/01/2024, 10:00 - "),
+    "android-de-24h-dots": ("31.12.23, 21:05 - ", "13.01.24, 10:00 - "),
+    "android-de-seconds": ("31.12.2023, 21:05:09 - ", "13.01.2024, 10:00:00 - "),
+    "android-dash-date-12h": ("31-12-2023, 09:05:09 PM - ", "13-01-2024, 10:00:00 AM - "),
+    "android-es-a-m-p-m": ("31/12/2023, 9:05 p. m. - ", "13/1/2024, 10:00 a. m. - "),
+    "android-es-no-comma": ("31/12/2023 9:05 p. m. - ", "13/1/2024 10:00 a. m. - "),
+    "android-es-nbsp-ampm": ("31/12/23, 9:05\u202fp.\u00a0m. - ", "13/1/24, 10:00\u202fa.\u00a0m. - "),
+    "android-en-lower-p.m.": ("12/31/2023 9:05 p.m. - ", "1/13/2024 10:00 a.m. - "),
+    "android-de-nachm": ("31.12.23, 9:05 nachm. - ", "13.01.24, 10:00 vorm. - "),
+    "android-fi-klo": ("31.12.2023 klo 21.05.09 - ", "13.1.2024 klo 10.00 - "),
+    "android-iso": ("2023-12-31, 21:05 - ", "2024-01-13, 10:00 - "),
+    "android-ja-year-first": ("2023/12/31, 21:05 - ", "2024/01/13, 10:00 - "),
+    "android-ja-trailing-dot": ("2023/12/31, 21:05. - ", "2024/01/13, 10:00. - "),
+    "android-ja-gogo": ("2023/12/31 午後9:05 - ", "2024/01/13 午前10:00 - "),
+    "android-zh-xiawu": ("2023/12/31 下午9:05 - ", "2024/1/13 上午10:00 - "),
+    "android-ko": ("2023. 12. 31. 오후 9:05 - ", "2024. 1. 13. 오전 10:00 - "),
+    "android-en-dash-en-dash": ("31/12/2023, 21:05 – ", "13/01/2024, 10:00 – "),
+    "ios-de": ("[31.12.23, 21:05:09] ", "[13.01.24, 10:00:00] "),
+    "ios-dot-time-no-comma": ("[31/12/23 21.05.09] ", "[13/01/24 10.00.00] "),
+    "ios-us-12h-narrow-nbsp": ("[12/31/23, 9:05:09\u202fPM] ", "[1/13/24, 10:00:00\u202fAM] "),
+    "ios-month-first-dots": ("[12.31.23, 21:05:09] ", "[01.13.24, 10:00:00] "),
+    "ios-year-first-a-m": ("[2023/12/31 9:05:09 p. m.] ", "[2024/01/13 10:00:00 a. m.] "),
+    "ios-no-seconds": ("[31.12.23, 21:05] ", "[13.01.24, 10:00] "),
+    "ios-old-no-brackets": ("12/31/23, 9:05:09 PM: ", "1/13/24, 10:00:00 AM: "),
+    "ios-old-24h-no-brackets": ("31.12.23 21.05.09: ", "13.01.24 10.00.00: "),
+}
+
+
+def whatsapp_variant(key: str) -> str:
+    """A chat in that variant: a system line, two speakers, a multi-line message, a media placeholder."""
+    first, second = WHATSAPP_VARIANTS[key]
+    system = "Messages and calls are end-to-end encrypted. Tap to learn more."
+    if first.startswith("["):  # iOS: the notice carries the chat's name and a U+200E mark
+        system = "Олена: \u200e" + system
+    return (f"{first}{system}\n{first}Олена: Привіт 👋\nдругий рядок\n{first}Andriy K: <Media omitted>\n"
+            f"{second}Andriy K: Hi: all good\n{second}Олена: Добре\n")
+
+
+def encoded(text: str, how: str) -> bytes:
+    """The same chat as different phones write it."""
+    return {
+        "utf-8": text.encode(), "bom": "\ufeff".encode() + text.encode(), "crlf": text.replace("\n", "\r\n").encode(),
+        "utf-16-le": text.replace("\n", "\r\n").encode("utf-16"), "utf-16-be": b"\xfe\xff" + text.encode("utf-16-be"),
+    }[how]
+
+
+# Localised placeholders and notices: (the message text, the kind it must be read as)
+WHATSAPP_LOCALISED = [
+    ("<Medien ausgeschlossen>", "media"), ("<Multimedia omitido>", "media"), ("<Médias omis>", "media"),
+    ("<Media weggelaten>", "media"), ("<Без медиафайлов>", "media"), ("\u200eimagen omitida", "media"),
+    ("\u200eBild weggelassen", "media"), ("\u200e<adjunto: 00000004-PHOTO-2023-12-31-21-05-09.jpg>", "media"),
+    ("\u200e<attached: 00000012-PHOTO-2023-12-31-21-05-09.jpg>", "media"), ("IMG-20231231-WA0001.jpg (Datei angehängt)", "media"),
+    ("Diese Nachricht wurde gelöscht.", "deleted"), ("Se eliminó este mensaje.", "deleted"), ("Ce message a été supprimé", "deleted"),
+    ("\u200eNachrichten und Anrufe sind Ende-zu-Ende-verschlüsselt. Niemand außerhalb dieses Chats kann sie lesen.", "system"),
+    ("Los mensajes y las llamadas están cifrados de extremo a extremo. Nadie fuera de este chat puede leerlos.", "system"),
+    ("Les messages et les appels sont chiffrés de bout en bout.", "system"),
+    ("Ана hat die Gruppe „Urlaub“ erstellt", "system"), ("Ана creó el grupo “Viaje”", "system"),
+    ("Ich habe <Medien> gern", "message"), ("null pointer again", "message"),
+]
+
+
+# --- Discord and Messenger ---------------------------------------------------------------------------
+
+
+def discord_bytes() -> bytes:
+    """DiscordChatExporter JSON, invented messages."""
+    author = lambda name, nick=None: {"id": str(abs(hash(name)) % 10**18), "name": name, "nickname": nick or name}
+    return json.dumps({
+        "guild": {"id": "1", "name": "Гільдія"}, "channel": {"id": "42", "type": "GuildTextChat", "name": "загальний"},
+        "messages": [
+            {"id": "100", "type": "GuildMemberJoin", "timestamp": "2024-01-01T10:00:00+00:00", "content": "", "author": author("olena_k", "Олена")},
+            {"id": "101", "type": "Default", "timestamp": "2024-01-01T10:01:00.123+00:00", "content": "Привіт усім", "author": author("olena_k", "Олена"), "attachments": []},
+            {"id": "102", "type": "Default", "timestamp": "2024-01-01T10:02:00+02:00", "content": "", "author": author("andriy"), "attachments": [{"id": "9", "url": "a.png", "fileName": "a.png"}]},
+            {"id": "103", "type": "Reply", "timestamp": "2024-01-01T10:03:00+00:00", "content": "І тобі привіт", "author": author("andriy"), "reference": {"messageId": "101", "channelId": "42"}},
+            {"id": "104", "type": "Default", "timestamp": "2024-01-01T10:04:00", "content": "Як справи?", "author": author("olena_k", "Олена")},
+        ],
+        "messageCount": 5,
+    }, ensure_ascii=False).encode()
+
+
+def _meta(text: str) -> str:
+    """Meta's mis-encoding: UTF-8 bytes written as latin-1 code points."""
+    return text.encode("utf-8").decode("latin-1")
+
+
+def messenger_bytes() -> bytes:
+    """Facebook Messenger message_1.json, newest first, text mis-encoded, invented messages."""
+    return json.dumps({
+        "participants": [{"name": _meta("Олена")}, {"name": "Andriy K"}],
+        "messages": [
+            {"sender_name": "Andriy K", "timestamp_ms": 1704103500000, "content": _meta("Чудово ❤️"), "type": "Generic"},
+            {"sender_name": _meta("Олена"), "timestamp_ms": 1704103440000, "photos": [{"uri": "photos/1.jpg"}], "type": "Generic"},
+            {"sender_name": _meta("Олена"), "timestamp_ms": 1704103380000, "content": _meta("Дивись, що я знайшла"), "type": "Generic"},
+            {"sender_name": "Andriy K", "timestamp_ms": 1704103320000, "content": "Andriy K started a call.", "type": "Call"},
+            {"sender_name": "Andriy K", "timestamp_ms": 1704103260000, "content": "Café au lait?", "type": "Generic"},
+        ],
+        "title": _meta("Олена"), "is_still_participant": True, "thread_type": "Regular", "thread_path": "inbox/olena_123",
+    }).encode()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import time
+import zipfile
 from datetime import datetime
 from pathlib import Path
 
@@ -10,10 +13,10 @@ import pytest
 
 import exports
 import parser as dialog_parser
-from exports_fixtures import (WHATSAPP_ANDROID, WHATSAPP_IOS, telegram_account_bytes, telegram_bytes, telegram_chat,
-                              zipped)
+from exports_fixtures import (WHATSAPP_ANDROID, WHATSAPP_IOS, WHATSAPP_LOCALISED, WHATSAPP_VARIANTS, discord_bytes, encoded,
+                              messenger_bytes, telegram_account_bytes, telegram_bytes, telegram_chat, whatsapp_variant, zipped)
 from config import get_settings
-from models import CleaningOptions
+from models import MAX_MESSAGE_CHARS, CleaningOptions
 
 
 def test_telegram_text_entities_service_media_and_null_sender():
@@ -172,4 +175,212 @@ def test_fifty_megabyte_upload_over_the_limit_is_413(client, env, monkeypatch):
     get_settings.cache_clear()
     r = upload_file(client, b"x" * (50 * 1024 * 1024), "result.json", "Олена")
     assert r.status_code == 413 and "MAX_UPLOAD_BYTES=10485760" in r.json()["detail"]
+    assert list(Path(env["DATA_DIR"]).glob("*_messages.json")) == []
+
+
+# --- every WhatsApp locale and version --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", WHATSAPP_VARIANTS)
+def test_whatsapp_variant_reads_speakers_times_and_notices(variant):
+    chat = exports.read_export(whatsapp_variant(variant).encode(), "WhatsApp Chat with Олена.txt")[0]
+    assert [(m.speaker, m.kind) for m in chat.messages][1:] == [
+        ("Олена", "message"), ("Andriy K", "media"), ("Andriy K", "message"), ("Олена", "message")]
+    assert chat.messages[0].kind == "system"
+    assert chat.messages[1].text == "Привіт 👋\nдругий рядок"
+    assert chat.messages[3].text == "Hi: all good"
+    first = {m.time for m in chat.messages[:3]}
+    assert first == {datetime(2023, 12, 31, 21, 5, 9)} or first == {datetime(2023, 12, 31, 21, 5)}
+    assert chat.messages[4].time == datetime(2024, 1, 13, 10, 0), variant
+    assert exports.detect_format(whatsapp_variant(variant).encode(), "chat") == "whatsapp"  # detected without .txt
+
+
+@pytest.mark.parametrize("how", ["utf-8", "bom", "crlf", "utf-16-le", "utf-16-be"])
+def test_whatsapp_encodings(how):
+    data = encoded(whatsapp_variant("ios-de"), how)
+    for chat in (exports.read_export(data, "_chat.txt")[0], exports.read_export(zipped(data), "c.zip")[0]):
+        assert [m.speaker for m in chat.messages] == ["Олена", "Олена", "Andriy K", "Andriy K", "Олена"]
+        assert [m.text for m in chat.messages][1:] == ["Привіт 👋\nдругий рядок", "<Media omitted>", "Hi: all good", "Добре"]
+    assert exports.detect_format(data, "chat") == "whatsapp"
+
+
+@pytest.mark.parametrize("text, kind", WHATSAPP_LOCALISED)
+def test_whatsapp_localised_placeholders_and_notices(text, kind):
+    chat = exports.read_whatsapp(f"[31.12.23, 21:05:09] Ана: {text}\n")
+    assert chat.messages[0].kind == kind
+
+
+def test_whatsapp_bad_line_says_where_and_what():
+    with pytest.raises(exports.ExportError, match=r"^line 2 is not a WhatsApp message line: 'hello'; expected"):
+        exports.read_whatsapp("\n hello\n31.12.23, 21:05 - A: x\n")
+
+
+# --- Telegram edge cases -------------------------------------------------------------------------------
+
+
+def test_telegram_mixed_aware_and_naive_dates_split_by_gap():
+    chat = telegram_chat()
+    chat["messages"][9]["date"] = "2024-01-01T09:00:00+02:00"
+    dialogs, report = dialog_parser.clean(exports.read_telegram(chat, None)[0], CleaningOptions(), {})
+    assert report["dialogs"] == 2
+    assert dialogs[1][0].time == datetime(2024, 1, 1, 7, 0)  # offsets become naive UTC
+
+
+# --- Discord and Messenger -----------------------------------------------------------------------------
+
+
+def test_discord_export():
+    assert exports.detect_format(discord_bytes(), "chat.json") == "discord"
+    chat = exports.read_export(discord_bytes(), "chat.json")[0]
+    assert (chat.name, chat.id) == ("Гільдія / загальний", "42")
+    assert [(m.speaker, m.kind) for m in chat.messages] == [
+        ("Олена", "system"), ("Олена", "message"), ("andriy", "media"), ("andriy", "message"), ("Олена", "message")]
+    assert chat.messages[3].reply_to == 101 and chat.messages[1].id == 101
+    assert chat.messages[2].time == datetime(2024, 1, 1, 8, 2)  # +02:00 as UTC
+
+
+def test_messenger_export_oldest_first_and_text_repaired():
+    assert exports.detect_format(messenger_bytes(), "message_1.json") == "messenger"
+    chat = exports.read_export(messenger_bytes(), "message_1.json")[0]
+    assert chat.name == "Олена"
+    assert [(m.speaker, m.kind, m.text) for m in chat.messages] == [
+        ("Andriy K", "message", "Café au lait?"), ("Andriy K", "system", "Andriy K started a call."),
+        ("Олена", "message", "Дивись, що я знайшла"), ("Олена", "media", ""), ("Andriy K", "message", "Чудово ❤️")]
+    assert chat.messages[0].time == datetime(2024, 1, 1, 10, 1)
+
+
+def test_messenger_archive_threads_by_folder(client):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("your_activity/messages/inbox/olena_1/message_1.json", messenger_bytes())
+        archive.writestr("your_activity/messages/inbox/olena_1/photos/1.jpg", b"\xff\xd8")
+        archive.writestr("your_activity/messages/inbox/bos_2/message_1.json", messenger_bytes().replace(b"Andriy K", b"Bos"))
+    r = upload_file(client, buffer.getvalue(), "facebook-olena.zip", "Олена", format="messenger", chat="olena_1")
+    assert r.status_code == 200, r.text
+    assert r.json()["format"] == "messenger" and r.json()["chats"] == ["Олена"]
+    assert r.json()["speakers"] == {"Andriy K": {"messages": 2, "tokens": r.json()["speakers"]["Andriy K"]["tokens"]},
+                                    "Олена": {"messages": 1, "tokens": r.json()["speakers"]["Олена"]["tokens"]}}
+
+
+def test_upload_discord_and_messenger(client):
+    r = upload_file(client, discord_bytes(), "general.json", "andriy")
+    assert r.status_code == 200 and r.json()["format"] == "discord" and r.json()["added"] == 1
+    r = upload_file(client, messenger_bytes(), "message_1.json", "Олена")
+    assert r.status_code == 200 and r.json()["format"] == "messenger" and r.json()["added"] == 1
+
+
+# --- no export gives a 500 -------------------------------------------------------------------------------
+
+
+def _telegram_with(*messages: dict) -> bytes:
+    base = [{"id": 1, "type": "message", "date": "2024-01-01T10:00:00", "from": "Олена", "text": "Привіт"}]
+    rows = [{"id": i + 2, "type": "message", "date": "2024-01-01T10:01:00", **m} for i, m in enumerate(messages)]
+    return json.dumps({"name": "x", "id": 1, "messages": base + rows}).encode()
+
+
+@pytest.mark.parametrize(
+    "message, speaker_shown",
+    [
+        ({"from": "Мама 👨\u200d👩\u200d👧", "text": "Обідати!"}, "Мама 👨\u200d👩\u200d👧"),
+        ({"from": "Щ" * 128, "text": "довге ім'я"}, "Щ" * 128),
+        ({"from": "+91 98911 81801", "text": "hello"}, "+91 98911 81801"),
+        ({"from": "\u202a+234 903 186 6339\u202c", "text": "hi"}, "+234 903 186 6339"),
+        ({"from": "A\u202eB\x07", "text": "override inside"}, "AB"),
+        ({"from": "Ана", "text": "lone \ud800 surrogate"}, "Ана"),
+        ({"from": "Ана", "date": "2024-01-01T10:02:00+00:00", "text": "aware date"}, "Ана"),
+    ],
+    ids=["zwj-family", "128-chars", "phone-name", "direction-marks", "controls-inside", "lone-surrogate", "aware-date"],
+)
+def test_awkward_names_and_text_import(client, env, message, speaker_shown):
+    r = upload_file(client, _telegram_with(message, {"from": "Олена", "text": "Відповідь"}), "result.json", "Олена")
+    assert r.status_code == 200, r.text
+    assert speaker_shown in r.json()["speakers"]
+    stored = json.loads((Path(env["DATA_DIR"]) / "Олена_messages.json").read_text(encoding="utf-8"))
+    assert stored["messages"][-1]["context"][-1]["speaker"] == speaker_shown
+    assert "\ud800" not in json.dumps(stored, ensure_ascii=False)
+
+
+def test_lone_surrogate_becomes_replacement_character(client, env):
+    r = upload_file(client, _telegram_with({"from": "Ана", "text": "a\ud800b"}, {"from": "Олена", "text": "ok"}), "result.json", "Олена")
+    stored = json.loads((Path(env["DATA_DIR"]) / "Олена_messages.json").read_text(encoding="utf-8"))
+    assert stored["messages"][-1]["context"][-1]["content"] == "a\ufffdb"
+
+
+def test_message_over_the_limit_is_cut_and_reported(client, env):
+    r = upload_file(client, _telegram_with({"from": "Олена", "text": "слово " * 3000}, {"from": "Ана", "text": "ok"},
+                                           {"from": "Олена", "text": "коротко"}), "result.json", "Олена", mask_pii="false")
+    assert r.status_code == 200, r.text
+    assert r.json()["report"]["cut_long"] == 1
+    stored = json.loads((Path(env["DATA_DIR"]) / "Олена_messages.json").read_text(encoding="utf-8"))
+    assert max(len(m["reply"]) for m in stored["messages"]) == MAX_MESSAGE_CHARS
+
+
+def test_merging_stops_at_the_message_limit(client, env):
+    many = [{"from": "Олена", "text": "x" * 149} for _ in range(80)]  # 80 × 150 = 12,000 characters
+    r = upload_file(client, _telegram_with(*many, {"from": "Ана", "text": "ok"}), "result.json", "Олена")
+    assert r.status_code == 200, r.text
+    assert r.json()["report"]["merge_capped"] == 1 and r.json()["report"]["merged"] == 79
+    stored = json.loads((Path(env["DATA_DIR"]) / "Олена_messages.json").read_text(encoding="utf-8"))
+    assert all(len(m["reply"]) <= MAX_MESSAGE_CHARS for m in stored["messages"])
+
+
+def test_senderless_message_kept_with_drop_empty_false(client):
+    data = WHATSAPP_ANDROID.encode()
+    r = upload_file(client, data, "chat.txt", "Andriy", drop_empty="false", drop_system="false")
+    assert r.status_code == 200, r.text
+    assert dialog_parser.NO_SENDER in r.json()["speakers"]
+
+
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        (b'{"chats": "x"}', "Telegram full export: 'chats.list' is missing or not a list"),
+        (b"[" * 100_000, "the JSON is nested too deeply to be a chat export"),
+        (b'{"messages": [' + b"[" * 50_000 + b"]" * 50_000 + b"]}", "nested too deeply"),
+    ],
+    ids=["chats-not-an-object", "deep-list", "deep-inside-messages"],
+)
+def test_hostile_json_is_a_clear_422(client, env, data, fragment):
+    r = upload_file(client, data, "result.json", "Олена")
+    assert r.status_code == 422, r.text
+    assert fragment in r.json()["detail"]
+    assert list(Path(env["DATA_DIR"]).glob("*_messages.json")) == []
+
+
+# --- bounded work ------------------------------------------------------------------------------------
+
+
+def _seconds(function, *args) -> float:
+    start = time.perf_counter()
+    function(*args)
+    return time.perf_counter() - start
+
+
+@pytest.mark.parametrize("adversarial", [
+    "a" * 60_000, "a." * 30_000 + "@", "a@" * 30_000, "a@b" + ".c" * 29_999, "1 " * 30_000, "+" + "1 " * 30_000,
+    "(+1) " * 12_000, "1-" * 30_000,
+], ids=["letters", "dotted-no-domain", "at-signs", "long-domain", "digits", "plus-digits", "bracketed", "dashes"])
+def test_masking_is_linear(adversarial):
+    plain = ("Привіт, як справи? " * 4000)[:60_000]
+    assert _seconds(dialog_parser.mask_pii, adversarial) < 0.5 + 10 * _seconds(dialog_parser.mask_pii, plain)
+
+
+def test_masking_keeps_dates_amounts_and_isbns():
+    text = "2024-01-01, 1 000 000 грн, ISBN 978-3-16-148410-0, 4111 1111 1111 1112, 12:30, +1 (555) 123-4567 is fake"
+    assert dialog_parser.mask_pii(text) == (text, 0)
+    masked, n = dialog_parser.mask_pii("card 4111 1111 1111 1111, call +44 20 7946 0958 or +380 67 123 45 67")
+    assert masked == "card [card], call [phone] or [phone]" and n == 3
+
+
+def test_zip_bomb_answers_413_without_unpacking_it(client, env, monkeypatch):
+    monkeypatch.setenv("MAX_UPLOAD_BYTES", str(1024 * 1024))
+    get_settings.cache_clear()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("_chat.txt", "31.12.23, 21:05 - A: " + "a" * (64 * 1024 * 1024))
+    assert len(buffer.getvalue()) < 1024 * 1024
+    r = upload_file(client, buffer.getvalue(), "chat.zip", "A")
+    assert r.status_code == 413, r.text
+    assert r.json()["detail"] == ("the .zip unpacks to more than 4194304 bytes of chat files (4 × MAX_UPLOAD_BYTES); "
+                                  "export a shorter chat")
     assert list(Path(env["DATA_DIR"]).glob("*_messages.json")) == []
