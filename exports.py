@@ -266,10 +266,16 @@ def _telegram_chat(raw: dict) -> Chat:
         out.append(ChatMessage(
             speaker=str(speaker), text=text, kind=kind,
             id=m.get("id") if isinstance(m.get("id"), int) else None,
-            time=parse_time(m.get("date")),
+            time=parse_time(m.get("date")) or _unix_time(m.get("date_unixtime")),
             reply_to=m.get("reply_to_message_id") if isinstance(m.get("reply_to_message_id"), int) else None,
         ))
     return Chat(name=str(raw.get("name") or "chat"), id=str(raw["id"]) if raw.get("id") is not None else None, messages=out)
+
+
+def _unix_time(value: Any) -> datetime | None:
+    if isinstance(value, str) and value.isdigit():
+        return datetime.fromtimestamp(int(value), timezone.utc).replace(tzinfo=None)
+    return None
 
 
 def telegram_text(value: Any) -> str:
@@ -378,7 +384,7 @@ _WA_LINE = re.compile(
     r",?\s(?:(?P<pre>[^\W\d_]{1,5}\.?)\s?)?"
     r"(?P<hour>\d{1,2})[:.](?P<minute>\d{2})(?:[:.](?P<second>\d{2}))?\.?"
     r"(?:\s?(?P<post>[^\W\d_]{1,5}\.?(?:\s?[^\W\d_]{1,5}\.?)?))?"
-    r"(?(open)\]\s?|(?:\s[-–]\s|:\s))"
+    r"(?(open)\]\s?(?:[-–]\s)?|(?:\s[-–]\s|:\s))"
     r"(?P<body>.*)$"
 )
 # AM/PM words, without dots and spaces, lower case: English, Spanish/Portuguese ("a. m."), German,
