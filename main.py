@@ -44,6 +44,7 @@ from models import (
     JobStatus,
     PageQuery,
     SamplesPublic,
+    AdapterName,
     SpeakerName,
     SpeakerPublic,
     SpeakersPublic,
@@ -434,7 +435,7 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
 
 
 @api.get("/speakers/{speaker}/evaluation", responses={404: _error("No evaluation for the speaker.")})
-def speaker_evaluation(speaker: SpeakerName, settings: SettingsDep) -> dict:
+def speaker_evaluation(speaker: AdapterName, settings: SettingsDep) -> dict:
     """The adapter's latest evaluation report (eval.json)."""
     report = evals.read_report(settings, speaker)
     if report is None:
@@ -446,7 +447,7 @@ def speaker_evaluation(speaker: SpeakerName, settings: SettingsDep) -> dict:
     "/speakers/{speaker}/evaluate",
     responses={404: _error("The speaker has no adapter."), 409: _error("The speaker is training.")},
 )
-async def evaluate_speaker(speaker: SpeakerName, request: Request, settings: SettingsDep) -> dict:
+async def evaluate_speaker(speaker: AdapterName, request: Request, settings: SettingsDep) -> dict:
     """Evaluate the speaker's adapter now on its held-out samples; returns and stores the report."""
     active = registry(request).active_for(speaker)
     if active:
@@ -463,7 +464,7 @@ async def evaluate_speaker(speaker: SpeakerName, request: Request, settings: Set
     responses={200: {"content": {"image/png": {}}, "description": "Training and held-out loss."},
                404: _error("No evaluation for the speaker.")},
 )
-def speaker_loss_plot(speaker: SpeakerName, settings: SettingsDep) -> FileResponse:
+def speaker_loss_plot(speaker: AdapterName, settings: SettingsDep) -> FileResponse:
     """The training loss curve with the held-out loss of base and adapter."""
     path = settings.OUTPUT_DIR / speaker / evals.PLOT_FILE
     if not path.is_file():

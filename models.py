@@ -19,8 +19,14 @@ MAX_OFFSET = 10**9  # beyond any real list; larger numbers overflow SQLite's 64-
 _NAME_PUNCTUATION = set(" _.-")
 
 
+# Invisible marks phones and messengers put around names ("\u202a+234 903 186 6339\u202c"): stripped at the ends.
+EDGE_MARKS = "\u200b\u200c\u200d\u200e\u200f\u2060\ufeff" + "".join(sorted(BIDI_CONTROLS))
+
+
 def _normalise(value: object) -> object:
-    return unicodedata.normalize("NFC", value).strip() if isinstance(value, str) else value
+    if not isinstance(value, str):
+        return value
+    return unicodedata.normalize("NFC", value).strip().strip(EDGE_MARKS).strip()
 
 
 def _check_display_name(name: str) -> str:
@@ -28,13 +34,14 @@ def _check_display_name(name: str) -> str:
     👨\u200d👩\u200d👧 need U+200D); control characters, surrogates and direction overrides do not."""
     if not name:
         raise ValueError("speaker must not be empty")
-    if any(unicodedata.category(ch) in ("Cc", "Cs") or ch in BIDI_CONTROLS for ch in name):
+    if any(unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp") or ch in BIDI_CONTROLS for ch in name):
         raise ValueError("speaker must not contain control or invisible format characters")
     return name
 
 
 def _check_speaker_name(name: str) -> str:
-    """The speaker an adapter is trained for: the name becomes part of file and folder names."""
+    """The speaker an adapter is trained for: the name is still used as the adapter's folder name
+    (train.py, infer.py, evals.py), so it keeps the file-name-safe rule until they map names too."""
     _check_display_name(name)
     bad = sorted({ch for ch in name if not (ch in _NAME_PUNCTUATION or unicodedata.category(ch)[0] in "LMN")})
     if bad:
@@ -56,6 +63,18 @@ DisplayName = Annotated[
     AfterValidator(_check_display_name),
 ]
 SpeakerName = Annotated[
+    str,
+    BeforeValidator(_normalise),
+    Field(
+        min_length=1,
+        max_length=NAME_MAX_CHARS,
+        description="Any printable name (emoji, '+', quotes, ':' included); NFC-normalised, trimmed of spaces and "
+        "invisible direction or zero-width marks.",
+        examples=["User1"],
+    ),
+    AfterValidator(_check_display_name),
+]
+AdapterName = Annotated[
     str,
     BeforeValidator(_normalise),
     Field(
@@ -231,7 +250,7 @@ class TrainRequest(BaseModel):
 
     model_config = ConfigDict(strict=True, json_schema_extra={"examples": [{"speaker": "User1", "wait": True}]})
 
-    speaker: SpeakerName
+    speaker: AdapterName  # an adapter folder name until adapters map names (parser.storage_name)
     wait: bool = Field(False, description="Answer only when training has finished (200), not at once (202).")
     epochs: float = Field(1.0, gt=0, le=100, description="Passes over the data.")
     learning_rate: float | None = Field(None, gt=0, le=1, description="Defaults to the LEARNING_RATE setting.")
@@ -384,7 +403,7 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(strict=True, json_schema_extra={"examples": [
         {"speaker": "User1", "messages": [{"speaker": "User2", "content": "Привіт! Що робиш?"}], "max_new_tokens": 48}]})
 
-    speaker: SpeakerName
+    speaker: AdapterName  # an adapter folder name until adapters map names (parser.storage_name)
     messages: list[Turn] | None = Field(None, min_length=1, max_length=200, description="Earlier turns; the speaker's own turns count as theirs.")
     prompt: str | None = Field(None, min_length=1, max_length=MAX_MESSAGE_CHARS, description="Instead of messages: one message to answer.")
     max_new_tokens: int = Field(64, ge=1, le=1024)

@@ -11,6 +11,7 @@ file or the new one, never a torn one.
 
 from __future__ import annotations
 
+import base64
 import errno
 import hashlib
 import json
@@ -52,9 +53,30 @@ def sample_id(context: list[Turn], reply: str) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+_SAFE_PUNCTUATION = set(" _.-")
+STORAGE_SUFFIX = "_messages.json"
+
+
+def storage_name(speaker: str) -> str:
+    """The speaker's name as a file name: unchanged when it is safe under the old rule (letters,
+    digits, space, '_', '.', '-'; no leading '.', no '..'; at most 64 characters; its file name at
+    most 255 UTF-8 bytes), else "~" + an ASCII slug + 16 base32 characters of its sha256: stable,
+    and never equal to a safe name (those hold no "~"). The real name is stored inside the file."""
+    safe = (
+        all(ch in _SAFE_PUNCTUATION or unicodedata.category(ch)[0] in "LMN" for ch in speaker)
+        and speaker and not speaker.startswith(".") and ".." not in speaker and len(speaker) <= 64
+        and len(f"{speaker}{STORAGE_SUFFIX}".encode("utf-8")) <= 255
+    )
+    if safe:
+        return speaker
+    digest = base64.b32encode(hashlib.sha256(speaker.encode("utf-8", "surrogatepass")).digest()).decode()[:16].lower()
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", unicodedata.normalize("NFKD", speaker).encode("ascii", "ignore").decode()).strip("-")
+    return f"~{slug[:40]}-{digest}" if slug else f"~{digest}"
+
+
 def speaker_file(data_dir: Path, speaker: str) -> Path:
-    """The speaker's file; the name was validated (models.SpeakerName), this re-checks the folder."""
-    path = data_dir / f"{speaker}_messages.json"
+    """The speaker's file, named by storage_name; this re-checks that it lies in the folder."""
+    path = data_dir / f"{storage_name(speaker)}{STORAGE_SUFFIX}"
     if path.resolve().parent != data_dir.resolve():
         raise StorageError(f"speaker name {speaker!r} does not map to a file inside the data folder")
     return path
@@ -66,7 +88,10 @@ def _lock(path: Path) -> FileLock:
 
 def load_speaker(data_dir: Path, speaker: str) -> SpeakerFile | None:
     """The stored file, or None when the speaker has none. A damaged file raises StorageError."""
-    path = speaker_file(data_dir, speaker)
+    return _load(speaker_file(data_dir, speaker))
+
+
+def _load(path: Path) -> SpeakerFile | None:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -328,8 +353,9 @@ def _token_counter(tokenizer_file: Path | None):
 
 def list_speakers(data_dir: Path) -> list[SpeakerFile]:
     """Every speaker with stored messages, by name. Damaged files raise StorageError."""
-    files = sorted(data_dir.glob("*_messages.json")) if data_dir.exists() else []
-    return [stored for path in files if (stored := load_speaker(data_dir, path.name[: -len("_messages.json")]))]
+    files = data_dir.glob(f"*{STORAGE_SUFFIX}") if data_dir.exists() else []
+    stored = [one for path in files if (one := _load(path))]  # the name inside the file, not the file's name
+    return sorted(stored, key=lambda one: one.speaker)
 
 
 def delete_speaker(data_dir: Path, speaker: str) -> Path | None:
