@@ -28,12 +28,15 @@ from exports import ExportError, ExportTooLarge
 from jobs import FINISHED, JobRegistry, JobRunner, delete_checkpoint, display_path
 from middleware import AccessLog, BodyLimit
 from models import (
+    AdapterName,
     DatasetPublic,
     DatasetQuery,
     DeletedPublic,
     DeleteQuery,
     ErrorPublic,
     EventsQuery,
+    ExportForm,
+    ExportInspection,
     GenerateRequest,
     GenerateResponse,
     HealthPublic,
@@ -44,7 +47,6 @@ from models import (
     JobStatus,
     PageQuery,
     SamplesPublic,
-    AdapterName,
     SpeakerName,
     SpeakerPublic,
     SpeakersPublic,
@@ -227,6 +229,18 @@ def upload_file(file: UploadFile, form: Annotated[UploadFileForm, Form()], setti
         **_upload_response(form.speaker, imported.samples, 0, settings), format=imported.fmt, chats=imported.chats,
         report=imported.report, speakers=imported.speakers, token_counter=imported.token_counter, warnings=warnings,
     )
+
+
+@api.post("/exports/inspect", response_model=ExportInspection, responses=BODY_ERRORS)
+def inspect_export(file: UploadFile, form: Annotated[ExportForm, Form()], settings: SettingsDep) -> ExportInspection:
+    """Read an export and say what it holds (format, chats, date range, participants); stores nothing."""
+    try:
+        return dialog_parser.inspect_export(file.file.read(), file.filename or "", form.format, form.chat,
+                                            4 * settings.MAX_UPLOAD_BYTES)
+    except ExportTooLarge as exc:
+        raise PayloadTooLarge(str(exc)) from None
+    except ExportError as exc:
+        raise Unprocessable(str(exc)) from None
 
 
 @api.get("/speakers", response_model=SpeakersPublic, responses={500: _error("A stored file is damaged.")})

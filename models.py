@@ -169,15 +169,20 @@ class CleaningOptions(BaseModel):
     drop_empty: bool = Field(True, description="Drop messages left without text.")
 
 
-class UploadFileForm(CleaningOptions):
-    """Form fields of /upload-file, beside the file itself."""
+class ExportForm(BaseModel):
+    """Form fields of /exports/inspect (and of /upload-file), beside the file itself."""
 
-    speaker: SpeakerName
     format: Literal["auto", "telegram", "whatsapp", "discord", "messenger", "instagram", "native"] = Field(
         "auto", description="auto-detected by default: Telegram result.json, WhatsApp .txt/.zip, DiscordChatExporter "
         "JSON, Messenger/Instagram message_1.json (or their .zip), or /upload-text JSON.",
     )
     chat: str | None = Field(None, description="Full Telegram export: the chat's name or id, or 'all' (default).")
+
+
+class UploadFileForm(ExportForm, CleaningOptions):
+    """Form fields of /upload-file, beside the file itself."""
+
+    speaker: SpeakerName
     aliases: Json[dict[str, str]] | None = Field(
         None, description='JSON object mapping names to one speaker, e.g. {"Olena K": "Олена"}.', examples=['{"Olena K": "Олена"}']
     )
@@ -197,6 +202,21 @@ class UploadFileResponse(UploadTextResponse):
     speakers: dict[str, SpeakerStats] = Field(description="Per speaker in the cleaned export.")
     token_counter: str = Field(description="'tokenizer' or 'words'.")
     warnings: list[str] = []
+
+
+class ParticipantStats(BaseModel):
+    name: str
+    messages: int = Field(description="Text messages, before cleaning (no system lines, media or deleted ones).")
+
+
+class ExportInspection(BaseModel):
+    """Answer to /exports/inspect: what the export holds; nothing is stored."""
+
+    format: str = Field(examples=["whatsapp"])
+    chats: list[str]
+    first_message: datetime | None
+    last_message: datetime | None
+    participants: list[ParticipantStats] = Field(description="Most messages first.")
 
 
 class SpeakerPublic(BaseModel):

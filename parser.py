@@ -18,6 +18,7 @@ import json
 import os
 import re
 import tempfile
+from collections import Counter
 import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -30,7 +31,8 @@ from errors import InsufficientStorage, ServiceError, StorageError
 import phonenumbers
 
 from exports import Chat, ChatMessage, naive, normalise_name, read_chats
-from models import BIDI_CONTROLS, MAX_MESSAGE_CHARS, NAME_MAX_CHARS, CleaningOptions, Sample, SpeakerFile, Turn
+from models import (BIDI_CONTROLS, MAX_MESSAGE_CHARS, NAME_MAX_CHARS, CleaningOptions, ExportInspection, ParticipantStats, Sample,
+                    SpeakerFile, Turn)
 
 
 def build_samples(dialog: list[Turn], speaker: str, max_context_turns: int) -> tuple[list[Sample], int]:
@@ -335,6 +337,19 @@ def import_export(
     samples = [s for dialogs in per_chat for s in dialog_samples(dialogs, speaker, max_context_turns)]
     return ImportResult(fmt, [c.name for c in chats], samples, report, speakers,
                         "tokenizer" if tokenizer_file else "words")
+
+
+def inspect_export(data: bytes, filename: str, fmt: str, chat: str | None, max_unpacked: int) -> ExportInspection:
+    """What an export holds, read but not cleaned or stored: format, chats, date range, participants."""
+    chats, fmt = read_chats(data, filename, fmt, chat, max_unpacked)
+    messages = [m for one in chats for m in one.messages]
+    times = [t for m in messages if (t := naive(m.time))]
+    counts = Counter(display_name(m.speaker) for m in messages if m.kind == "message" and display_name(m.speaker))
+    return ExportInspection(
+        format=fmt, chats=[one.name for one in chats], first_message=min(times, default=None),
+        last_message=max(times, default=None),
+        participants=[ParticipantStats(name=name, messages=n) for name, n in counts.most_common()],
+    )
 
 
 class UnknownSpeaker(ValueError):

@@ -384,3 +384,20 @@ def test_zip_bomb_answers_413_without_unpacking_it(client, env, monkeypatch):
     assert r.json()["detail"] == ("the .zip unpacks to more than 4194304 bytes of chat files (4 × MAX_UPLOAD_BYTES); "
                                   "export a shorter chat")
     assert list(Path(env["DATA_DIR"]).glob("*_messages.json")) == []
+
+
+# --- /exports/inspect -------------------------------------------------------------------------------
+
+
+def test_inspect_says_what_an_export_holds_and_stores_nothing(client, env):
+    r = client.post("/exports/inspect", files={"file": ("WhatsApp Chat with Олена.txt", whatsapp_variant("android-es-a-m-p-m").encode())})
+    assert r.status_code == 200, r.text
+    assert r.json() == {
+        "format": "whatsapp", "chats": ["WhatsApp Chat with Олена"], "first_message": "2023-12-31T21:05:00",
+        "last_message": "2024-01-13T10:00:00", "participants": [{"name": "Олена", "messages": 2}, {"name": "Andriy K", "messages": 1}],
+    }
+    r = client.post("/exports/inspect", files={"file": ("result.json", telegram_account_bytes())}, data={"chat": "Робота"})
+    assert r.json()["chats"] == ["Робота"] and r.json()["participants"] == [{"name": "Бос", "messages": 1}, {"name": "Олена", "messages": 1}]
+    r = client.post("/exports/inspect", files={"file": ("chat.txt", b"no stamps here")})
+    assert r.status_code == 422 and r.json()["detail"].startswith("line 1 is not a WhatsApp message line: 'no stamps here'")
+    assert not Path(env["DATA_DIR"]).exists() or list(Path(env["DATA_DIR"]).glob("*_messages.json")) == []
