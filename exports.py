@@ -154,9 +154,7 @@ def _unpack(data: bytes, filename: str, budget: int) -> list[tuple[str, bytes]]:
 
 
 def _read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, left: int, budget: int) -> bytes:
-    too_large = ExportTooLarge(
-        f"the .zip unpacks to more than {budget} bytes of chat files (4 × MAX_UPLOAD_BYTES); export a shorter chat"
-    )
+    too_large = ExportTooLarge(f"the .zip unpacks to more than {budget} bytes of chat files (4 × MAX_UPLOAD_BYTES); export a shorter chat")
     if member.file_size > left:
         raise too_large
     out = bytearray()
@@ -312,16 +310,13 @@ def read_discord(document: Any) -> Chat:
             speaker=str(author.get("nickname") or author.get("name") or ""), text=text, kind=kind,
             id=_int(m.get("id")), time=parse_time(m.get("timestamp")), reply_to=_int(reference.get("messageId")),
         ))
-    guild = document.get("guild") if isinstance(document.get("guild"), dict) else {}
-    channel = document.get("channel") if isinstance(document.get("channel"), dict) else {}
+    guild, channel = (document[k] if isinstance(document.get(k), dict) else {} for k in ("guild", "channel"))
     name = " / ".join(str(part) for part in (guild.get("name"), channel.get("name")) if part) or "discord"
     return Chat(name=name, id=str(channel["id"]) if channel.get("id") is not None else None, messages=out)
 
 
 def _int(value: Any) -> int | None:
-    if isinstance(value, int):
-        return value
-    return int(value) if isinstance(value, str) and value.isdigit() else None
+    return value if isinstance(value, int) else int(value) if isinstance(value, str) and value.isdigit() else None
 
 
 # --- Facebook Messenger / Instagram ("download your information" JSON) ----------------------------
