@@ -168,14 +168,9 @@ def _read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, left: int, b
 
 def decode_text(data: bytes, partial: bool = False) -> str:
     """UTF-8 (with or without BOM) or UTF-16 (LE/BE, with BOM, or detected by its zero bytes)."""
-    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        encoding = "utf-16"
-    elif len(data) >= 4 and data[1:4:2] == b"\x00\x00" and data[0:3:2] != b"\x00\x00":
-        encoding = "utf-16-le"
-    elif len(data) >= 4 and data[0:3:2] == b"\x00\x00" and data[1:4:2] != b"\x00\x00":
-        encoding = "utf-16-be"
-    else:
-        encoding = "utf-8-sig"
+    odd, even = data[1:4:2] == b"\x00\x00", data[0:3:2] == b"\x00\x00"  # ASCII as UTF-16 without BOM: every other byte zero
+    encoding = ("utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-16-le" if odd and not even
+                else "utf-16-be" if even and not odd else "utf-8-sig")
     try:
         return data.decode(encoding, errors="ignore" if partial else "strict")
     except UnicodeDecodeError as exc:
@@ -271,9 +266,7 @@ def _telegram_chat(raw: dict) -> Chat:
 
 
 def _unix_time(value: Any) -> datetime | None:
-    if isinstance(value, str) and value.isdigit():
-        return datetime.fromtimestamp(int(value), timezone.utc).replace(tzinfo=None)
-    return None
+    return datetime.fromtimestamp(int(value), timezone.utc).replace(tzinfo=None) if str(value).isdigit() else None
 
 
 def telegram_text(value: Any) -> str:
@@ -388,8 +381,8 @@ _AM = {"am", "vorm", "午前", "上午", "오전", "ص", "πμ", "de", "sa", "ap
 _PM = {"pm", "nachm", "午後", "下午", "오후", "م", "μμ", "du", "ch", "ip", "em", "odp", "بظ"}
 _WA_MEDIA = re.compile(
     r"^(<[^<>]{3,80}>"  # Android: <Media omitted>, <Medien ausgeschlossen>, <Multimedia omitido>, <Médias omis>, <attached: …>
-    r"|(image|video|audio|sticker|GIF|document|Contact card|imagen|vídeo|foto|Bild|Video|Audio|Sticker|GIF|Dokument"
-    r"|Kontaktkarte|documento|tarjeta de contacto|image absente|vidéo absente|audio omis|imagem|arquivo de mídia)"
+    r"|(.+ )?(image|video|audio|sticker|GIF|document|Contact card|imagen|vídeo|foto|Bild|Video|Audio|Sticker|GIF|Dokument"
+    r"|Kontaktkarte|documento|tarjeta de contacto|image absente|vidéo absente|audio omis|imagem|arquivo de mídia|afbeelding)"
     r" (omitted|omitida|omitido|weggelassen|ausgeschlossen|omis|omise|absente|ocultad[oa]|oculta|omessa|omesso|weggelaten)"
     r"|.+ \((file attached|Datei angehängt|archivo adjunto|fichier joint|arquivo anexado|file allegato|ファイル添付)\)"
     r"|(‎)?(null|<Media omitted>))$",
@@ -411,14 +404,17 @@ _WA_SYSTEM = re.compile(
     r"|end-to-end[- ]verschlüsselt|Ende-zu-Ende-verschlüsselt|cifrad[oa]s de extremo a extremo"
     r"|chiffrés de bout en bout|crittografati end-to-end|protegidas com a criptografia de ponta a ponta"
     r"|criptografad[oa]s de ponta a ponta|защищены сквозным шифрованием|захищені наскрізним шифруванням"
-    r"|uçtan uca şifreli|This business uses a secure service from Meta"
+    r"|uçtan uca şifreli|end-to-end versleuteld|This business uses a secure service from Meta"
     r"|\b(created group|changed the subject|changed this group's icon|changed the group description"
     r"|deleted this group's icon|joined using this group's invite link|changed their phone number"
     r"|a créé le groupe|hat die Gruppe .{0,40}erstellt|creó el grupo|ha creato il gruppo|criou o grupo"
-    r"|создал\(а\)? группу|створив\(ла\)? групу)\b|security code (with .+ )?changed|Sicherheitsnummer .+ geändert)",
+    r"|создал\(а\)? группу|створив\(ла\)? групу|hat das Gruppenbild geändert|hat die Gruppe verlassen)\b"
+    r"|security code (with .+ )?changed|Sicherheitsnummer .+ geändert|^\S+( \S+)? hat .+ (hinzugefügt|entfernt)\.$)",
     re.IGNORECASE,
 )
-_WA_SYSTEM_MARKED = re.compile(r"(\badded\b|\bremoved\b|\bleft\b|Missed (voice|video) call|is a contact)", re.IGNORECASE)
+_WA_SYSTEM_MARKED = re.compile(r"(\b(added|removed|left|hinzugefügt|entfernt|verlassen|beigetreten|añadió|eliminó|salió|a ajouté"
+                               r"|a retiré|est parti|adicionou|removeu|saiu)\b|Missed (voice|video) call|Verpasster (Sprach|Video)anruf"
+                               r"|is a contact)", re.IGNORECASE)
 _INVISIBLE = "\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2060\ufeff"
 
 
@@ -452,7 +448,7 @@ def read_whatsapp(text: str, name: str = "chat") -> Chat:
             continue
         marked = text.startswith("\u200e")
         text = text.strip(_INVISIBLE)
-        bare = text.strip()
+        bare = text.replace("\u200e", "").strip()  # iOS marks words inside notices too: "x.pdf • \u200e9 pages \u200edocument omitted"
         kind: Kind = "message"
         if _WA_MEDIA.match(bare):
             kind = "media"
@@ -460,7 +456,8 @@ def read_whatsapp(text: str, name: str = "chat") -> Chat:
             kind = "deleted"
         elif _WA_SYSTEM.search(text) or (marked and _WA_SYSTEM_MARKED.search(text)):
             kind = "system"
-        messages.append(ChatMessage(speaker=speaker.strip(_INVISIBLE + " "), text=text, kind=kind, id=i, time=time))
+        speaker = re.sub(r"^~[\s\u202f]", "", speaker.strip(_INVISIBLE + " "))  # iOS: "~ Name" for non-contacts
+        messages.append(ChatMessage(speaker=speaker.strip(), text=text, kind=kind, id=i, time=time))
     return Chat(name=name, id=None, messages=messages)
 
 

@@ -140,7 +140,12 @@ WHATSAPP_LOCALISED = [
     ("Los mensajes y las llamadas están cifrados de extremo a extremo. Nadie fuera de este chat puede leerlos.", "system"),
     ("Les messages et les appels sont chiffrés de bout en bout.", "system"),
     ("Ана hat die Gruppe „Urlaub“ erstellt", "system"), ("Ана creó el grupo “Viaje”", "system"),
-    ("Ich habe <Medien> gern", "message"), ("null pointer again", "message"),
+    ("\u200eafbeelding weggelaten", "media"), ("Rechner.pdf • \u200e1 Seite \u200eDokument weggelassen", "media"),
+    ("Notes.pdf • \u200e9 pages \u200edocument omitted", "media"),
+    ("\u200eBerichten en gesprekken worden end-to-end versleuteld. Niemand buiten deze chat kan ze lezen.", "system"),
+    ("\u200eAna hat dich hinzugefügt.", "system"), ("\u200eAna hat ~\u202fBen und 4 weitere Personen hinzugefügt. Tippe, um alle zu sehen.", "system"),
+    ("\u200e~\u202fBen hat das Gruppenbild geändert.", "system"),
+    ("Ich habe <Medien> gern", "message"), ("null pointer again", "message"), ("Wir haben Salz hinzugefügt", "message"),
 ]
 
 

@@ -210,6 +210,11 @@ def test_whatsapp_localised_placeholders_and_notices(text, kind):
     assert chat.messages[0].kind == kind
 
 
+def test_whatsapp_non_contacts_lose_the_tilde():
+    chat = exports.read_whatsapp("[27.09.23, 13:09:05] ~\u202fBen: Hallo\n[27.09.23, 13:09:06] ~ Eva: Hi\n")
+    assert [m.speaker for m in chat.messages] == ["Ben", "Eva"]
+
+
 def test_whatsapp_bad_line_says_where_and_what():
     with pytest.raises(exports.ExportError, match=r"^line 2 is not a WhatsApp message line: 'hello'; expected"):
         exports.read_whatsapp("\n hello\n31.12.23, 21:05 - A: x\n")
