@@ -385,7 +385,7 @@ _WA_MEDIA = re.compile(
     r"|Kontaktkarte|documento|tarjeta de contacto|image absente|vidéo absente|audio omis|imagem|arquivo de mídia|afbeelding)"
     r" (omitted|omitida|omitido|weggelassen|ausgeschlossen|omis|omise|absente|ocultad[oa]|oculta|omessa|omesso|weggelaten)"
     r"|.+ \((file attached|Datei angehängt|archivo adjunto|fichier joint|arquivo anexado|file allegato|ファイル添付)\)"
-    r"|(‎)?(null|<Media omitted>))$",
+    r"|.+ <(attached|adjunto|Anhang|pièce jointe|anexo): [^<>]+>|POLL:\n.+\nOPTION: [\s\S]+|null)$",
     re.IGNORECASE,
 )
 _WA_DELETED = re.compile(
@@ -405,7 +405,8 @@ _WA_SYSTEM = re.compile(
     r"|chiffrés de bout en bout|crittografati end-to-end|protegidas com a criptografia de ponta a ponta"
     r"|criptografad[oa]s de ponta a ponta|защищены сквозным шифрованием|захищені наскрізним шифруванням"
     r"|uçtan uca şifreli|end-to-end versleuteld|This business uses a secure service from Meta"
-    r"|\b(created group|changed the subject|changed this group's icon|changed the group description"
+    r"|^(You were added|Missed (group )?(voice|video) call)\.?$"
+    r"|\b(created (this group$|group [\"“«])|changed the subject|changed this group's icon|changed the group description"
     r"|deleted this group's icon|joined using this group's invite link|changed their phone number"
     r"|a créé le groupe|hat die Gruppe .{0,40}erstellt|creó el grupo|ha creato il gruppo|criou o grupo"
     r"|создал\(а\)? группу|створив\(ла\)? групу|hat das Gruppenbild geändert|hat die Gruppe verlassen)\b"
@@ -415,6 +416,8 @@ _WA_SYSTEM = re.compile(
 _WA_SYSTEM_MARKED = re.compile(r"(\b(added|removed|left|hinzugefügt|entfernt|verlassen|beigetreten|añadió|eliminó|salió|a ajouté"
                                r"|a retiré|est parti|adicionou|removeu|saiu)\b|Missed (voice|video) call|Verpasster (Sprach|Video)anruf"
                                r"|is a contact)", re.IGNORECASE)
+_WA_EDITED = re.compile(r"\s*\u200e?<(This message was edited|Se editó este mensaje\.?|Diese Nachricht wurde bearbeitet\.?"
+                        r"|Ce message a été modifié\.?|Mensagem editada|Questo messaggio è stato modificato\.?|Dit bericht is bewerkt\.?)>$")
 _INVISIBLE = "\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2060\ufeff"
 
 
@@ -447,7 +450,7 @@ def read_whatsapp(text: str, name: str = "chat") -> Chat:
             messages.append(ChatMessage(speaker="", text=body, kind="system", id=i, time=time))
             continue
         marked = text.startswith("\u200e")
-        text = text.strip(_INVISIBLE)
+        text = _WA_EDITED.sub("", text.strip(_INVISIBLE))
         bare = text.replace("\u200e", "").strip()  # iOS marks words inside notices too: "x.pdf • \u200e9 pages \u200edocument omitted"
         kind: Kind = "message"
         if _WA_MEDIA.match(bare):

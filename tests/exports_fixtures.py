@@ -145,7 +145,9 @@ WHATSAPP_LOCALISED = [
     ("\u200eBerichten en gesprekken worden end-to-end versleuteld. Niemand buiten deze chat kan ze lezen.", "system"),
     ("\u200eAna hat dich hinzugefügt.", "system"), ("\u200eAna hat ~\u202fBen und 4 weitere Personen hinzugefügt. Tippe, um alle zu sehen.", "system"),
     ("\u200e~\u202fBen hat das Gruppenbild geändert.", "system"),
-    ("Ich habe <Medien> gern", "message"), ("null pointer again", "message"), ("Wir haben Salz hinzugefügt", "message"),
+    ("Script.docx • 8 pages <attached: 00000172-Script.docx>", "media"), ("POLL:\nPizza?\nOPTION: yes (7 votes)\nOPTION: no (0 votes)", "media"),
+    ("~\u202fAna created this group", "system"), ("You were added", "system"), ("Missed voice call", "system"),
+    ("Hey! Created this group so we can stay in touch", "message"), ("Ich habe <Medien> gern", "message"), ("null pointer again", "message"), ("Wir haben Salz hinzugefügt", "message"),
 ]
 
 

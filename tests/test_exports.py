@@ -215,6 +215,12 @@ def test_whatsapp_non_contacts_lose_the_tilde():
     assert [m.speaker for m in chat.messages] == ["Ben", "Eva"]
 
 
+def test_whatsapp_edit_markers_are_removed():
+    chat = exports.read_whatsapp("[26/11/23, 18:54:27] Ana: fiz todas <This message was edited>\n"
+                                 "18/5/26, 22:27 - Óscar S.: Bien <Se editó este mensaje.>\n")
+    assert [m.text for m in chat.messages] == ["fiz todas", "Bien"]
+
+
 def test_whatsapp_bad_line_says_where_and_what():
     with pytest.raises(exports.ExportError, match=r"^line 2 is not a WhatsApp message line: 'hello'; expected"):
         exports.read_whatsapp("\n hello\n31.12.23, 21:05 - A: x\n")
