@@ -15,6 +15,7 @@ import json
 import re
 import unicodedata
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import PurePosixPath
@@ -73,7 +74,10 @@ def _read(files: list[tuple[str, bytes]], filename: str, fmt: str, chat: str | N
         name, raw = next(((n, d) for n, d in files if n.lower().endswith("_chat.txt")), files[0])
         return [read_whatsapp(decode_text(raw), PurePosixPath(filename).stem or name)]
     if fmt in ("messenger", "instagram"):
-        return _pick([read_messenger(_json(raw), PurePosixPath(name).parent.name or name) for name, raw in files], chat)
+        threads: dict[str, list] = {}
+        for name, raw in files:  # a long thread comes as message_1.json, message_2.json, … in one folder
+            threads.setdefault(PurePosixPath(name).parent.name or name, []).append(_json(raw))
+        return _pick([read_messenger(_merged(docs), folder) for folder, docs in threads.items()], chat)
     document = _json(files[0][1])
     if fmt == "telegram":
         return read_telegram(document, chat)
@@ -149,7 +153,7 @@ def _unpack(data: bytes, filename: str, budget: int) -> list[tuple[str, bytes]]:
                 left -= len(raw)
                 out.append((member.filename, raw))
             return out
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, RuntimeError, zlib.error) as exc:
         raise ExportError(f"the .zip is damaged or unsupported: {exc}") from None
 
 
@@ -184,6 +188,8 @@ def _json(data: bytes) -> Any:
         raise ExportError(f"the file is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
     except RecursionError:
         raise ExportError("the JSON is nested too deeply to be a chat export") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise ExportError(f"the file is not usable JSON: {exc}") from None
 
 
 def parse_time(value: Any) -> datetime | None:
@@ -266,7 +272,14 @@ def _telegram_chat(raw: dict) -> Chat:
 
 
 def _unix_time(value: Any) -> datetime | None:
-    return datetime.fromtimestamp(int(value), timezone.utc).replace(tzinfo=None) if str(value).isdigit() else None
+    return _epoch(int(value)) if str(value).isdigit() else None
+
+
+def _epoch(seconds: float) -> datetime | None:
+    try:
+        return datetime.fromtimestamp(seconds, timezone.utc).replace(tzinfo=None)
+    except (OverflowError, OSError, ValueError):  # beyond year 9999
+        return None
 
 
 def telegram_text(value: Any) -> str:
@@ -339,13 +352,19 @@ def read_messenger(document: Any, name: str = "messenger") -> Chat:
         elif not text.strip():
             kind = "system"  # reactions-only or unsupported items
         ms = m.get("timestamp_ms")
-        time = datetime.fromtimestamp(ms / 1000, timezone.utc).replace(tzinfo=None) if isinstance(ms, (int, float)) else None
+        time = _epoch(ms / 1000) if isinstance(ms, (int, float)) and not isinstance(ms, bool) else None
         out.append(ChatMessage(speaker=repair_mojibake(str(m.get("sender_name") or "")), text=text, kind=kind, time=time))
     out.sort(key=lambda m: m.time or datetime.min)
     for i, m in enumerate(out):
         m.id = i
     title = document.get("title")
     return Chat(name=repair_mojibake(title) if isinstance(title, str) and title else name, id=name, messages=out)
+
+
+def _merged(documents: list[Any]) -> Any:
+    """One thread from its files; a file that is not a thread is returned for read_messenger to refuse."""
+    bad = [d for d in documents if not (isinstance(d, dict) and isinstance(d.get("messages"), list))]
+    return bad[0] if bad else {**documents[0], "messages": [m for d in documents for m in d["messages"]]}
 
 
 def repair_mojibake(text: str) -> str:
@@ -359,13 +378,9 @@ def repair_mojibake(text: str) -> str:
 
 # --- WhatsApp -----------------------------------------------------------------------------------
 
-# One pattern for every locale seen in public exports (tests/exports_fixtures.py has one of each):
-#   Android "12/31/23, 9:05 PM - Name: text"   "31.12.2023, 21:05 - Name: text"   "2024/12/01, 10:04 pm - …"
-#           "28/3/2025 9:29 p. m. - …"   "13.6.2018 klo 21.25.15 - …"   "2022/12/14, 13:34. - …"
-#           "2021. 1. 26. 오후 9:05 - …"   "2024/12/10 午後9:05 - …"
-#   iOS     "[31.12.23, 21:05:09] Name: text"   "[26/01/21 21.05.53] …"   "[2018/06/13 1:55:00 p. m.] …"
-#   old iOS "7/1/16, 4:56:55 PM: Name: text" (no brackets)
-# Spaces may be U+00A0 or U+202F; an AM/PM word may stand before or after the time.
+# One pattern for every locale seen in public exports (tests/exports_fixtures.py has one of each): Android
+# "31/12/2023, 9:05 p. m. - Name: text", "2023. 12. 31. 오후 9:05 - …"; iOS "[31.12.23, 21.05.09] Name: text";
+# old iOS "12/31/23, 9:05:09 PM: Name: text". Spaces may be U+00A0 or U+202F; AM/PM may precede the time.
 _WA_LINE = re.compile(
     r"^(?P<open>\[)?"
     r"(?P<a>\d{1,4})(?P<sep>[./-])\s?(?P<b>\d{1,2})(?P=sep)\s?(?P<c>\d{1,4})\.?"

@@ -266,10 +266,14 @@ def test_messenger_archive_threads_by_folder(client):
         archive.writestr("your_activity/messages/inbox/olena_1/message_1.json", messenger_bytes())
         archive.writestr("your_activity/messages/inbox/olena_1/photos/1.jpg", b"\xff\xd8")
         archive.writestr("your_activity/messages/inbox/bos_2/message_1.json", messenger_bytes().replace(b"Andriy K", b"Bos"))
+        older = json.loads(messenger_bytes())  # the older half of the thread, in a second file
+        older["messages"] = [{"sender_name": "Andriy K", "timestamp_ms": 1704000000000, "content": "Рік тому", "type": "Generic"}]
+        archive.writestr("your_activity/messages/inbox/olena_1/message_2.json", json.dumps(older))
     r = upload_file(client, buffer.getvalue(), "facebook-olena.zip", "Олена", format="messenger", chat="olena_1")
     assert r.status_code == 200, r.text
     assert r.json()["format"] == "messenger" and r.json()["chats"] == ["Олена"]
-    assert r.json()["speakers"] == {"Andriy K": {"messages": 2, "tokens": r.json()["speakers"]["Andriy K"]["tokens"]},
+    assert r.json()["report"]["messages_read"] == 6
+    assert r.json()["speakers"] == {"Andriy K": {"messages": 3, "tokens": r.json()["speakers"]["Andriy K"]["tokens"]},
                                     "Олена": {"messages": 1, "tokens": r.json()["speakers"]["Олена"]["tokens"]}}
 
 
@@ -342,14 +346,34 @@ def test_senderless_message_kept_with_drop_empty_false(client):
     assert dialog_parser.NO_SENDER in r.json()["speakers"]
 
 
+def _zip_with(data: bytes, password_flag=False, corrupt=False) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("_chat.txt", data * 50)
+    raw = bytearray(buffer.getvalue())
+    if password_flag:  # the "encrypted" bit, in the local header and the central directory
+        raw[6] |= 1
+        central = raw.rfind(b"PK\x01\x02")
+        raw[central + 8] |= 1
+    if corrupt:  # scramble the deflated data after the local header
+        start = 30 + len("_chat.txt")
+        raw[start:start + 8] = b"\xff" * 8
+    return bytes(raw)
+
+
 @pytest.mark.parametrize(
     "data, fragment",
     [
         (b'{"chats": "x"}', "Telegram full export: 'chats.list' is missing or not a list"),
         (b"[" * 100_000, "the JSON is nested too deeply to be a chat export"),
         (b'{"messages": [' + b"[" * 50_000 + b"]" * 50_000 + b"]}", "nested too deeply"),
+        (b'{"messages": [{"id": 1, "type": "message", "date_unixtime": "99999999999999999", "from": "A", "text": "x"}], "x": '
+         + b"1" * 5000 + b"}", "not usable JSON"),
+        (b'{"participants": [], "messages": [{"sender_name": "A", "timestamp_ms": 1e300, "content": "x"}]}', "speaker 'Олена'"),
+        (_zip_with(b"31.12.23, 21:05 - A: x\n", password_flag=True), "damaged or unsupported"),
+        (_zip_with(b"31.12.23, 21:05 - A: x\n", corrupt=True), "damaged or unsupported"),
     ],
-    ids=["chats-not-an-object", "deep-list", "deep-inside-messages"],
+    ids=["chats-not-an-object", "deep-list", "deep-inside-messages", "huge-integer", "huge-timestamp", "encrypted-zip", "corrupt-zip"],
 )
 def test_hostile_json_is_a_clear_422(client, env, data, fragment):
     r = upload_file(client, data, "result.json", "Олена")
