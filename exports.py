@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import struct
 import unicodedata
 import zipfile
 import zlib
@@ -153,7 +154,10 @@ def _unpack(data: bytes, filename: str, budget: int) -> list[tuple[str, bytes]]:
                 left -= len(raw)
                 out.append((member.filename, raw))
             return out
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, RuntimeError, zlib.error) as exc:
+    except ExportError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, RuntimeError, zlib.error, ValueError,
+            OSError, struct.error) as exc:  # what a damaged or encrypted archive raises, by the member it breaks at
         raise ExportError(f"the .zip is damaged or unsupported: {exc}") from None
 
 

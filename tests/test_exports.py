@@ -372,8 +372,10 @@ def _zip_with(data: bytes, password_flag=False, corrupt=False) -> bytes:
         (b'{"participants": [], "messages": [{"sender_name": "A", "timestamp_ms": 1e300, "content": "x"}]}', "speaker 'Олена'"),
         (_zip_with(b"31.12.23, 21:05 - A: x\n", password_flag=True), "damaged or unsupported"),
         (_zip_with(b"31.12.23, 21:05 - A: x\n", corrupt=True), "damaged or unsupported"),
+        (zipped("x")[:60] + b"\x00" * 40 + zipped("x")[-22:], "damaged or unsupported"),
     ],
-    ids=["chats-not-an-object", "deep-list", "deep-inside-messages", "huge-integer", "huge-timestamp", "encrypted-zip", "corrupt-zip"],
+    ids=["chats-not-an-object", "deep-list", "deep-inside-messages", "huge-integer", "huge-timestamp", "encrypted-zip", "corrupt-zip",
+         "bad-offsets-zip"],
 )
 def test_hostile_json_is_a_clear_422(client, env, data, fragment):
     r = upload_file(client, data, "result.json", "Олена")
