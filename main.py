@@ -17,15 +17,19 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Stre
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import format_sse_event
 
+import adapters
+import base_model
+import chat_format
 import evals
 import openai_compat
 import parser as dialog_parser
 import train
-from infer import AdapterNotFound, PersonaEngine, turns_to_messages
 from config import Settings, get_settings
 from errors import Conflict, Forbidden, NotFound, PayloadTooLarge, ServiceError, Unauthorized, Unprocessable
 from exports import ExportError, ExportTooLarge
-from jobs import FINISHED, JobRegistry, JobRunner, delete_checkpoint, display_path
+from infer import AdapterNotFound, Decoding, PersonaEngine
+from jobs import JobRunner, delete_checkpoint, display_path
+from registry import FINISHED, JobRegistry
 from middleware import AccessLog, BodyLimit
 from models import (
     AdapterName,
@@ -69,7 +73,7 @@ async def lifespan(app: FastAPI):
     settings = get_settings()
     for folder in (settings.DATA_DIR, settings.OUTPUT_DIR, settings.MODELS_DIR):
         folder.mkdir(parents=True, exist_ok=True)
-    train.clean_stale_outputs(settings.OUTPUT_DIR)
+    adapters.clean_stale(settings.OUTPUT_DIR)
     registry = JobRegistry(settings.db_path)
     runner = JobRunner(registry, settings)
     for job_id in registry.recover():
@@ -214,7 +218,7 @@ def upload_file(file: UploadFile, form: Annotated[UploadFileForm, Form()], setti
     try:
         imported = dialog_parser.import_export(
             file.file.read(), file.filename or "", form.speaker, form.format, form.chat, form.aliases or {},
-            form, settings.MAX_CONTEXT_TURNS, train.tokenizer_file(settings.BASE_MODEL, settings.MODELS_DIR),
+            form, settings.MAX_CONTEXT_TURNS, base_model.tokenizer_file(settings.BASE_MODEL, settings.MODELS_DIR),
             max_unpacked=4 * settings.MAX_UPLOAD_BYTES,
         )
     except ExportTooLarge as exc:
@@ -248,7 +252,7 @@ def list_speakers(settings: SettingsDep) -> SpeakersPublic:
     """Every speaker with stored messages: count, last upload, and their adapter if trained."""
     data = []
     for stored in dialog_parser.list_speakers(settings.DATA_DIR):
-        info = train.adapter_info(settings.OUTPUT_DIR, stored.speaker)
+        info = adapters.info(settings.OUTPUT_DIR, stored.speaker)
         data.append(SpeakerPublic(
             speaker=stored.speaker, messages=len(stored.messages),
             last_upload=max((m.added_at for m in stored.messages), default=None),
@@ -280,7 +284,7 @@ def speaker_dataset(speaker: SpeakerName, settings: SettingsDep, query: Annotate
     """The first samples exactly as training renders them (chat template applied, trained span marked)."""
     stored = _stored(settings, speaker)
     try:
-        rendered = train.render_samples(stored.messages[: query.limit], speaker, settings.BASE_MODEL, settings.MODELS_DIR,
+        rendered = train.render_dataset(stored.messages[: query.limit], speaker, settings.BASE_MODEL, settings.MODELS_DIR,
                                         settings.MAX_SEQ_LENGTH)
     except (OSError, ValueError) as exc:
         raise ServiceError(f"could not load the tokenizer of base model {settings.BASE_MODEL!r}: {exc}") from None
@@ -301,7 +305,7 @@ def delete_speaker(
         raise Conflict(f"speaker '{speaker}' is training (job {active.job_id}); cancel it or wait, then delete")
     deleted = [dialog_parser.delete_speaker(settings.DATA_DIR, speaker)]
     if not query.keep_adapter:
-        deleted.append(train.delete_adapter(settings.OUTPUT_DIR, speaker))
+        deleted.append(adapters.delete(settings.OUTPUT_DIR, speaker))
     for job in registry(request).list(speaker=speaker, limit=10_000)[0]:  # checkpoints hold a copy of the samples
         deleted.append(delete_checkpoint(settings, job.job_id))
     deleted = [display_path(p) for p in deleted if p]
@@ -439,8 +443,8 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     turns = body.messages if body.messages is not None else [Turn(speaker="user", content=body.prompt)]
     try:
         out = await asyncio.to_thread(
-            request.app.state.engine.generate, body.speaker, turns_to_messages(turns, body.speaker),
-            body.max_new_tokens, body.temperature, body.top_p, body.seed,
+            request.app.state.engine.generate, body.speaker, chat_format.to_messages(turns, body.speaker),
+            Decoding(body.max_new_tokens, body.temperature, body.top_p, body.seed),
         )
     except AdapterNotFound:
         raise NotFound(f"no adapter for speaker '{body.speaker}'; train one with POST /train") from None
@@ -480,8 +484,9 @@ async def evaluate_speaker(speaker: AdapterName, request: Request, settings: Set
 )
 def speaker_loss_plot(speaker: AdapterName, settings: SettingsDep) -> FileResponse:
     """The training loss curve with the held-out loss of base and adapter."""
-    path = settings.OUTPUT_DIR / speaker / evals.PLOT_FILE
-    if not path.is_file():
+    folder = adapters.folder(settings.OUTPUT_DIR, speaker)
+    path = folder / evals.PLOT_FILE if folder else None
+    if path is None or not path.is_file():
         raise NotFound(f"no loss plot for speaker '{speaker}'; it is drawn when an adapter is evaluated")
     return FileResponse(path, media_type="image/png")
 

@@ -9,13 +9,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, Json, model_validator
 
+from config import DIALOG_MESSAGES_BOUND, MESSAGE_CHARS_BOUND
+
 SPEAKER_MAX_CHARS = 64
 NAME_MAX_CHARS = 128  # a name in a chat: Telegram allows 128 characters
 # Direction embeddings, overrides and isolates: they reorder how a name reads, so no name holds one.
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-MAX_DIALOG_MESSAGES = 5000  # a long chat export split into uploads; ~1 MB of typical messages
-MAX_MESSAGE_CHARS = 10_000
-MAX_OFFSET = 10**9  # beyond any real list; larger numbers overflow SQLite's 64-bit integers  # far beyond a chat message, well within a 32k-token context
+MAX_DIALOG_MESSAGES = DIALOG_MESSAGES_BOUND
+MAX_MESSAGE_CHARS = MESSAGE_CHARS_BOUND
+MAX_OFFSET = 10**9  # beyond any real list; larger numbers overflow SQLite's 64-bit integers
 _NAME_PUNCTUATION = set(" _.-")
 
 
@@ -118,7 +120,7 @@ class SpeakerFile(BaseModel):
 
 # --- /upload-text ------------------------------------------------------------------------------
 
-_SAMPLE_DIALOG = [
+SAMPLE_DIALOG = [
     {"speaker": "User1", "content": "Привіт! Як справи?"},
     {"speaker": "User2", "content": "Все добре, дякую."},
     {"speaker": "User1", "content": "Підемо кави вип'ємо?"},
@@ -128,7 +130,7 @@ _SAMPLE_DIALOG = [
 class UploadTextRequest(BaseModel):
     """Sent by clients: a dialog and the speaker whose messages to keep."""
 
-    model_config = ConfigDict(strict=True, json_schema_extra={"examples": [{"dialog": _SAMPLE_DIALOG, "speaker": "User1"}]})
+    model_config = ConfigDict(strict=True, json_schema_extra={"examples": [{"dialog": SAMPLE_DIALOG, "speaker": "User1"}]})
 
     dialog: list[Turn] = Field(min_length=1, max_length=MAX_DIALOG_MESSAGES)
     speaker: SpeakerName

@@ -18,7 +18,9 @@ from fastapi.responses import StreamingResponse
 
 from config import get_settings
 from errors import NotFound
-from infer import AdapterNotFound, created
+import adapters
+import chat_format
+from infer import AdapterNotFound, Decoding, Generation, created
 from models import (ChatChoice, ChatCompletion, ChatCompletionRequest, ChatMessageOut, ErrorPublic, ModelCard,
                     ModelList, Turn, Usage)
 
@@ -37,24 +39,19 @@ def _target(request: Request, model: str) -> str | None:
 def _messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
     """OpenAI roles to the persona's chat: system text leads the first user turn (not every
     template has a system role); the rest keeps its order."""
-    from infer import turns_to_messages
-
     system = "\n".join(m.content for m in body.messages if m.role in ("system", "developer"))
     turns = [Turn(speaker=ASSISTANT if m.role == "assistant" else "user", content=m.content)
              for m in body.messages if m.role in ("user", "assistant")]
     if system:
         turns.insert(0, Turn(speaker="user", content=system))
-    return turns_to_messages(turns, ASSISTANT)
+    return chat_format.to_messages(turns, ASSISTANT)
 
 
 @router.get("/models", response_model=ModelList)
 def list_models(request: Request) -> ModelList:
     """The base model and one model per speaker with a trained adapter."""
-    import train
-
     settings = get_settings()
-    names = sorted(p.name for p in settings.OUTPUT_DIR.glob("*")
-                   if not p.name.startswith(".") and train.adapter_info(settings.OUTPUT_DIR, p.name))
+    names = adapters.names(settings.OUTPUT_DIR)
     now = created()
     cards = [ModelCard(id=settings.BASE_MODEL, created=now, owned_by="base")]
     cards += [ModelCard(id=name, created=now, owned_by="persona-lora") for name in names]
@@ -75,11 +72,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     engine = request.app.state.engine
     speaker = _target(request, body.model)
     messages = _messages(body)
-    kwargs = dict(max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+    decoding = Decoding(max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     if not body.stream:
         try:
-            out = await asyncio.to_thread(engine.generate, speaker, messages, **kwargs)
+            out = await asyncio.to_thread(engine.generate, speaker, messages, decoding)
         except AdapterNotFound:
             raise _no_adapter(body.model) from None
         return ChatCompletion(
@@ -89,7 +86,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                         total_tokens=out.prompt_tokens + out.completion_tokens),
         )
     try:
-        pieces = await asyncio.to_thread(engine.stream, speaker, messages, **kwargs)
+        pieces = await asyncio.to_thread(engine.stream, speaker, messages, decoding)
         first = await asyncio.to_thread(next, pieces, None)  # errors (no adapter) before the 200
     except AdapterNotFound:
         raise _no_adapter(body.model) from None
@@ -102,10 +99,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     async def events():
         yield chunk({"role": "assistant", "content": ""})
         piece = first
-        while piece is not None:
+        while isinstance(piece, str):
             yield chunk({"content": piece})
             piece = await asyncio.to_thread(next, pieces, None)
-        yield chunk({}, "stop")
+        yield chunk({}, piece.finish_reason if isinstance(piece, Generation) else "stop")
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

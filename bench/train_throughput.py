@@ -180,18 +180,20 @@ def run_method(ns) -> dict:
     import torch
     from transformers import set_seed
 
+    import base_model
+    import chat_format
     import train
     from models import Sample, TrainConfig
 
     data = json.loads(Path(ns.corpus).read_text())
     samples = [Sample(**s) for s in data["train"]]
     held = [Sample(**s) for s in data["heldout"]]
-    tokenizer = train.load_tokenizer(ns.model_path)
+    tokenizer = base_model.load_tokenizer(ns.model_path)
     from transformers import AutoConfig
 
-    template, _ = train.chat_template_for(tokenizer, AutoConfig.from_pretrained(ns.model_path).model_type)
-    enc = [e for e in (train.format_sample(s, PERSONA, tokenizer, template, ns.max_seq_length) for s in samples) if e]
-    held_enc = [e for e in (train.format_sample(s, PERSONA, tokenizer, template, ns.max_seq_length) for s in held) if e]
+    template, _ = chat_format.chat_template_for(tokenizer, AutoConfig.from_pretrained(ns.model_path).model_type)
+    enc = [e for e in (chat_format.format_sample(s, PERSONA, tokenizer, template, ns.max_seq_length) for s in samples) if e]
+    held_enc = [e for e in (chat_format.format_sample(s, PERSONA, tokenizer, template, ns.max_seq_length) for s in held) if e]
     result: dict = {"method": ns.worker, "samples": len(enc),
                     "all_tokens": sum(len(e.input_ids) for e in enc),
                     "supervised_tokens": sum(sum(1 for x in e.labels[1:] if x != -100) for e in enc)}
@@ -218,7 +220,7 @@ def run_method(ns) -> dict:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-        model = train.load_base_model(ns.model_path, config.load_in_8bit, train.process_device(ns.device))
+        model = base_model.load_base_model(ns.model_path, config.load_in_8bit, base_model.process_device(ns.device))
         if config.load_in_8bit:
             model = prepare_model_for_kbit_training(model)  # its defaults: gradient checkpointing on
         model = get_peft_model(model, LoraConfig(**lora_kwargs))
@@ -235,11 +237,11 @@ def run_method(ns) -> dict:
         from peft import LoraConfig
         from trl import SFTConfig, SFTTrainer
 
-        model = train.load_base_model(ns.model_path, config.load_in_8bit, train.process_device(ns.device))
+        model = base_model.load_base_model(ns.model_path, config.load_in_8bit, base_model.process_device(ns.device))
         tokenizer.chat_template = template
         rows = []
         for s in samples:
-            messages = train.to_messages(s, PERSONA)
+            messages = chat_format.to_messages(s.context, PERSONA, s.reply)
             rows.append({"prompt": messages[:-1], "completion": messages[-1:]})
         args = SFTConfig(output_dir=tempfile.mkdtemp(), num_train_epochs=1, per_device_train_batch_size=1,
                          learning_rate=ns.lr, logging_steps=1, save_strategy="no", report_to="none", seed=ns.seed,
@@ -338,9 +340,9 @@ def main() -> int:
 
         ns.model_path = str(save_tiny_model(work / "tiny-model"))
     elif ns.model == "default":
-        import train
+        import base_model
 
-        ns.model_path = train.resolve_base_model(DEFAULT_BASE_MODEL, ROOT / "models")
+        ns.model_path = base_model.resolve_base_model(DEFAULT_BASE_MODEL, ROOT / "models")
     else:
         ns.model_path = ns.model
 

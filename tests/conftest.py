@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,12 +15,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny  # noqa: E402
 from config import get_settings  # noqa: E402
+from jobs import free_port  # noqa: E402
+from models import SAMPLE_DIALOG  # noqa: E402,F401  (tests import it from here)
 
-SAMPLE_DIALOG = [
-    {"speaker": "User1", "content": "Привіт! Як справи?"},
-    {"speaker": "User2", "content": "Все добре, дякую."},
-    {"speaker": "User1", "content": "Підемо кави вип'ємо?"},
-]
 
 
 @pytest.fixture(scope="session")
@@ -70,12 +66,6 @@ def client(env):
 
     with TestClient(app) as c:
         yield c
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LiveServer:

@@ -7,7 +7,7 @@ import json
 import evals
 import train
 from config import Settings
-from infer import PersonaEngine
+from infer import Decoding, PersonaEngine
 from models import TrainRequest, Turn
 from parser import build_samples
 
@@ -49,7 +49,9 @@ def test_report_shows_the_adapter_learned_the_speaker(tiny_gemma, tmp_path):
     held = [s for s in samples if s.id in held_ids]
 
     engine = PersonaEngine(str(tiny_gemma), tmp_path / "models", tmp_path / "out", "cpu", False, 2)
-    report = evals.evaluate(engine, "Ann", held, {"Bob": other}, 512, generations=2, max_new_tokens=12)
+    with engine.session("Ann") as (model, tokenizer, template):
+        report = evals.evaluate(model, tokenizer, template, "Ann", held, {"Bob": other}, 512, generations=2,
+                                decoding=Decoding(max_new_tokens=12))
     base, adapter = report["held_out"]["base"], report["held_out"]["adapter"]
     assert base["tokens"] == adapter["tokens"] > 0  # the same tokens for both
     assert adapter["loss"] < base["loss"] and report["held_out"]["loss_reduction"] > 0
@@ -57,12 +59,13 @@ def test_report_shows_the_adapter_learned_the_speaker(tiny_gemma, tmp_path):
     assert set(report["style"]) == {"true", "base", "adapter"}
     assert len(report["samples"]) == 2 and report["samples"][0]["true"].endswith(PHRASE)
 
-    evals.write_report(out.model_path, report)
+    evals.write_report(out.model_path, report, out.info)
     assert json.loads((out.model_path / "eval.json").read_text())["held_out"]["adapter"]["loss"] == adapter["loss"]
     assert (out.model_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_no_holdout_for_few_samples(tiny_gemma, tmp_path):
     engine = PersonaEngine(str(tiny_gemma), tmp_path, tmp_path, "cpu", False, 1)
-    report = evals.evaluate(engine, "Ann", [], {}, 512)
+    with engine.session(None) as (model, tokenizer, template):
+        report = evals.evaluate(model, tokenizer, template, "Ann", [], {}, 512)
     assert report["held_out_samples"] == 0 and "too few samples" in report["note"]

@@ -8,7 +8,8 @@ import pytest
 
 import train
 from config import Settings
-from infer import AdapterNotFound, PersonaEngine, turns_to_messages
+from chat_format import to_messages
+from infer import AdapterNotFound, Decoding, PersonaEngine
 from models import TrainRequest, Turn
 from parser import build_samples
 
@@ -35,27 +36,27 @@ def engine(tiny_gemma, out, cache_size=2):
     return PersonaEngine(str(tiny_gemma), out.parent / "models", out, "cpu", False, cache_size)
 
 
-PROMPT = turns_to_messages([Turn(speaker="Q", content="питання 1")], "Ann")
+PROMPT = to_messages([Turn(speaker="Q", content="питання 1")], "Ann")
 
 
 def test_each_adapter_answers_in_its_own_voice(tiny_gemma, adapters):
     e = engine(tiny_gemma, adapters)
-    ann = e.generate("Ann", PROMPT, max_new_tokens=8)
-    bob = e.generate("Bob", PROMPT, max_new_tokens=8)
-    base = e.generate(None, PROMPT, max_new_tokens=8)
+    ann = e.generate("Ann", PROMPT, Decoding(max_new_tokens=8))
+    bob = e.generate("Bob", PROMPT, Decoding(max_new_tokens=8))
+    base = e.generate(None, PROMPT, Decoding(max_new_tokens=8))
     assert "так" in ann.text and "ні" in bob.text
     assert len({ann.text, bob.text, base.text}) == 3
-    assert e.generate("Ann", PROMPT, max_new_tokens=8).text == ann.text  # switching back is exact
+    assert e.generate("Ann", PROMPT, Decoding(max_new_tokens=8)).text == ann.text  # switching back is exact
     assert ann.prompt_tokens > 0 and 0 < ann.completion_tokens <= 8
 
 
 def test_lru_cache_evicts_the_least_recent(tiny_gemma, adapters):
     e = engine(tiny_gemma, adapters, cache_size=1)
-    first = e.generate("Ann", PROMPT, max_new_tokens=6).text
-    e.generate("Bob", PROMPT, max_new_tokens=6)
+    first = e.generate("Ann", PROMPT, Decoding(max_new_tokens=6)).text
+    e.generate("Bob", PROMPT, Decoding(max_new_tokens=6))
     assert e.cached_speakers() == ["Bob"]
     assert set(e._model.peft_config) == {e._cache["Bob"][0]}  # Ann's weights left the model
-    assert e.generate("Ann", PROMPT, max_new_tokens=6).text == first
+    assert e.generate("Ann", PROMPT, Decoding(max_new_tokens=6)).text == first
     assert e.cached_speakers() == ["Ann"]
 
 
@@ -63,20 +64,25 @@ def test_retrained_adapter_is_reloaded_not_served_stale(tiny_gemma, adapters, tm
     out = tmp_path / "output_lora"
     train_speaker(tiny_gemma, out, "Ann", "так так так так так")
     e = engine(tiny_gemma, out)
-    before = e.generate("Ann", PROMPT, max_new_tokens=8).text
+    before = e.generate("Ann", PROMPT, Decoding(max_new_tokens=8)).text
     train_speaker(tiny_gemma, out, "Ann", "ні ні ні ні ні")  # retrained while cached
-    after = e.generate("Ann", PROMPT, max_new_tokens=8).text
+    after = e.generate("Ann", PROMPT, Decoding(max_new_tokens=8)).text
     assert "так" in before and "ні" in after
     assert len(e._model.peft_config) == 1
 
 
 def test_streaming_yields_the_same_text(tiny_gemma, adapters):
     e = engine(tiny_gemma, adapters)
-    whole = e.generate("Bob", PROMPT, max_new_tokens=8).text
-    pieces = list(e.stream("Bob", PROMPT, max_new_tokens=8))
-    assert len(pieces) >= 1 and "".join(pieces).strip() == whole
+    whole = e.generate("Bob", PROMPT, Decoding(max_new_tokens=8)).text
+    *pieces, end = list(e.stream("Bob", PROMPT, Decoding(max_new_tokens=8)))
+    assert len(pieces) >= 1 and "".join(pieces).strip() == whole == end.text
+    assert (end.completion_tokens, end.finish_reason) == (e.generate("Bob", PROMPT, Decoding(max_new_tokens=8)).completion_tokens,
+                                                         e.generate("Bob", PROMPT, Decoding(max_new_tokens=8)).finish_reason)
+    cut = e.generate("Bob", PROMPT, Decoding(max_new_tokens=1))
+    *_, cut_end = e.stream("Bob", PROMPT, Decoding(max_new_tokens=1))
+    assert cut.completion_tokens == 1 and cut.finish_reason == cut_end.finish_reason == "length"  # cut, not ended
 
 
 def test_unknown_speaker(tiny_gemma, adapters):
     with pytest.raises(AdapterNotFound):
-        engine(tiny_gemma, adapters).generate("Nobody", PROMPT)
+        engine(tiny_gemma, adapters).generate("Nobody", PROMPT, Decoding())

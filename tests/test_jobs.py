@@ -9,7 +9,7 @@ import pytest
 
 from conftest import SAMPLE_DIALOG
 from config import get_settings
-from jobs import INTERRUPTED, JobRegistry
+from registry import INTERRUPTED, JobRegistry
 from models import JobStatus, TrainConfig
 
 

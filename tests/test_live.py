@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from conftest import ROOT, LiveServer
-from jobs import INTERRUPTED
+from registry import INTERRUPTED
 
 
 def test_end_to_end_script_passes(live_server):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import packing
-from train import Encoded
+from chat_format import Encoded
 
 
 def _encoded(lengths, reply=3, vocab=300, seed=0):

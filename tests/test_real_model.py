@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import base_model
 import train
 from config import DEFAULT_BASE_MODEL
 from conftest import ROOT, LiveServer
@@ -25,7 +26,7 @@ def provisioned(tmp_path_factory) -> Path:
 
     def go():
         try:
-            results.append(train.provision_default_model(models_dir))
+            results.append(base_model.provision_default_model(models_dir))
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -35,8 +36,8 @@ def provisioned(tmp_path_factory) -> Path:
     for t in threads:
         t.join()
     assert errors == []
-    assert results[0] == results[1] == models_dir / train.DEFAULT_MODEL_DIRNAME
-    assert sorted(p.name for p in models_dir.iterdir() if not p.name.endswith(".lock")) == [train.DEFAULT_MODEL_DIRNAME]
+    assert results[0] == results[1] == models_dir / base_model.DEFAULT_MODEL_DIRNAME
+    assert sorted(p.name for p in models_dir.iterdir() if not p.name.endswith(".lock")) == [base_model.DEFAULT_MODEL_DIRNAME]
     config = json.loads((results[0] / "config.json").read_text())
     assert config["model_type"] == "gemma3_text" and config["vocab_size"] == 262144
     return models_dir
@@ -72,7 +73,7 @@ def test_default_model_adapter_loads_with_peft(provisioned, tmp_path):
     samples, _ = build_samples(dialog, "B", 4)
     config = train.resolve_config(Settings(DEVICE="cpu"), TrainRequest(speaker="B", max_steps=3))
     out = train.train_lora(samples, "B", config, tmp_path / "out", provisioned)
-    base = AutoModelForCausalLM.from_pretrained(str(provisioned / train.DEFAULT_MODEL_DIRNAME), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(str(provisioned / base_model.DEFAULT_MODEL_DIRNAME), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(out.model_path))
     assert sorted(model.peft_config["default"].target_modules) == ["q_proj", "v_proj"]
     ids = torch.tensor([[2, 21545, 36818]])
@@ -99,7 +100,7 @@ def test_sigkill_during_provisioning_then_provision_cleanly(env, tmp_path):
         while not list(models_dir.glob(".tmp-*/gguf/*.gguf")) and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(3)  # into dequantizing
-        assert not (models_dir / train.DEFAULT_MODEL_DIRNAME).exists(), "provisioning finished before the kill"
+        assert not (models_dir / base_model.DEFAULT_MODEL_DIRNAME).exists(), "provisioning finished before the kill"
         server.proc.send_signal(signal.SIGKILL)
         server.proc.wait(10)
     finally:
@@ -116,7 +117,7 @@ def test_sigkill_during_provisioning_then_provision_cleanly(env, tmp_path):
         assert r.status_code == 200, r.text
     finally:
         server.stop()
-    assert sorted(p.name for p in models_dir.iterdir() if not p.name.endswith(".lock")) == [train.DEFAULT_MODEL_DIRNAME]
+    assert sorted(p.name for p in models_dir.iterdir() if not p.name.endswith(".lock")) == [base_model.DEFAULT_MODEL_DIRNAME]
 
 
 STYLE_PHRASE = "ось так, друже 🌻"

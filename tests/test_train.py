@@ -11,7 +11,11 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+import adapters
+import base_model
+import chat_format
 import train
+from errors import TrainingError
 from config import Settings
 from models import Sample, TrainRequest, Turn
 from parser import build_samples
@@ -36,8 +40,8 @@ def config_for(base: Path, **overrides) -> train.TrainConfig:
 
 @pytest.fixture(scope="module")
 def gemma_tok(tiny_gemma):
-    tok = train.load_tokenizer(str(tiny_gemma))
-    template, source = train.chat_template_for(tok, "gemma3_text")
+    tok = base_model.load_tokenizer(str(tiny_gemma))
+    template, source = chat_format.chat_template_for(tok, "gemma3_text")
     assert source == "known template for gemma3_text"
     return tok, template
 
@@ -47,7 +51,7 @@ def gemma_tok(tiny_gemma):
 
 def test_to_messages_alternates_and_maps_roles():
     sample = make_sample([("User1", "a"), ("User1", "b"), ("User2", "c"), ("User1", "d")], "e")
-    assert train.to_messages(sample, "User1") == [
+    assert chat_format.to_messages(sample.context, "User1", sample.reply) == [
         {"role": "user", "content": ""},
         {"role": "assistant", "content": "a\nb"},
         {"role": "user", "content": "c"},
@@ -59,13 +63,13 @@ def test_to_messages_alternates_and_maps_roles():
 
 def test_to_messages_names_others_in_group_chats():
     sample = make_sample([("Bob", "hi"), ("Eve", "yo")], "hey")
-    assert train.to_messages(sample, "Ann")[0] == {"role": "user", "content": "Bob: hi\nEve: yo"}
+    assert chat_format.to_messages(sample.context, "Ann", sample.reply)[0] == {"role": "user", "content": "Bob: hi\nEve: yo"}
 
 
 def test_only_reply_tokens_are_supervised(gemma_tok):
     tok, template = gemma_tok
     samples, _ = build_samples(DIALOG, "User1", 6)
-    enc = train.format_sample(samples[1], "User1", tok, template, 512)
+    enc = chat_format.format_sample(samples[1], "User1", tok, template, 512)
     supervised = [t for t, label in zip(enc.input_ids, enc.labels) if label != -100]
     assert supervised == [label for label in enc.labels if label != -100]
     assert tok.decode(supervised) == "Підемо кави вип'ємо?<end_of_turn>\n"
@@ -83,8 +87,8 @@ def test_long_context_drops_oldest_turns(gemma_tok):
     tok, template = gemma_tok
     context = [("User2" if i % 2 else "User1", f"turn number {i} " * 5) for i in range(10)]
     sample = make_sample(context, "the reply")
-    full = train.format_sample(sample, "User1", tok, template, 4096)
-    short = train.format_sample(sample, "User1", tok, template, len(full.input_ids) // 2)
+    full = chat_format.format_sample(sample, "User1", tok, template, 4096)
+    short = chat_format.format_sample(sample, "User1", tok, template, len(full.input_ids) // 2)
     assert short.context_turns_dropped > 0
     assert len(short.input_ids) <= len(full.input_ids) // 2
     assert tok.decode([t for t in short.labels if t != -100]) == "the reply<end_of_turn>\n"
@@ -94,21 +98,21 @@ def test_long_context_drops_oldest_turns(gemma_tok):
 def test_overlong_reply_is_cut_and_unfittable_sample_dropped(gemma_tok):
     tok, template = gemma_tok
     sample = make_sample([], "слово " * 200)
-    enc = train.format_sample(sample, "User1", tok, template, 32)
+    enc = chat_format.format_sample(sample, "User1", tok, template, 32)
     assert len(enc.input_ids) == 32 and enc.labels[-1] != -100
     # A budget smaller than the prompt itself leaves no reply token: dropped.
-    assert train.format_sample(sample, "User1", tok, template, 5) is None
+    assert chat_format.format_sample(sample, "User1", tok, template, 5) is None
 
 
 def test_plain_fallback_and_tokenizer_template(tiny_llama):
-    tok = train.load_tokenizer(str(tiny_llama))
-    template, source = train.chat_template_for(tok, "llama")
+    tok = base_model.load_tokenizer(str(tiny_llama))
+    template, source = chat_format.chat_template_for(tok, "llama")
     assert source == "plain fallback"
-    enc = train.format_sample(make_sample([("User2", "hi")], "hello"), "User1", tok, template, 512)
+    enc = chat_format.format_sample(make_sample([("User2", "hi")], "hello"), "User1", tok, template, 512)
     assert tok.decode(enc.input_ids) == "<bos>user: hi\nassistant: hello<eos>\n"
     assert tok.decode([t for t in enc.labels if t != -100]) == "hello<eos>\n"
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}|{% endfor %}"
-    assert train.chat_template_for(tok, "llama") == (tok.chat_template, "tokenizer")
+    assert chat_format.chat_template_for(tok, "llama") == (tok.chat_template, "tokenizer")
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -205,21 +209,21 @@ def test_stale_folders_are_cleaned_and_interrupted_swap_restored(tmp_path):
     (tmp_path / ".old-Ann-12345678" / "adapter_config.json").write_text("{}")
     (tmp_path / "Bob").mkdir()
     (tmp_path / ".old-Bob-87654321").mkdir()
-    train.clean_stale_outputs(tmp_path)
+    adapters.clean_stale(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Ann", "Bob"]
     assert (tmp_path / "Ann" / "adapter_config.json").exists()
 
 
 def test_model_without_q_v_proj_fails_clearly(tiny_gpt2, tmp_path):
     samples, _ = build_samples(DIALOG, "User1", 6)
-    with pytest.raises(train.TrainingError, match="has no q_proj or v_proj modules"):
+    with pytest.raises(TrainingError, match="has no q_proj or v_proj modules"):
         train.train_lora(samples, "User1", config_for(tiny_gpt2), tmp_path / "out", tmp_path / "models")
     assert not (tmp_path / "out" / "User1").exists()
 
 
 def test_unloadable_base_model_fails_clearly(tmp_path):
     samples, _ = build_samples(DIALOG, "User1", 6)
-    with pytest.raises(train.TrainingError, match="could not load base model"):
+    with pytest.raises(TrainingError, match="could not load base model"):
         train.train_lora(samples, "User1", config_for(tmp_path / "no-such-model"), tmp_path / "out", tmp_path / "models")
 
 

@@ -1,0 +1,96 @@
+"""The adapter folders under OUTPUT_DIR: one per speaker, written whole or not at all.
+
+A new adapter is written into a temporary folder and swapped into place by renames; its
+`training_info.json` is written last, so a folder that has one is complete. This module reads that
+file, lists and deletes adapters, and at start-up cleans what interrupted runs left.
+
+Knows nothing of models, training or HTTP: it moves folders and reads JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from config import path_in
+
+TMP_PREFIX = ".tmp-"
+OLD_PREFIX = ".old-"
+INFO_FILE = "training_info.json"
+
+
+def folder(output_root: Path, speaker: str) -> Path | None:
+    """The speaker's adapter folder (existing or not); None for a name that would lead outside."""
+    try:
+        return path_in(output_root, speaker)
+    except ValueError:
+        return None
+
+
+def new_tmp(output_root: Path, speaker: str) -> Path:
+    """A fresh, empty temporary folder to write the speaker's next adapter into; removed at the next
+    start if the run dies before `install`."""
+    tmp = output_root / f"{TMP_PREFIX}{speaker}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def install(tmp: Path, output_root: Path, speaker: str, info: dict[str, Any]) -> Path:
+    """Write `info` as the marker of the complete folder `tmp`, then put it at the speaker's place;
+    the old adapter stays in place until the new one is there."""
+    (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
+    final = path_in(output_root, speaker)
+    old = output_root / f"{OLD_PREFIX}{speaker}-{uuid.uuid4().hex[:8]}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def info(output_root: Path, speaker: str) -> dict[str, Any] | None:
+    """The adapter's training_info.json, or None when the speaker has no complete adapter."""
+    place = folder(output_root, speaker)
+    if place is None:
+        return None
+    try:
+        return json.loads((place / INFO_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def names(output_root: Path) -> list[str]:
+    """Speakers with a complete adapter, sorted."""
+    if not output_root.is_dir():
+        return []
+    return sorted(p.name for p in output_root.iterdir() if not p.name.startswith(".") and (p / INFO_FILE).is_file())
+
+
+def delete(output_root: Path, speaker: str) -> Path | None:
+    """Remove the speaker's adapter folder (with everything evaluated from it); None if absent."""
+    place = folder(output_root, speaker)
+    if place is None or not place.is_dir():
+        return None
+    trash = output_root / f"{TMP_PREFIX}deleted-{speaker}-{uuid.uuid4().hex[:8]}"
+    os.replace(place, trash)  # gone from its place at once; removed below, or at the next start
+    shutil.rmtree(trash, ignore_errors=True)
+    return place
+
+
+def clean_stale(output_root: Path) -> None:
+    """At start-up: remove folders of runs that died mid-way; restore an adapter whose replacement
+    was interrupted between its two renames."""
+    if not output_root.exists():
+        return
+    for path in output_root.glob(OLD_PREFIX + "*"):
+        name = path.name[len(OLD_PREFIX) :].rsplit("-", 1)[0]
+        if not (output_root / name).exists():
+            os.replace(path, output_root / name)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    for path in output_root.glob(TMP_PREFIX + "*"):
+        shutil.rmtree(path, ignore_errors=True)

