@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from config import path_in
+from config import path_in, storage_name
 
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
@@ -24,9 +24,10 @@ INFO_FILE = "training_info.json"
 
 
 def folder(output_root: Path, speaker: str) -> Path | None:
-    """The speaker's adapter folder (existing or not); None for a name that would lead outside."""
+    """The speaker's adapter folder, named by config.storage_name (existing or not); None for a name
+    that would lead outside."""
     try:
-        return path_in(output_root, speaker)
+        return path_in(output_root, storage_name(speaker))
     except ValueError:
         return None
 
@@ -34,7 +35,7 @@ def folder(output_root: Path, speaker: str) -> Path | None:
 def new_tmp(output_root: Path, speaker: str) -> Path:
     """A fresh, empty temporary folder to write the speaker's next adapter into; removed at the next
     start if the run dies before `install`."""
-    tmp = output_root / f"{TMP_PREFIX}{speaker}-{uuid.uuid4().hex[:8]}"
+    tmp = output_root / f"{TMP_PREFIX}{storage_name(speaker)}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     return tmp
 
@@ -43,8 +44,8 @@ def install(tmp: Path, output_root: Path, speaker: str, info: dict[str, Any]) ->
     """Write `info` as the marker of the complete folder `tmp`, then put it at the speaker's place;
     the old adapter stays in place until the new one is there."""
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
-    final = path_in(output_root, speaker)
-    old = output_root / f"{OLD_PREFIX}{speaker}-{uuid.uuid4().hex[:8]}"
+    final = path_in(output_root, storage_name(speaker))
+    old = output_root / f"{OLD_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
@@ -64,10 +65,18 @@ def info(output_root: Path, speaker: str) -> dict[str, Any] | None:
 
 
 def names(output_root: Path) -> list[str]:
-    """Speakers with a complete adapter, sorted."""
+    """Speakers with a complete adapter (their real names, as training_info.json holds them), sorted."""
     if not output_root.is_dir():
         return []
-    return sorted(p.name for p in output_root.iterdir() if not p.name.startswith(".") and (p / INFO_FILE).is_file())
+    found = []
+    for place in output_root.iterdir():
+        if place.name.startswith("."):
+            continue
+        try:
+            found.append(json.loads((place / INFO_FILE).read_text(encoding="utf-8"))["speaker"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return sorted(found)
 
 
 def delete(output_root: Path, speaker: str) -> Path | None:
@@ -75,7 +84,7 @@ def delete(output_root: Path, speaker: str) -> Path | None:
     place = folder(output_root, speaker)
     if place is None or not place.is_dir():
         return None
-    trash = output_root / f"{TMP_PREFIX}deleted-{speaker}-{uuid.uuid4().hex[:8]}"
+    trash = output_root / f"{TMP_PREFIX}deleted-{place.name}-{uuid.uuid4().hex[:8]}"
     os.replace(place, trash)  # gone from its place at once; removed below, or at the next start
     shutil.rmtree(trash, ignore_errors=True)
     return place

@@ -15,6 +15,7 @@ from fastapi import HTTPException
 from config import get_settings
 
 access_log = logging.getLogger("persona_lora.access")
+EXPORT_PATHS = ("/upload-file", "/exports/inspect")  # export files: MAX_UPLOAD_BYTES, not MAX_BODY_BYTES
 
 
 class BodyLimit:
@@ -28,7 +29,7 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         settings = get_settings()
-        name, limit = ("MAX_UPLOAD_BYTES", settings.MAX_UPLOAD_BYTES) if scope["path"] == "/upload-file" else (
+        name, limit = ("MAX_UPLOAD_BYTES", settings.MAX_UPLOAD_BYTES) if scope["path"] in EXPORT_PATHS else (
             "MAX_BODY_BYTES", settings.MAX_BODY_BYTES)
         detail = f"request body is larger than {name}={limit} bytes; split the dialog into several uploads"
         length = dict(scope["headers"]).get(b"content-length", b"")

@@ -11,15 +11,14 @@ file or the new one, never a torn one.
 
 from __future__ import annotations
 
-import base64
 import errno
 import hashlib
 import json
 import os
 import re
 import tempfile
-from collections import Counter
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,8 +26,10 @@ from pathlib import Path
 from filelock import FileLock
 from pydantic import ValidationError
 
-from errors import InsufficientStorage, ServiceError, StorageError
 import phonenumbers
+
+from config import STORAGE_SUFFIX, storage_name
+from errors import InsufficientStorage, ServiceError, StorageError
 
 from exports import Chat, ChatMessage, naive, normalise_name, read_chats
 from models import (BIDI_CONTROLS, MAX_MESSAGE_CHARS, NAME_MAX_CHARS, CleaningOptions, ExportInspection, ParticipantStats, Sample,
@@ -53,27 +54,6 @@ def build_samples(dialog: list[Turn], speaker: str, max_context_turns: int) -> t
 def sample_id(context: list[Turn], reply: str) -> str:
     payload = json.dumps([[t.speaker, t.content] for t in context] + [reply], ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-
-_SAFE_PUNCTUATION = set(" _.-")
-STORAGE_SUFFIX = "_messages.json"
-
-
-def storage_name(speaker: str) -> str:
-    """The speaker's name as a file name: unchanged when it is safe under the old rule (letters,
-    digits, space, '_', '.', '-'; no leading '.', no '..'; at most 64 characters; its file name at
-    most 255 UTF-8 bytes), else "~" + an ASCII slug + 16 base32 characters of its sha256: stable,
-    and never equal to a safe name (those hold no "~"). The real name is stored inside the file."""
-    safe = (
-        all(ch in _SAFE_PUNCTUATION or unicodedata.category(ch)[0] in "LMN" for ch in speaker)
-        and speaker and not speaker.startswith(".") and ".." not in speaker and len(speaker) <= 64
-        and len(f"{speaker}{STORAGE_SUFFIX}".encode("utf-8")) <= 255
-    )
-    if safe:
-        return speaker
-    digest = base64.b32encode(hashlib.sha256(speaker.encode("utf-8", "surrogatepass")).digest()).decode()[:16].lower()
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", unicodedata.normalize("NFKD", speaker).encode("ascii", "ignore").decode()).strip("-")
-    return f"~{slug[:40]}-{digest}" if slug else f"~{digest}"
 
 
 def speaker_file(data_dir: Path, speaker: str) -> Path:

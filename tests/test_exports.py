@@ -317,6 +317,7 @@ def test_awkward_names_and_text_import(client, env, message, speaker_shown):
 
 def test_lone_surrogate_becomes_replacement_character(client, env):
     r = upload_file(client, _telegram_with({"from": "Ана", "text": "a\ud800b"}, {"from": "Олена", "text": "ok"}), "result.json", "Олена")
+    assert r.status_code == 200, r.text
     stored = json.loads((Path(env["DATA_DIR"]) / "Олена_messages.json").read_text(encoding="utf-8"))
     assert stored["messages"][-1]["context"][-1]["content"] == "a\ufffdb"
 

@@ -282,3 +282,20 @@ def test_body_limit_answers_413_before_reading(client, env, monkeypatch):
     r = client.post("/upload-text", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413 and "MAX_BODY_BYTES=2048" in r.json()["detail"]
     assert list(Path(env["DATA_DIR"]).glob("*_messages.json")) == []
+
+
+def test_export_files_have_the_upload_limit_on_both_endpoints(client, env, monkeypatch):
+    """An export may be as large as MAX_UPLOAD_BYTES whether it is imported or only inspected."""
+    monkeypatch.setenv("MAX_BODY_BYTES", "2048")
+    monkeypatch.setenv("MAX_UPLOAD_BYTES", "8192")
+    get_settings.cache_clear()
+    chat = "".join(f"31/12/23, 21:{i % 60:02d} - {'Ann' if i % 2 else 'Bob'}: message number {i}\n" for i in range(100))
+    assert 2048 < len(chat.encode()) < 8192
+    r = client.post("/exports/inspect", files={"file": ("chat.txt", chat.encode())})
+    assert r.status_code == 200, r.text
+    assert r.json()["participants"] == [{"name": "Bob", "messages": 50}, {"name": "Ann", "messages": 50}]
+    r = client.post("/upload-file", files={"file": ("chat.txt", chat.encode())}, data={"speaker": "Ann"})
+    assert r.status_code == 200, r.text
+    for path in ("/exports/inspect", "/upload-file"):
+        r = client.post(path, files={"file": ("chat.txt", (chat * 3).encode())}, data={"speaker": "Ann"})
+        assert r.status_code == 413 and "MAX_UPLOAD_BYTES=8192" in r.json()["detail"], (path, r.text)

@@ -1,0 +1,147 @@
+"""WhatsApp chat exports (`.txt`, Android and iOS, every locale seen in public exports) → a `Chat`.
+
+Reading only: each line is marked as a message, a system notice, a media placeholder or a deleted
+message; dropping and masking are parser.clean's. Knows nothing of zips, encodings, other formats or HTTP.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+from chats import Chat, ChatMessage, ExportError, Kind
+
+# One pattern for every locale seen in public exports (tests/exports_fixtures.py has one of each): Android
+# "31/12/2023, 9:05 p. m. - Name: text", "2023. 12. 31. 오후 9:05 - …"; iOS "[31.12.23, 21.05.09] Name: text";
+# old iOS "12/31/23, 9:05:09 PM: Name: text". Spaces may be U+00A0 or U+202F; AM/PM may precede the time.
+_WA_LINE = re.compile(
+    r"^(?P<open>\[)?"
+    r"(?P<a>\d{1,4})(?P<sep>[./-])\s?(?P<b>\d{1,2})(?P=sep)\s?(?P<c>\d{1,4})\.?"
+    r",?\s(?:(?P<pre>[^\W\d_]{1,5}\.?)\s?)?"
+    r"(?P<hour>\d{1,2})[:.](?P<minute>\d{2})(?:[:.](?P<second>\d{2}))?\.?"
+    r"(?:\s?(?P<post>[^\W\d_]{1,5}\.?(?:\s?[^\W\d_]{1,5}\.?)?))?"
+    r"(?(open)\]\s?(?:[-–]\s)?|(?:\s[-–]\s|:\s))"
+    r"(?P<body>.*)$"
+)
+# AM/PM words, without dots and spaces, lower case: English, Spanish/Portuguese ("a. m."), German,
+# Japanese, Chinese, Korean, Arabic, Greek, Hungarian, Vietnamese, Finnish, Swedish/Norwegian, Czech, Persian.
+_AM = {"am", "vorm", "午前", "上午", "오전", "ص", "πμ", "de", "sa", "ap", "fm", "dop", "قظ"}
+_PM = {"pm", "nachm", "午後", "下午", "오후", "م", "μμ", "du", "ch", "ip", "em", "odp", "بظ"}
+_WA_MEDIA = re.compile(
+    r"^(<[^<>]{3,80}>"  # Android: <Media omitted>, <Medien ausgeschlossen>, <Multimedia omitido>, <Médias omis>, <attached: …>
+    r"|(.+ )?(image|video|audio|sticker|GIF|document|Contact card|imagen|vídeo|foto|Bild|Video|Audio|Sticker|GIF|Dokument"
+    r"|Kontaktkarte|documento|tarjeta de contacto|image absente|vidéo absente|audio omis|imagem|arquivo de mídia|afbeelding)"
+    r" (omitted|omitida|omitido|weggelassen|ausgeschlossen|omis|omise|absente|ocultad[oa]|oculta|omessa|omesso|weggelaten)"
+    r"|.+ \((file attached|Datei angehängt|archivo adjunto|fichier joint|arquivo anexado|file allegato|ファイル添付)\)"
+    r"|.+ <(attached|adjunto|Anhang|pièce jointe|anexo): [^<>]+>|POLL:\n.+\nOPTION: [\s\S]+|null)$",
+    re.IGNORECASE,
+)
+_WA_DELETED = re.compile(
+    r"^(This message was deleted|You deleted this message|Це повідомлення видалено|Ви видалили це повідомлення"
+    r"|Это сообщение удалено|Вы удалили это сообщение|Diese Nachricht wurde gelöscht|Du hast diese Nachricht gelöscht"
+    r"|Se eliminó este mensaje|Eliminaste este mensaje|Este mensaje fue eliminado|Ce message a été supprimé"
+    r"|Vous avez supprimé ce message|Questo messaggio è stato eliminato|Hai eliminato questo messaggio"
+    r"|Mensagem apagada|Essa mensagem foi apagada|Você apagou esta mensagem|Dit bericht is verwijderd"
+    r"|Je hebt dit bericht verwijderd|Bu mesaj silindi|Bu mesajı sildiniz)\.?$",
+    re.IGNORECASE,
+)
+# iOS puts an author on system notices (and marks them with U+200E): recognise them by their text.
+# Phrases no one types in a chat count always; everyday words ("added", "left") only on marked lines.
+_WA_SYSTEM = re.compile(
+    r"(Messages and calls are end-to-end encrypted|Messages (you send )?to this (group|chat) are now secured"
+    r"|end-to-end[- ]verschlüsselt|Ende-zu-Ende-verschlüsselt|cifrad[oa]s de extremo a extremo"
+    r"|chiffrés de bout en bout|crittografati end-to-end|protegidas com a criptografia de ponta a ponta"
+    r"|criptografad[oa]s de ponta a ponta|защищены сквозным шифрованием|захищені наскрізним шифруванням"
+    r"|uçtan uca şifreli|end-to-end versleuteld|This business uses a secure service from Meta"
+    r"|^(You were added|Missed (group )?(voice|video) call)\.?$"
+    r"|\b(created (this group$|group [\"“«])|changed the subject|changed this group's icon|changed the group description"
+    r"|deleted this group's icon|joined using this group's invite link|changed their phone number"
+    r"|a créé le groupe|hat die Gruppe .{0,40}erstellt|creó el grupo|ha creato il gruppo|criou o grupo"
+    r"|создал\(а\)? группу|створив\(ла\)? групу|hat das Gruppenbild geändert|hat die Gruppe verlassen)\b"
+    r"|security code (with .+ )?changed|Sicherheitsnummer .+ geändert|^\S+( \S+)? hat .+ (hinzugefügt|entfernt)\.$)",
+    re.IGNORECASE,
+)
+_WA_SYSTEM_MARKED = re.compile(r"(\b(added|removed|left|hinzugefügt|entfernt|verlassen|beigetreten|añadió|eliminó|salió|a ajouté"
+                               r"|a retiré|est parti|adicionou|removeu|saiu)\b|Missed (voice|video) call|Verpasster (Sprach|Video)anruf"
+                               r"|is a contact)", re.IGNORECASE)
+_WA_EDITED = re.compile(r"\s*\u200e?<(This message was edited|Se editó este mensaje\.?|Diese Nachricht wurde bearbeitet\.?"
+                        r"|Ce message a été modifié\.?|Mensagem editada|Questo messaggio è stato modificato\.?|Dit bericht is bewerkt\.?)>$")
+_INVISIBLE = "\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2060\ufeff"
+
+
+def read_whatsapp(text: str, name: str = "chat") -> Chat:
+    """Lines starting with a timestamp begin a message; others continue the one before it."""
+    raw: list[tuple[re.Match, str]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        clean = line.strip(_INVISIBLE + " \t")
+        match = _WA_LINE.match(clean)
+        if match:
+            raw.append((match, match["body"]))
+        elif raw:
+            stamp, body = raw[-1]
+            raw[-1] = (stamp, body + "\n" + line.strip(_INVISIBLE))
+        elif clean:
+            raise ExportError(
+                f"line {number} is not a WhatsApp message line: {clean[:80]!r}; expected '31/12/23, 21:05 - Name: text' "
+                "or '[31.12.23, 21:05:09] Name: text'"
+            )
+    if not raw:
+        raise ExportError("no WhatsApp message lines found (expected '12/31/23, 21:05 - Name: text' or '[31.12.23, 21:05:09] Name: text')")
+    day_first = _day_first([stamp for stamp, _ in raw])
+    messages = []
+    for i, (stamp, body) in enumerate(raw):
+        time = _wa_time(stamp, day_first)
+        speaker, sep, text = body.rstrip("\n").partition(": ")
+        if not sep and body.endswith(":") and "\n" not in body:  # "Name:" with nothing after it
+            speaker, sep, text = body[:-1], ":", ""
+        if not sep:  # Android (and some iOS) system lines: no author
+            messages.append(ChatMessage(speaker="", text=body, kind="system", id=i, time=time))
+            continue
+        marked = text.startswith("\u200e")
+        text = _WA_EDITED.sub("", text.strip(_INVISIBLE))
+        bare = text.replace("\u200e", "").strip()  # iOS marks words inside notices too: "x.pdf • \u200e9 pages \u200edocument omitted"
+        kind: Kind = "message"
+        if _WA_MEDIA.match(bare):
+            kind = "media"
+        elif _WA_DELETED.match(bare):
+            kind = "deleted"
+        elif _WA_SYSTEM.search(text) or (marked and _WA_SYSTEM_MARKED.search(text)):
+            kind = "system"
+        speaker = re.sub(r"^~[\s\u202f]", "", speaker.strip(_INVISIBLE + " "))  # iOS: "~ Name" for non-contacts
+        messages.append(ChatMessage(speaker=speaker.strip(), text=text, kind=kind, id=i, time=time))
+    return Chat(name=name, id=None, messages=messages)
+
+
+def _day_first(stamps: list[re.Match]) -> bool:
+    """Infer the date order across the whole file: a first number over 12 means day-first, a
+    second over 12 month-first; with neither, day-first (the order of most locales)."""
+    firsts = [int(s["a"]) for s in stamps if len(s["a"]) <= 2]
+    seconds = [int(s["b"]) for s in stamps if len(s["a"]) <= 2]
+    if any(n > 12 for n in firsts):
+        return True
+    if any(n > 12 for n in seconds):
+        return False
+    return True
+
+
+def _wa_time(stamp: re.Match, day_first: bool) -> datetime | None:
+    a, b, c = stamp["a"], stamp["b"], stamp["c"]
+    if len(a) == 4:  # 2023-12-31, 2021. 1. 26.
+        year, month, day = int(a), int(b), int(c)
+    else:
+        day, month = (int(a), int(b)) if day_first else (int(b), int(a))
+        year = int(c) + (2000 if len(c) <= 2 else 0)
+    hour = int(stamp["hour"])
+    for word in (stamp["pre"], stamp["post"]):
+        key = re.sub(r"[\s.]", "", word or "").lower()
+        if key in _AM or key in _PM:
+            hour = hour % 12 + (12 if key in _PM else 0)
+    try:
+        return datetime(year, month, day, hour, int(stamp["minute"]), int(stamp["second"] or 0))
+    except ValueError:
+        return None
+
+
+def looks_like_whatsapp(first_line: str) -> bool:
+    """Whether a text's first line is a WhatsApp message line (format detection)."""
+    return bool(_WA_LINE.match(first_line))
