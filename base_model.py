@@ -139,6 +139,9 @@ def load_base_model(model_path: str, load_in_8bit: bool, device: str):
     if load_in_8bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device}
+        # bitsandbytes logs "inputs will be cast from torch.float32 to float16" at every 8-bit matmul of
+        # a float32 model (the CPU): one line per layer and token, thousands per generated reply.
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     if not load_in_8bit:
         model.to(device)

@@ -148,6 +148,12 @@ def render_samples(samples: list[Sample], speaker: str, tokenizer, template: str
     return rendered
 
 
+def turn_starts(context: list[Turn]) -> list[str]:
+    """Where a generated reply has run into the next turn: a new line that starts with the name of
+    anyone in the conversation ('\nBob:'), the way others' turns are written in group chats."""
+    return [f"\n{name}:" for name in dict.fromkeys(t.speaker for t in context)]
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     """Token ids that end a generated reply: EOS and the template's turn markers the tokenizer knows."""
     stops = {tokenizer.eos_token_id}

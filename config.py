@@ -6,6 +6,10 @@ Read it through `get_settings()`; tests change the environment and call `get_set
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
+import unicodedata
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -45,6 +49,10 @@ class Settings(BaseSettings):
         6, ge=0, le=100, description="How many preceding turns are stored with each message as its context."
     )
     MAX_SEQ_LENGTH: int = Field(512, ge=16, le=32768, description="Default max tokens per training sample.")
+    EPOCHS: float | None = Field(
+        None, gt=0, le=100,
+        description="Default passes over the data; unset: chosen from the amount of data (train.auto_epochs).",
+    )
     LEARNING_RATE: float = Field(
         3e-4, gt=0, le=1,
         description="Default learning rate for one sample per step; a packed step of k samples uses k times it.",
@@ -64,8 +72,18 @@ class Settings(BaseSettings):
         0.1, ge=0, le=0.5, description="Share of a speaker's samples held out of training for evaluation."
     )
     EVAL_MIN_SAMPLES: int = Field(10, ge=2, description="Hold samples out only when the speaker has at least this many.")
-    EVAL_GENERATIONS: int = Field(4, ge=0, le=50, description="Held-out contexts generated for the style comparison.")
+    EVAL_GENERATIONS: int = Field(
+        16, ge=0, le=200, description="Held-out contexts the evaluation generates replies for (base and adapter)."
+    )
     EVALUATE_AFTER_TRAINING: bool = Field(True, description="Evaluate each adapter when its training succeeds.")
+    GENERATION_TEMPERATURE: float = Field(
+        0.7, ge=0, le=2, description="Default sampling temperature of persona replies (0: greedy, which loops on small models)."
+    )
+    GENERATION_TOP_P: float = Field(0.9, gt=0, le=1, description="Default nucleus (top-p) of persona replies.")
+    GENERATION_REPETITION_PENALTY: float = Field(
+        1.15, ge=1, le=2, description="Default repetition penalty of persona replies (1: none); a guard against loops."
+    )
+    GENERATION_MAX_NEW_TOKENS: int = Field(64, ge=1, le=1024, description="Default longest persona reply, in tokens.")
     ADAPTER_CACHE_SIZE: int = Field(4, ge=1, le=256, description="Adapters kept loaded for generation (LRU).")
     TRAIN_PROCESSES: int = Field(
         1, ge=1, le=64,
@@ -125,6 +143,9 @@ def get_settings() -> Settings:
     return Settings()
 
 
+# --- paths inside the service's folders ----------------------------------------------------------
+
+
 def path_in(root: Path, name: str) -> Path:
     """`root / name`, refusing any name that would lead outside `root` (the one containment check for
     the service's folders: speakers' files in DATA_DIR, adapters in OUTPUT_DIR)."""
@@ -132,3 +153,25 @@ def path_in(root: Path, name: str) -> Path:
     if path.resolve().parent != root.resolve():
         raise ValueError(f"{name!r} does not map to a path inside {root}")
     return path
+
+
+_SAFE_PUNCTUATION = set(" _.-")
+STORAGE_SUFFIX = "_messages.json"
+
+
+def storage_name(speaker: str) -> str:
+    """The speaker's name as a file name: unchanged when it is safe under the old rule (letters,
+    digits, space, '_', '.', '-'; no leading '.', no '..'; at most 64 characters; its file name at
+    most 255 UTF-8 bytes), else "~" + an ASCII slug + 16 base32 characters of its sha256: stable,
+    and never equal to a safe name (those hold no "~"). Speakers' message files and adapter folders
+    are named by it; the real name is stored inside them."""
+    safe = (
+        all(ch in _SAFE_PUNCTUATION or unicodedata.category(ch)[0] in "LMN" for ch in speaker)
+        and speaker and not speaker.startswith(".") and ".." not in speaker and len(speaker) <= 64
+        and len(f"{speaker}{STORAGE_SUFFIX}".encode("utf-8")) <= 255
+    )
+    if safe:
+        return speaker
+    digest = base64.b32encode(hashlib.sha256(speaker.encode("utf-8", "surrogatepass")).digest()).decode()[:16].lower()
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", unicodedata.normalize("NFKD", speaker).encode("ascii", "ignore").decode()).strip("-")
+    return f"~{slug[:40]}-{digest}" if slug else f"~{digest}"

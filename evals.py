@@ -1,5 +1,9 @@
 """Evaluation of an adapter against its base model, on the speaker's held-out samples:
 
+- what a user sees: replies generated for held-out contexts by base and adapter (the service's own
+  decoding), with the share that end their turn, the share caught in a loop, their median length
+  against the person's, distinct-2 and a style distance; and the probability of the end-of-turn
+  token where the person's replies end;
 - held-out loss and perplexity of the base and of the adapter: the same samples, the same
   formatting and tokens (chat_format.format_sample), loss on the reply tokens only;
 - speaker specificity: the adapter's loss on other speakers' replies against its loss on this one's;
@@ -18,7 +22,10 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 import unicodedata
+from collections import Counter
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,8 +35,8 @@ import chat_format
 import packing
 import parser as dialog_parser
 from config import Settings
-from infer import Decoding, PersonaEngine, base_only, generate
-from models import Sample, TrainConfig
+from infer import Decoding, Generation, PersonaEngine, base_only, generate, persona_decoding
+from models import Sample, TrainConfig, Turn
 
 EVAL_FILE, PLOT_FILE = "eval.json", "loss.png"
 OTHER_SAMPLES = 20  # per other speaker, for the specificity margin
@@ -66,10 +73,11 @@ def style_distance(generated: list[str], true: list[str]) -> float:
 
 
 def weights_of(model) -> str:
-    """How the base's weights are held: '8-bit' or their dtype ('float32', 'bfloat16')."""
-    if getattr(model, "is_loaded_in_8bit", False):
+    """How the base's weights are held: '8-bit', '8-bit, dequantized to float32', or their dtype."""
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if any(type(m).__module__.startswith("bitsandbytes") for m in model.modules()):
         return "8-bit"
-    return str(next(model.parameters()).dtype).removeprefix("torch.")
+    return f"8-bit, dequantized to {dtype}" if getattr(model, "is_loaded_in_8bit", False) else dtype
 
 
 def _loss(model, tokenizer, template: str, samples: list[Sample], who: str, max_len: int) -> dict[str, Any]:
@@ -82,18 +90,90 @@ def _loss(model, tokenizer, template: str, samples: list[Sample], who: str, max_
             "tokens": tokens, "samples": len(samples)}
 
 
+def looping(text: str, n: int = 3, times: int = 3) -> bool:
+    """Whether some run of `n` words occurs `times` times or more in the text ("I'm sorry. I'm sorry.
+    I'm sorry." repeats 'I m sorry' three times)."""
+    words = [w.lower() for w in _WORD.findall(text)]
+    grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    return bool(grams) and max(grams.values()) >= times
+
+
+def distinct_2(texts: list[str]) -> float:
+    """Distinct word bigrams over all bigrams of the replies (0..1): low when replies repeat themselves."""
+    grams = [tuple(ws[i : i + 2]) for t in texts for ws in [[w.lower() for w in _WORD.findall(t)]] for i in range(len(ws) - 1)]
+    return round(len(set(grams)) / len(grams), 4) if grams else 0.0
+
+
+def generation_figures(replies: list[Generation], true: list[str]) -> dict[str, Any]:
+    """What a user sees of generated replies: do they end their turn (not cut at max_new_tokens), do
+    they loop, how long are they against the person's own, how varied, how far in style."""
+    texts = [g.text for g in replies]
+    words = [len(_WORD.findall(t)) for t in texts]
+    person = statistics.median(len(_WORD.findall(t)) for t in true)
+    return {
+        "ends_turn": round(sum(g.finish_reason == "stop" for g in replies) / len(replies), 4),
+        "loops": round(sum(looping(t) for t in texts) / len(replies), 4),
+        "median_words": statistics.median(words),
+        "person_median_words": person,
+        "length_ratio": round(statistics.median(words) / max(person, 1), 3),
+        "distinct_2": distinct_2(texts),
+        "style_distance": style_distance(texts, true),
+    }
+
+
+def end_of_turn_probability(model, tokenizer, encoded: list[chat_format.Encoded]) -> float | None:
+    """Mean probability the model gives the end-of-turn token right where the person's reply ends
+    (the template's end of turn, or EOS): whether it has learnt when this person stops talking."""
+    import torch
+
+    stops = set(chat_format.stop_token_ids(tokenizer))
+    probabilities = []
+    for e in encoded:
+        end = next((i for i, label in enumerate(e.labels) if label != chat_format.IGNORE and label in stops), None)
+        if not end:
+            continue
+        ids = torch.tensor([e.input_ids[:end]], device=model.device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, logits_to_keep=1, use_cache=False).logits[0, -1].float()
+        probabilities.append(float(torch.softmax(logits, -1)[e.labels[end]]))
+    return round(sum(probabilities) / len(probabilities), 4) if probabilities else None
+
+
 def evaluate(model, tokenizer, template: str, speaker: str, held_out: list[Sample], others: dict[str, list[Sample]],
-             max_len: int, generations: int = 4, decoding: Decoding | None = None) -> dict[str, Any]:
-    """The report for the adapter active in `model`; `held_out` are samples it never trained on."""
+             max_len: int, generations: int = 16, decoding: Decoding | None = None) -> dict[str, Any]:
+    """The report for the adapter active in `model`; `held_out` are samples it never trained on.
+    Replies are generated with `decoding` (greedy, 48 tokens, if not given), seeded per context, and
+    stop where the model starts the turn of anyone in the context."""
     decoding = decoding or Decoding(max_new_tokens=48)
     report: dict[str, Any] = {"speaker": speaker, "created_at": datetime.now(timezone.utc).isoformat(),
                               "base_weights": weights_of(model), "held_out_samples": len(held_out)}
     if not held_out:
         report["note"] = "too few samples to hold any out; train on more to get an evaluation"
         return report
+    picked = held_out[:generations]
+    true = [s.reply for s in picked]
+
+    def reply(i: int, sample: Sample) -> Generation:
+        messages = chat_format.to_messages(sample.context, speaker)
+        stop = decoding.stop + [s for s in chat_format.turn_starts(sample.context + [Turn(speaker=speaker, content="")])
+                                if s not in decoding.stop]
+        return generate(model, tokenizer, template, messages, replace(decoding, seed=i, stop=stop))
+
+    encoded = chat_format.encode_all(held_out, speaker, tokenizer, template, max_len)
     with base_only(model):
+        base_replies = [reply(i, s) for i, s in enumerate(picked)]
+        base_eot = end_of_turn_probability(model, tokenizer, encoded)
         base = _loss(model, tokenizer, template, held_out, speaker, max_len)
+    adapter_replies = [reply(i, s) for i, s in enumerate(picked)]
     adapter = _loss(model, tokenizer, template, held_out, speaker, max_len)
+    if picked:  # first in the report: what a user sees
+        report["generation"] = {
+            "contexts": len(picked),
+            "decoding": {k: v for k, v in asdict(decoding).items() if k not in ("seed", "stop")},
+            "base": generation_figures(base_replies, true),
+            "adapter": generation_figures(adapter_replies, true),
+        }
+    report["end_of_turn"] = {"base": base_eot, "adapter": end_of_turn_probability(model, tokenizer, encoded)}
     report["held_out"] = {"base": base, "adapter": adapter,
                           "loss_reduction": round(base["loss"] - adapter["loss"], 4) if base["loss"] and adapter["loss"] else None}
     other_samples = [(name, s) for name, samples in others.items() if name != speaker for s in samples]
@@ -104,24 +184,16 @@ def evaluate(model, tokenizer, template: str, speaker: str, held_out: list[Sampl
         report["specificity"] = {"adapter_loss_own": adapter["loss"], "adapter_loss_others": round(other, 4),
                                  "others": sorted({name for name, _ in other_samples}),
                                  "margin": round(other - adapter["loss"], 4)}
-    picked = held_out[:generations]
-    true = [s.reply for s in picked]
-
-    def reply(sample: Sample) -> str:
-        messages = chat_format.to_messages(sample.context, speaker)
-        return generate(model, tokenizer, template, messages, decoding).text
-
-    with base_only(model):
-        outputs = {"base": [reply(s) for s in picked]}
-    outputs["adapter"] = [reply(s) for s in picked]
+    outputs = {"base": [g.text for g in base_replies], "adapter": [g.text for g in adapter_replies]}
     report["style"] = {
         "true": style(true),
         **{label: {**style(texts), "vocabulary_overlap": vocabulary_overlap(texts, true),
                    "distance": style_distance(texts, true)} for label, texts in outputs.items()},
     }
     report["samples"] = [
-        {"context": [t.model_dump() for t in s.context], "true": s.reply, "base": b, "adapter": a}
-        for s, b, a in zip(picked, outputs["base"], outputs["adapter"])
+        {"context": [t.model_dump() for t in s.context], "true": s.reply, "base": b.text, "adapter": a.text,
+         "base_finish": b.finish_reason, "adapter_finish": a.finish_reason}
+        for s, b, a in zip(picked, base_replies, adapter_replies)
     ]
     return report
 
@@ -138,7 +210,7 @@ def after_training(settings: Settings, speaker: str, config: TrainConfig):
 
     def run(model, tokenizer, template: str, held_out: list[Sample], folder: Path, info: dict[str, Any]) -> dict[str, Any]:
         report = evaluate(model, tokenizer, template, speaker, held_out, others, config.max_seq_length,
-                          settings.EVAL_GENERATIONS)
+                          settings.EVAL_GENERATIONS, persona_decoding(settings))
         write_report(folder, report, info)
         return report
 
@@ -156,7 +228,7 @@ def evaluate_speaker(settings: Settings, speaker: str, engine: PersonaEngine) ->
     held = [s for s in (stored.messages if stored else []) if s.id in held_ids]
     with engine.session(speaker) as (model, tokenizer, template):
         report = evaluate(model, tokenizer, template, speaker, held, other_speakers(settings, speaker),
-                          info["config"]["max_seq_length"], settings.EVAL_GENERATIONS)
+                          info["config"]["max_seq_length"], settings.EVAL_GENERATIONS, persona_decoding(settings))
     write_report(adapters.folder(settings.OUTPUT_DIR, speaker), report, info)
     return report
 

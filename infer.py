@@ -16,12 +16,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import adapters
 import base_model
 import chat_format
+from config import Settings
+from models import Turn
 
 log = logging.getLogger("persona_lora.infer")
 
@@ -32,12 +34,27 @@ class AdapterNotFound(LookupError):
 
 @dataclass
 class Decoding:
-    """How a reply is sampled: temperature 0 is greedy."""
+    """How a reply is sampled (temperature 0 is greedy) and where it ends: at the end of the turn, or
+    at any of `stop` (not included in the reply: the model starting someone else's turn, say)."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
+    repetition_penalty: float = 1.0
     seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+def persona_decoding(settings: Settings, context: list[Turn] | None = None, **overrides) -> Decoding:
+    """The service's decoding defaults (GENERATION_* settings), stopping where the model starts a
+    turn of anyone in `context`; `overrides` that are None keep the default."""
+    decoding = Decoding(max_new_tokens=settings.GENERATION_MAX_NEW_TOKENS, temperature=settings.GENERATION_TEMPERATURE,
+                        top_p=settings.GENERATION_TOP_P, repetition_penalty=settings.GENERATION_REPETITION_PENALTY,
+                        stop=chat_format.turn_starts(context or []))
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(decoding, name, list(value) + decoding.stop if name == "stop" else value)
+    return decoding
 
 
 @dataclass
@@ -58,12 +75,23 @@ def _inputs(model, tokenizer, template: str, messages: list[dict[str, str]]):
 
 def _generate_kwargs(tokenizer, decoding: Decoding) -> dict:
     kwargs = dict(max_new_tokens=decoding.max_new_tokens, eos_token_id=chat_format.stop_token_ids(tokenizer),
-                  pad_token_id=tokenizer.pad_token_id)
+                  pad_token_id=tokenizer.pad_token_id, repetition_penalty=decoding.repetition_penalty)
+    if decoding.stop:
+        kwargs.update(stop_strings=decoding.stop, tokenizer=tokenizer)
     if decoding.temperature > 0:
         kwargs.update(do_sample=True, temperature=decoding.temperature, top_p=decoding.top_p)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     return kwargs
+
+
+def _finish(text: str, new: list[int], kwargs: dict, stop: list[str]) -> tuple[str, str]:
+    """The reply cut before the first stop string, and why it ended: 'stop' (end of turn or a stop
+    string) or 'length' (cut at max_new_tokens)."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    if cut >= 0:
+        return text[:cut].strip(), "stop"
+    return text.strip(), "stop" if new and new[-1] in kwargs["eos_token_id"] else "length"
 
 
 def generate(model, tokenizer, template: str, messages: list[dict[str, str]], decoding: Decoding) -> Generation:
@@ -77,9 +105,42 @@ def generate(model, tokenizer, template: str, messages: list[dict[str, str]], de
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     new = out[0, ids.shape[1]:].tolist()
-    stopped = bool(new) and new[-1] in kwargs["eos_token_id"]
-    text = tokenizer.decode(new, skip_special_tokens=True).strip()
-    return Generation(text, ids.shape[1], len(new), "stop" if stopped else "length")
+    text, reason = _finish(tokenizer.decode(new, skip_special_tokens=True), new, kwargs, decoding.stop)
+    return Generation(text, ids.shape[1], len(new), reason)
+
+
+def sampling(request) -> dict:
+    """The sampling fields a request set (models.Sampling), as persona_decoding overrides."""
+    return {name: getattr(request, name) for name in ("temperature", "top_p", "repetition_penalty", "seed", "stop")}
+
+
+class _StopCutter:
+    """Streams text pieces while holding back what could be the start of a stop string, so that no
+    stop string (or part of one) ever reaches the client."""
+
+    def __init__(self, stop: list[str]):
+        self.stop, self.pending, self.sent, self.stopped = stop, "", "", False
+
+    def feed(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        self.pending += piece
+        cut = min((i for i in (self.pending.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            out, self.pending = self.pending[:cut], ""
+        else:
+            hold = max((k for s in self.stop for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+            out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
+        if not self.sent:
+            out = out.lstrip()
+        self.sent += out
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        self.sent += out
+        return out
 
 
 def base_only(model):
@@ -195,17 +256,16 @@ class PersonaEngine:
         except BaseException:
             self._lock.release()
             raise
-        first, text = True, ""
+        cutter = _StopCutter(decoding.stop)
         for piece in streamer:
-            if first:
-                piece, first = piece.lstrip(), False
-            if piece:
-                text += piece
-                yield piece
+            if out := cutter.feed(piece):
+                yield out
+        if out := cutter.flush().rstrip():
+            yield out
         worker.join()
         new = outcome[0][0, ids.shape[1]:].tolist() if outcome else []
-        stopped = bool(new) and new[-1] in kwargs["eos_token_id"]
-        yield Generation(text.strip(), ids.shape[1], len(new), "stop" if stopped else "length")
+        reason = "stop" if cutter.stopped or (new and new[-1] in kwargs["eos_token_id"]) else "length"
+        yield Generation(cutter.sent.strip(), ids.shape[1], len(new), reason)
 
 
 def created() -> int:

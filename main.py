@@ -27,12 +27,11 @@ import train
 from config import Settings, get_settings
 from errors import Conflict, Forbidden, NotFound, PayloadTooLarge, ServiceError, Unauthorized, Unprocessable
 from exports import ExportError, ExportTooLarge
-from infer import AdapterNotFound, Decoding, PersonaEngine
+from infer import AdapterNotFound, PersonaEngine, persona_decoding, sampling
 from jobs import JobRunner, delete_checkpoint, display_path
 from registry import FINISHED, JobRegistry
 from middleware import AccessLog, BodyLimit
 from models import (
-    AdapterName,
     DatasetPublic,
     DatasetQuery,
     DeletedPublic,
@@ -438,13 +437,14 @@ def resume_job(job_id: str, request: Request) -> JobPublic:
     response_model=GenerateResponse,
     responses={404: _error("The speaker has no trained adapter."), **BODY_ERRORS},
 )
-async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
+async def generate(body: GenerateRequest, request: Request, settings: SettingsDep) -> GenerateResponse:
     """The reply the speaker would write next, from their adapter on the base model."""
     turns = body.messages if body.messages is not None else [Turn(speaker="user", content=body.prompt)]
+    decoding = persona_decoding(settings, [*turns, Turn(speaker=body.speaker, content="")], **sampling(body),
+                                max_new_tokens=body.max_new_tokens)
     try:
         out = await asyncio.to_thread(
-            request.app.state.engine.generate, body.speaker, chat_format.to_messages(turns, body.speaker),
-            Decoding(body.max_new_tokens, body.temperature, body.top_p, body.seed),
+            request.app.state.engine.generate, body.speaker, chat_format.to_messages(turns, body.speaker), decoding
         )
     except AdapterNotFound:
         raise NotFound(f"no adapter for speaker '{body.speaker}'; train one with POST /train") from None
@@ -453,7 +453,7 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
 
 
 @api.get("/speakers/{speaker}/evaluation", responses={404: _error("No evaluation for the speaker.")})
-def speaker_evaluation(speaker: AdapterName, settings: SettingsDep) -> dict:
+def speaker_evaluation(speaker: SpeakerName, settings: SettingsDep) -> dict:
     """The adapter's latest evaluation report (eval.json)."""
     report = evals.read_report(settings, speaker)
     if report is None:
@@ -465,7 +465,7 @@ def speaker_evaluation(speaker: AdapterName, settings: SettingsDep) -> dict:
     "/speakers/{speaker}/evaluate",
     responses={404: _error("The speaker has no adapter."), 409: _error("The speaker is training.")},
 )
-async def evaluate_speaker(speaker: AdapterName, request: Request, settings: SettingsDep) -> dict:
+async def evaluate_speaker(speaker: SpeakerName, request: Request, settings: SettingsDep) -> dict:
     """Evaluate the speaker's adapter now on its held-out samples; returns and stores the report."""
     active = registry(request).active_for(speaker)
     if active:
@@ -482,7 +482,7 @@ async def evaluate_speaker(speaker: AdapterName, request: Request, settings: Set
     responses={200: {"content": {"image/png": {}}, "description": "Training and held-out loss."},
                404: _error("No evaluation for the speaker.")},
 )
-def speaker_loss_plot(speaker: AdapterName, settings: SettingsDep) -> FileResponse:
+def speaker_loss_plot(speaker: SpeakerName, settings: SettingsDep) -> FileResponse:
     """The training loss curve with the held-out loss of base and adapter."""
     folder = adapters.folder(settings.OUTPUT_DIR, speaker)
     path = folder / evals.PLOT_FILE if folder else None

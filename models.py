@@ -7,25 +7,26 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, Json, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Json, field_validator,
+                      model_validator)
 
 from config import DIALOG_MESSAGES_BOUND, MESSAGE_CHARS_BOUND
 
-SPEAKER_MAX_CHARS = 64
 NAME_MAX_CHARS = 128  # a name in a chat: Telegram allows 128 characters
 # Direction embeddings, overrides and isolates: they reorder how a name reads, so no name holds one.
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 MAX_DIALOG_MESSAGES = DIALOG_MESSAGES_BOUND
 MAX_MESSAGE_CHARS = MESSAGE_CHARS_BOUND
 MAX_OFFSET = 10**9  # beyond any real list; larger numbers overflow SQLite's 64-bit integers
-_NAME_PUNCTUATION = set(" _.-")
 
 
 # Invisible marks phones and messengers put around names ("\u202a+234 903 186 6339\u202c"): stripped at the ends.
 EDGE_MARKS = "\u200b\u200c\u200d\u200e\u200f\u2060\ufeff" + "".join(sorted(BIDI_CONTROLS))
 
 
-def _normalise(value: object) -> object:
+def normalise_name(value: object) -> object:
+    """NFC, without the spaces and invisible marks around it (the one normalisation of every name:
+    schemas, exports and aliases)."""
     if not isinstance(value, str):
         return value
     return unicodedata.normalize("NFC", value).strip().strip(EDGE_MARKS).strip()
@@ -41,32 +42,15 @@ def _check_display_name(name: str) -> str:
     return name
 
 
-def _check_speaker_name(name: str) -> str:
-    """The speaker an adapter is trained for: the name is still used as the adapter's folder name
-    (train.py, infer.py, evals.py), so it keeps the file-name-safe rule until they map names too."""
-    _check_display_name(name)
-    bad = sorted({ch for ch in name if not (ch in _NAME_PUNCTUATION or unicodedata.category(ch)[0] in "LMN")})
-    if bad:
-        shown = ", ".join(repr(ch) for ch in bad)
-        raise ValueError(
-            f"speaker may contain only letters, digits, spaces and '_', '.', '-'; found {shown}"
-        )
-    if name.startswith("."):
-        raise ValueError("speaker must not start with '.'")
-    if ".." in name:
-        raise ValueError("speaker must not contain '..'")
-    return name
-
-
 DisplayName = Annotated[
     str,
-    BeforeValidator(_normalise),
+    BeforeValidator(normalise_name),
     Field(min_length=1, max_length=NAME_MAX_CHARS, examples=["User2"]),
     AfterValidator(_check_display_name),
 ]
 SpeakerName = Annotated[
     str,
-    BeforeValidator(_normalise),
+    BeforeValidator(normalise_name),
     Field(
         min_length=1,
         max_length=NAME_MAX_CHARS,
@@ -75,17 +59,6 @@ SpeakerName = Annotated[
         examples=["User1"],
     ),
     AfterValidator(_check_display_name),
-]
-AdapterName = Annotated[
-    str,
-    BeforeValidator(_normalise),
-    Field(
-        min_length=1,
-        max_length=SPEAKER_MAX_CHARS,
-        description="Letters (any script), digits, spaces and '_', '.', '-'; NFC-normalised and trimmed.",
-        examples=["User1"],
-    ),
-    AfterValidator(_check_speaker_name),
 ]
 
 
@@ -272,9 +245,12 @@ class TrainRequest(BaseModel):
 
     model_config = ConfigDict(strict=True, json_schema_extra={"examples": [{"speaker": "User1", "wait": True}]})
 
-    speaker: AdapterName  # an adapter folder name until adapters map names (parser.storage_name)
+    speaker: SpeakerName
     wait: bool = Field(False, description="Answer only when training has finished (200), not at once (202).")
-    epochs: float = Field(1.0, gt=0, le=100, description="Passes over the data.")
+    epochs: float | None = Field(
+        None, gt=0, le=100,
+        description="Passes over the data; by default (EPOCHS unset) as many as the amount of data needs: more for a few dozen messages, one from a few hundred on.",
+    )
     learning_rate: float | None = Field(None, gt=0, le=1, description="Defaults to the LEARNING_RATE setting.")
     max_steps: int | None = Field(None, ge=1, le=1_000_000, description="Stop after this many steps.")
     batch_size: int = Field(1, ge=1, le=256, description="Packed sequences (or samples, when batch_tokens=0) per step.")
@@ -293,7 +269,7 @@ class TrainConfig(BaseModel):
     base_model: str
     load_in_8bit: bool
     device: str
-    epochs: float
+    epochs: float | None = Field(description="Passes over the data; None: chosen from the number of samples (train.auto_epochs).")
     learning_rate: float
     max_steps: int | None
     batch_size: int
@@ -416,22 +392,39 @@ class TrainCompleted(BaseModel):
     job: JobPublic
 
 
-# --- generation and the OpenAI-compatible API -------------------------------------------------------
+# --- generation (the OpenAI-compatible schemas are in openai_models.py) -------------------------------------------------------
 
 
-class GenerateRequest(BaseModel):
+class Sampling(BaseModel):
+    """How to sample a persona's reply; each field left out takes the service's default (the
+    GENERATION_* settings), chosen so that replies end their turn and do not loop."""
+
+    temperature: float | None = Field(None, ge=0, le=2, description="Default GENERATION_TEMPERATURE (0.7); 0: greedy.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Default GENERATION_TOP_P (0.9).")
+    repetition_penalty: float | None = Field(
+        None, ge=1, le=2, description="Default GENERATION_REPETITION_PENALTY (1.15); 1: none."
+    )
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Same seed, same request: the same reply.")
+    stop: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
+        None, max_length=4, description="Up to 4 strings that end the reply (not included in it)."
+    )
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+
+class GenerateRequest(Sampling):
     """Sent by clients: the conversation so far (or one prompt), and how to sample the reply."""
 
     model_config = ConfigDict(strict=True, json_schema_extra={"examples": [
         {"speaker": "User1", "messages": [{"speaker": "User2", "content": "Привіт! Що робиш?"}], "max_new_tokens": 48}]})
 
-    speaker: AdapterName  # an adapter folder name until adapters map names (parser.storage_name)
+    speaker: SpeakerName
     messages: list[Turn] | None = Field(None, min_length=1, max_length=200, description="Earlier turns; the speaker's own turns count as theirs.")
     prompt: str | None = Field(None, min_length=1, max_length=MAX_MESSAGE_CHARS, description="Instead of messages: one message to answer.")
-    max_new_tokens: int = Field(64, ge=1, le=1024)
-    temperature: float = Field(0.0, ge=0, le=2, description="0: greedy (deterministic).")
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    max_new_tokens: int | None = Field(None, ge=1, le=1024, description="Default GENERATION_MAX_NEW_TOKENS (64).")
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
@@ -446,65 +439,6 @@ class GenerateResponse(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     finish_reason: Literal["stop", "length"]
-
-
-class OpenAIMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str = Field(max_length=MAX_MESSAGE_CHARS)
-
-
-class ChatCompletionRequest(BaseModel):
-    """OpenAI's chat completion request (the fields this service uses; others are ignored)."""
-
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
-        {"model": "User1", "messages": [{"role": "user", "content": "Привіт!"}], "max_tokens": 48}]})
-
-    model: str = Field(min_length=1, max_length=512, description="A speaker with an adapter, or the base model's name.")
-    messages: list[OpenAIMessage] = Field(min_length=1, max_length=200)
-    max_tokens: int = Field(64, ge=1, le=1024, validation_alias=AliasChoices("max_completion_tokens", "max_tokens"))
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1, description="One choice per request.")
-
-
-class ChatMessageOut(BaseModel):
-    role: Literal["assistant"]
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: ChatMessageOut
-    finish_reason: Literal["stop", "length"]
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
 
 
 class HealthPublic(BaseModel):

@@ -20,9 +20,10 @@ from config import get_settings
 from errors import NotFound
 import adapters
 import chat_format
-from infer import AdapterNotFound, Decoding, Generation, created
-from models import (ChatChoice, ChatCompletion, ChatCompletionRequest, ChatMessageOut, ErrorPublic, ModelCard,
-                    ModelList, Turn, Usage)
+from infer import AdapterNotFound, Generation, created, persona_decoding, sampling
+from models import ErrorPublic, Turn, normalise_name
+from openai_models import (ChatChoice, ChatCompletion, ChatCompletionRequest, ChatMessageOut, ModelCard, ModelList,
+                           Usage)
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 ASSISTANT = "assistant"
@@ -33,7 +34,7 @@ def _target(request: Request, model: str) -> str | None:
     settings = get_settings()
     if model == settings.BASE_MODEL:
         return None
-    return model
+    return normalise_name(model)  # the name as /upload-text stored it (NFC, trimmed): one name, one persona
 
 
 def _messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
@@ -72,7 +73,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     engine = request.app.state.engine
     speaker = _target(request, body.model)
     messages = _messages(body)
-    decoding = Decoding(max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+    decoding = persona_decoding(get_settings(), **sampling(body), max_new_tokens=body.max_tokens)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     if not body.stream:
         try:

@@ -2,7 +2,7 @@
 callbacks, and `train_lora` (prepare the data and model → train → write the adapter folder). Also a
 command-line tool:
 
-    python train.py --speaker User1 [--epochs 1] [--max-steps N] [--no-8bit]
+    python train.py --speaker User1 [--epochs N] [--max-steps N] [--no-8bit]
 
 Knows nothing of HTTP, the job database or how an adapter is evaluated: it takes samples, a
 resolved TrainConfig and an output folder, and hands the trained model to an `evaluate` callable
@@ -21,7 +21,6 @@ import shutil
 import sys
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -56,7 +55,7 @@ def resolve_config(settings: Settings, request: TrainRequest) -> TrainConfig:
         base_model=settings.BASE_MODEL,
         load_in_8bit=settings.LOAD_IN_8BIT,
         device=settings.DEVICE,
-        epochs=request.epochs,
+        epochs=request.epochs or settings.EPOCHS,
         learning_rate=request.learning_rate or settings.LEARNING_RATE,
         max_steps=request.max_steps,
         batch_size=request.batch_size,
@@ -89,6 +88,18 @@ def holdout_split(samples: list[Sample], fraction: float, minimum: int) -> tuple
     ranked = sorted(samples, key=lambda s: hashlib.sha256(f"holdout:{s.id}".encode()).hexdigest())
     held = {s.id for s in ranked[: max(1, round(len(samples) * fraction))]}
     return [s for s in samples if s.id not in held], [s for s in samples if s.id in held]
+
+
+# Small data needs several passes: a few dozen messages in one pass teach nothing (the style test's
+# 36 samples needed two passes at 3x the rate). From AUTO_SAMPLE_PASSES samples on, one pass.
+AUTO_SAMPLE_PASSES = 200
+AUTO_MAX_EPOCHS = 8
+
+
+def auto_epochs(samples: int) -> float:
+    """Passes over `samples` training samples when none were asked for: about AUTO_SAMPLE_PASSES
+    samples seen in all, at least one pass, at most AUTO_MAX_EPOCHS."""
+    return round(min(AUTO_MAX_EPOCHS, max(1.0, AUTO_SAMPLE_PASSES / max(samples, 1))), 2)
 
 
 def data_hash(samples: list[Sample]) -> str:
@@ -196,6 +207,7 @@ class Prepared:
     items: list[dict]
     samples_per_step: float
     learning_rate: float
+    epochs: float
 
 
 def prepare(samples: list[Sample], speaker: str, config: TrainConfig, models_dir: Path, device: str) -> Prepared:
@@ -226,8 +238,9 @@ def prepare(samples: list[Sample], speaker: str, config: TrainConfig, models_dir
         items = packing.single_examples(kept)
     samples_per_step = len(kept) / len(items) * config.batch_size * int(os.environ.get("WORLD_SIZE", 1))
     learning_rate = packing.scaled_learning_rate(config.learning_rate, samples_per_step) if config.batch_tokens else config.learning_rate
-    log.info("%d samples in %d sequences (%.1f samples per step); learning rate %.3g", len(kept), len(items),
-             samples_per_step, learning_rate)
+    epochs = config.epochs or auto_epochs(len(kept))
+    log.info("%d samples in %d sequences (%.1f samples per step); learning rate %.3g; %s epochs%s", len(kept),
+             len(items), samples_per_step, learning_rate, epochs, "" if config.epochs else " (chosen for the amount of data)")
 
     if config.load_in_8bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -235,7 +248,7 @@ def prepare(samples: list[Sample], speaker: str, config: TrainConfig, models_dir
                       target_modules=config.target_modules, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     return Prepared(model_path, tokenizer, template, template_source, model, train_samples, held_out, kept, items,
-                    samples_per_step, learning_rate)
+                    samples_per_step, learning_rate, epochs)
 
 
 def make_trainer(run: Prepared, config: TrainConfig, device: str, output_dir: Path, checkpointing: bool,
@@ -246,7 +259,7 @@ def make_trainer(run: Prepared, config: TrainConfig, device: str, output_dir: Pa
 
     args = TrainingArguments(
         output_dir=str(output_dir),
-        num_train_epochs=config.epochs,
+        num_train_epochs=run.epochs,
         max_steps=config.max_steps or -1,
         per_device_train_batch_size=config.batch_size,
         learning_rate=run.learning_rate,
@@ -310,22 +323,25 @@ def train_lora(
     trainer = make_trainer(run, config, device, checkpoint_dir if checkpointing else tmp / "trainer", checkpointing,
                            stop, callbacks or [], progress_bar, run_name or speaker)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*inputs will be cast from torch.float32 to float16.*")
-            result = trainer.train(resume_from_checkpoint=resume_from)
+        result = trainer.train(resume_from_checkpoint=resume_from)
         if stop.is_set():
             raise TrainingStopped("training stopped before it finished")
         if not trainer.is_world_process_zero():  # data parallel: the main process writes the one adapter
-            return TrainOutcome(output_root / speaker, {"steps": trainer.state.global_step})
+            return TrainOutcome(adapters.folder(output_root, speaker), {"steps": trainer.state.global_step})
         info = _info(run, config, speaker, trainer, result, started)
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
         run.model.save_pretrained(tmp)
         run.tokenizer.chat_template = run.template
         run.tokenizer.save_pretrained(tmp)
-        outcome = TrainOutcome(output_root / speaker, info)
+        outcome = TrainOutcome(adapters.folder(output_root, speaker), info)
         if evaluate is not None:
             log.info("evaluating the adapter on %d held-out samples", len(run.held_out))
             run.model.eval()
+            if config.load_in_8bit and device == "cpu":
+                # bitsandbytes' CPU int8 matmul turns the whole weight into float32 at every call: cheap
+                # for 1024-token training batches, minutes for replies generated a token at a time. The
+                # same 8-bit weights, dequantized once in memory (the adapter was saved above).
+                run.model.get_base_model().dequantize()
             try:
                 outcome.evaluation = evaluate(run.model, run.tokenizer, run.template, run.held_out, tmp, info)
             except Exception as exc:  # the adapter is good; say why there is no report
@@ -360,6 +376,7 @@ def _info(run: Prepared, config: TrainConfig, speaker: str, trainer, result, sta
         "supervised_tokens": sum(e.supervised for e in run.encoded),
         "total_tokens": sum(len(e.input_ids) for e in run.encoded),
         "packed_sequences": len(run.items),
+        "epochs": run.epochs,
         "samples_per_step": round(run.samples_per_step, 3),
         "learning_rate_effective": run.learning_rate,
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 3),
@@ -405,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cli = argparse.ArgumentParser(description="Train a speaker's LoRA adapter from ./data/<speaker>_messages.json.")
     cli.add_argument("--speaker", required=True)
-    cli.add_argument("--epochs", type=float, default=1.0)
+    cli.add_argument("--epochs", type=float, help="passes over the data (default: chosen from its amount)")
     cli.add_argument("--learning-rate", type=float)
     cli.add_argument("--max-steps", type=int)
     cli.add_argument("--batch-size", type=int, default=1, help="packed sequences (samples with --batch-tokens 0) per step")

@@ -69,3 +69,43 @@ def test_no_holdout_for_few_samples(tiny_gemma, tmp_path):
     with engine.session(None) as (model, tokenizer, template):
         report = evals.evaluate(model, tokenizer, template, "Ann", [], {}, 512)
     assert report["held_out_samples"] == 0 and "too few samples" in report["note"]
+
+
+def test_loops_are_caught_and_ordinary_replies_are_not():
+    assert evals.looping("Oh, I'm so sorry. I'm sorry. I'm sorry. I'm sorry.")
+    assert evals.looping("I-I said you had a-I-I-I-I-I-I-I")
+    assert evals.looping("I'm trying to get a football phone. I'm trying to get a football phone. I'm trying to get a football phone.")
+    assert not evals.looping("I'm sorry. I really am sorry, dear.")
+    assert not evals.looping("")
+    assert evals.distinct_2(["a b a b a b"]) == 0.4  # 2 distinct of 5 bigrams
+    assert evals.distinct_2(["so it goes", "and so on"]) == 1.0
+
+
+def test_generation_figures_are_what_a_user_sees():
+    from infer import Generation
+
+    replies = [Generation("Yes, of course.", 5, 4, "stop"), Generation("no no no no no no no no", 5, 64, "length"),
+               Generation("Quite so.", 5, 3, "stop"), Generation("I am sorry. I am sorry. I am sorry.", 5, 12, "stop")]
+    true = ["Yes.", "Certainly not, Algernon.", "Quite.", "I am not."]
+    figures = evals.generation_figures(replies, true)
+    assert figures["ends_turn"] == 0.75 and figures["loops"] == 0.5
+    assert (figures["median_words"], figures["person_median_words"]) == (5.0, 2.5) and figures["length_ratio"] == 2.0
+    assert 0 < figures["distinct_2"] < 1 and figures["style_distance"] > 0
+
+
+def test_report_leads_with_generation_figures_and_end_of_turn(tiny_gemma, tmp_path):
+    samples, _ = build_samples(styled_dialog(20), "Ann", 2)
+    settings = Settings(BASE_MODEL=str(tiny_gemma), DEVICE="cpu", LOAD_IN_8BIT=False, EVAL_GENERATIONS=3)
+    config = train.resolve_config(settings, TrainRequest(speaker="Ann", max_steps=2))
+    out = train.train_lora(samples, "Ann", config, tmp_path / "out", tmp_path / "models",
+                           evaluate=evals.after_training(settings, "Ann", config))
+    report = out.evaluation
+    assert list(report)[:5] == ["speaker", "created_at", "base_weights", "held_out_samples", "generation"]
+    generation = report["generation"]
+    assert generation["contexts"] == 2 and generation["decoding"]["temperature"] == settings.GENERATION_TEMPERATURE
+    for label in ("base", "adapter"):
+        assert 0 <= generation[label]["ends_turn"] <= 1 and 0 <= generation[label]["loops"] <= 1
+        assert 0 < report["end_of_turn"][label] < 1
+    # Written into the adapter folder with it, from the model still in memory.
+    assert json.loads((out.model_path / "eval.json").read_text())["generation"] == generation
+    assert {s["adapter_finish"] for s in report["samples"]} <= {"stop", "length"}

@@ -91,9 +91,10 @@ def test_evaluation_after_training_and_on_demand(server):
     assert png.status_code == 200 and png.headers["content-type"] == "image/png" and png.content[:4] == b"\x89PNG"
     fresh = http.post("/speakers/Ann/evaluate")
     assert fresh.status_code == 200, fresh.text
-    # After training the report comes from the trained model in memory (8-bit base); on demand from the
-    # generation engine (dense base on a CPU): the same adapter and tokens, losses equal to rounding.
-    assert (report["base_weights"], fresh.json()["base_weights"]) == ("8-bit", "float32")
+    # After training the report comes from the trained model in memory (its 8-bit base dequantized on a
+    # CPU); on demand from the generation engine (the dense base): the same adapter and tokens, losses
+    # equal to the 8-bit rounding.
+    assert (report["base_weights"], fresh.json()["base_weights"]) == ("8-bit, dequantized to float32", "float32")
     assert fresh.json()["held_out"]["adapter"]["tokens"] == held["adapter"]["tokens"]
     assert fresh.json()["held_out"]["adapter"]["loss"] == pytest.approx(held["adapter"]["loss"], rel=2e-3)
     assert http.get("/speakers/Nobody/evaluation").status_code == 404

@@ -86,3 +86,36 @@ def test_streaming_yields_the_same_text(tiny_gemma, adapters):
 def test_unknown_speaker(tiny_gemma, adapters):
     with pytest.raises(AdapterNotFound):
         engine(tiny_gemma, adapters).generate("Nobody", PROMPT, Decoding())
+
+
+def test_stop_strings_end_the_reply_and_never_reach_the_client():
+    from infer import _StopCutter
+
+    cutter = _StopCutter(["\nBob:", "###"])
+    pieces = [" Hello", " there", "\nB", "ob: hi", " more"]
+    out = "".join(cutter.feed(p) for p in pieces) + cutter.flush()
+    assert out == "Hello there" and cutter.stopped
+    cutter = _StopCutter(["\nBob:"])
+    out = "".join(cutter.feed(p) for p in ["a\n", "Bo", "ss is here"]) + cutter.flush()
+    assert out == "a\nBoss is here" and not cutter.stopped  # a held-back prefix that was not a stop is sent
+
+
+def test_persona_decoding_stops_at_anyone_elses_turn():
+    from infer import persona_decoding
+
+    settings = Settings()
+    decoding = persona_decoding(settings, [Turn(speaker="Bob", content="hi"), Turn(speaker="Ann", content="yo")],
+                                temperature=None, stop=["END"], max_new_tokens=9)
+    assert decoding.stop == ["END", "\nBob:", "\nAnn:"]
+    assert (decoding.temperature, decoding.top_p, decoding.repetition_penalty, decoding.max_new_tokens) == (
+        settings.GENERATION_TEMPERATURE, settings.GENERATION_TOP_P, settings.GENERATION_REPETITION_PENALTY, 9)
+
+
+def test_a_stop_string_cuts_generation(tiny_gemma, adapters):
+    e = engine(tiny_gemma, adapters)
+    whole = e.generate("Ann", PROMPT, Decoding(max_new_tokens=8))
+    word = whole.text.split()[1]
+    cut = e.generate("Ann", PROMPT, Decoding(max_new_tokens=8, stop=[word]))
+    assert word not in cut.text and whole.text.startswith(cut.text) and cut.finish_reason == "stop"
+    *pieces, end = e.stream("Ann", PROMPT, Decoding(max_new_tokens=8, stop=[word]))
+    assert "".join(pieces).strip() == end.text == cut.text and end.finish_reason == "stop"

@@ -189,3 +189,27 @@ def test_database_of_the_first_release_is_upgraded(tmp_path):
     old = registry.get("old")
     assert (old.status, old.progress, old.checkpoint, old.cancel_requested) == (JobStatus.succeeded, None, None, False)
     assert registry.create("A", _config()).status == JobStatus.queued
+
+
+def test_any_display_name_trains_answers_and_is_listed(client, env):
+    """A name with an emoji family and '+' (not a safe file name) gets an encoded folder; the real name
+    is what every answer shows."""
+    from urllib.parse import quote
+
+    from config import storage_name
+
+    name = "Мама 👨\u200d👩\u200d👧 +380"
+    dialog = [{"speaker": "Син", "content": f"питання {i}"} if i % 2 == 0 else {"speaker": name, "content": f"відповідь {i}"}
+              for i in range(6)]
+    assert client.post("/upload-text", json={"dialog": dialog, "speaker": name}).status_code == 200
+    r = client.post("/train", json={"speaker": name, "wait": True, "max_steps": 2})
+    assert r.status_code == 200, r.text
+    folder = Path(env["OUTPUT_DIR"]) / storage_name(name)
+    assert storage_name(name).startswith("~") and (folder / "adapter_model.safetensors").is_file()
+    assert r.json()["model_path"] == f"{env['OUTPUT_DIR']}/{storage_name(name)}"
+    assert client.post("/generate", json={"speaker": name, "prompt": "питання", "max_new_tokens": 2}).status_code == 200
+    assert name in [m["id"] for m in client.get("/v1/models").json()["data"]]
+    speakers = client.get("/speakers").json()["data"]
+    assert [(s["speaker"], s["adapter"]) for s in speakers] == [(name, True)]
+    r = client.delete(f"/speakers/{quote(name)}")
+    assert r.status_code == 200 and not folder.exists()

@@ -232,3 +232,13 @@ def test_request_overrides_settings(tiny_gemma):
     config = train.resolve_config(settings, TrainRequest(speaker="A", learning_rate=5e-4, batch_size=4))
     assert (config.learning_rate, config.max_seq_length, config.batch_size, config.epochs) == (5e-4, 256, 4, 1.0)
     assert (config.lora_r, config.lora_alpha, config.lora_dropout) == (8, 16, 0.1)
+
+
+def test_epochs_adapt_to_the_amount_of_data():
+    assert train.auto_epochs(36) == round(train.AUTO_SAMPLE_PASSES / 36, 2) > 5
+    assert train.auto_epochs(2) == train.AUTO_MAX_EPOCHS
+    assert train.auto_epochs(train.AUTO_SAMPLE_PASSES) == train.auto_epochs(5000) == 1.0
+    config = train.resolve_config(Settings(), TrainRequest(speaker="A"))
+    assert config.epochs is None  # chosen by the run, from its data
+    assert train.resolve_config(Settings(EPOCHS=3), TrainRequest(speaker="A")).epochs == 3
+    assert train.resolve_config(Settings(EPOCHS=3), TrainRequest(speaker="A", epochs=2)).epochs == 2
