@@ -140,7 +140,8 @@ def progress_callback(report, interval_s: float = 1.0):
         """Reports from on_log (logging_steps=1), which runs after the step's loss is known."""
 
         def __init__(self):
-            self.loss, self.last, self.began, self.first_step, self.reported = None, 0.0, None, 0, -1
+            # last = -inf: the first step is always reported (time.monotonic() may be under interval_s after boot)
+            self.loss, self.last, self.began, self.first_step, self.reported = None, float("-inf"), None, 0, -1
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.began, self.first_step = time.monotonic(), state.global_step
@@ -320,9 +321,10 @@ def train_lora(
     run = prepare(samples, speaker, config, models_dir, device)
     tmp = adapters.new_tmp(output_root, speaker)
     checkpointing = bool(checkpoint_dir and config.checkpoint_steps)
-    trainer = make_trainer(run, config, device, checkpoint_dir if checkpointing else tmp / "trainer", checkpointing,
-                           stop, callbacks or [], progress_bar, run_name or speaker)
-    try:
+    trainer = None
+    try:  # from here on, any failure removes the temporary folder (a missing REPORT_TO package fails in make_trainer)
+        trainer = make_trainer(run, config, device, checkpoint_dir if checkpointing else tmp / "trainer", checkpointing,
+                               stop, callbacks or [], progress_bar, run_name or speaker)
         result = trainer.train(resume_from_checkpoint=resume_from)
         if stop.is_set():
             raise TrainingStopped("training stopped before it finished")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,73 @@ from config import get_settings  # noqa: E402
 from jobs import free_port  # noqa: E402
 from models import SAMPLE_DIALOG  # noqa: E402,F401  (tests import it from here)
 
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+# --- helpers for talking to a server: `http` is a FastAPI TestClient or an httpx.Client --------------
+
+
+def upload(http, speaker: str = "User1", dialog: list[dict] | None = None) -> dict:
+    """Store `dialog` for `speaker` and assert it was accepted. Without a dialog: the sample dialog,
+    with User1's turns spoken by `speaker` when the sample has no turn of theirs."""
+    if dialog is None:
+        names = {t["speaker"] for t in SAMPLE_DIALOG}
+        dialog = SAMPLE_DIALOG if speaker in names else [
+            {**t, "speaker": speaker if t["speaker"] == "User1" else t["speaker"]} for t in SAMPLE_DIALOG]
+    r = http.post("/upload-text", json={"dialog": dialog, "speaker": speaker})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def finished(job: dict) -> bool:
+    return job["status"] in TERMINAL
+
+
+def training(job: dict) -> bool:
+    """Running, with at least one step done (the model loaded, the temporary adapter folder made)."""
+    return job["status"] == "running" and (job["progress"] or {}).get("step", 0) >= 1
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
+    """The first truthy value of `predicate()`; fails the test, naming `what`, after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_for_job(http, job_id: str, predicate, timeout: float = 180, what: str | None = None,
+                 interval: float = 0.1) -> dict:
+    """The job's JSON once `predicate(job)` holds; fails the test with the last JSON seen on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = http.get(f"/jobs/{job_id}")
+        assert r.status_code == 200, r.text
+        job = r.json()
+        if predicate(job):
+            return job
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for job {job_id}: {what or predicate.__name__}; "
+                        f"last seen: {json.dumps(job, ensure_ascii=False)}")
+        time.sleep(interval)
+
+
+def read_sse(response) -> list[dict]:
+    """The Server-Sent Events of a streamed response, each as {"event": ..., "id": ..., "data": ...}."""
+    events, current = [], {}
+    for line in response.iter_lines():
+        if line == "":
+            if current:
+                events.append(current)
+            current = {}
+        elif not line.startswith(":"):
+            key, _, value = line.partition(": ")
+            current[key] = value
+    return events
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,12 +14,14 @@ import pytest
 from safetensors.torch import load_file
 
 import parser as dialog_parser
-from conftest import ROOT, LiveServer
+from conftest import ROOT, LiveServer, finished, training, wait_for_job
 from models import Turn
 
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+
+pytestmark = pytest.mark.slow  # real uvicorn servers and training processes
 
 
 @pytest.fixture
@@ -70,14 +71,9 @@ def test_service_runs_jobs_with_two_processes(env, stored, tmp_path):
         assert sorted(p.name for p in (Path(env["OUTPUT_DIR"])).iterdir()) == ["A"]
 
         long = http.post("/train", json={"speaker": "A", "max_steps": 10**6}).json()
-        deadline = time.monotonic() + 120
-        while not (http.get(long["url"]).json()["progress"] or {}).get("step") and time.monotonic() < deadline:
-            time.sleep(0.2)
-        http.post(f"{long['url']}/cancel")
-        deadline = time.monotonic() + 120
-        while http.get(long["url"]).json()["status"] == "running" and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert http.get(long["url"]).json()["status"] == "cancelled"
+        wait_for_job(http, long["job_id"], training, timeout=120)
+        assert http.post(f"{long['url']}/cancel").status_code == 200
+        assert wait_for_job(http, long["job_id"], finished, timeout=120)["status"] == "cancelled"
         assert http.post("/train", json={"speaker": "A", "wait": True}).status_code == 200  # nothing left hanging
     finally:
         server.stop()
@@ -91,15 +87,11 @@ def test_a_killed_training_process_fails_the_job_with_status_and_log(env, stored
     try:
         http = httpx.Client(base_url=server.url, timeout=600)
         job = http.post("/train", json={"speaker": "A", "max_steps": 10**6}).json()
-        deadline = time.monotonic() + 120
-        while not (http.get(job["url"]).json()["progress"] or {}).get("step") and time.monotonic() < deadline:
-            time.sleep(0.2)
-        child = psutil.Process(server.proc.pid).children()[0]  # the job's process (or its launcher)
-        child.kill()
-        deadline = time.monotonic() + 120
-        while http.get(job["url"]).json()["status"] == "running" and time.monotonic() < deadline:
-            time.sleep(0.2)
-        failed = http.get(job["url"]).json()
+        wait_for_job(http, job["job_id"], training, timeout=120)
+        children = [c for c in psutil.Process(server.proc.pid).children() if "jobs.py" in " ".join(c.cmdline())]
+        assert len(children) == 1, psutil.Process(server.proc.pid).children()  # the job's process (or its launcher)
+        children[0].kill()
+        failed = wait_for_job(http, job["job_id"], finished, timeout=120)
         assert failed["status"] == "failed"
         assert failed["error"].startswith("the training process exited with status -9; last log lines:\n")
         assert len(failed["error"].splitlines()) > 2

@@ -9,6 +9,8 @@ from openai import NotFoundError, OpenAI
 
 from conftest import LiveServer
 
+pytestmark = pytest.mark.slow  # one real uvicorn server, trained once for the module
+
 DIALOG = []
 for i in range(12):
     DIALOG += [{"speaker": "Q", "content": f"питання {i}"}, {"speaker": "Ann", "content": f"відповідь {i} 🌻"}]

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import time
+import importlib.util
+import json
+import logging
+import re
 from pathlib import Path
 
 import pytest
 
-from conftest import SAMPLE_DIALOG
+from conftest import finished, read_sse, upload, wait_for_job
 from config import get_settings
 from registry import INTERRUPTED, JobRegistry
 from models import JobStatus, TrainConfig
-
-
-def upload(client, speaker="User1"):
-    r = client.post("/upload-text", json={"dialog": SAMPLE_DIALOG, "speaker": speaker})
-    assert r.status_code == 200, r.text
-
-
-def poll(client, job_id, until=("succeeded", "failed"), timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/jobs/{job_id}").json()
-        if job["status"] in until:
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s")
 
 
 def test_train_with_wait_answers_when_done(client, env):
@@ -49,7 +37,7 @@ def test_train_without_wait_is_a_job_to_poll(client, env):
     job = r.json()
     assert job["status"] in ("queued", "running")
     assert job["url"] == f"/jobs/{job['job_id']}" == r.headers["location"]
-    done = poll(client, job["job_id"])
+    done = wait_for_job(client, job["job_id"], finished, timeout=120)
     assert done["status"] == "succeeded", done
     assert done["started_at"] and done["finished_at"] and done["error"] is None
     assert done["result"]["model_path"].endswith("/User1")
@@ -88,7 +76,7 @@ def test_conflict_while_running_health_answers_and_shutdown_interrupts(env):
     with TestClient(app) as client:
         upload(client)
         job = client.post("/train", json={"speaker": "User1", "max_steps": 10**6}).json()
-        poll(client, job["job_id"], until=("running",))
+        wait_for_job(client, job["job_id"], lambda j: j["status"] == "running", timeout=120, what="running")
         r = client.post("/train", json={"speaker": "User1"})
         assert r.status_code == 409
         assert r.json()["detail"].startswith(f"speaker 'User1' already has a training job ({job['job_id']}, running)")
@@ -170,7 +158,7 @@ def test_queued_job_left_by_a_dead_server_runs_at_start(env):
 
     job = registry.create("User1", resolve_config(get_settings(), TrainRequest(speaker="User1")))
     with TestClient(app) as client:
-        assert poll(client, job.job_id)["status"] == "succeeded"
+        assert wait_for_job(client, job.job_id, finished, timeout=120)["status"] == "succeeded"
 
 
 def test_database_of_the_first_release_is_upgraded(tmp_path):
@@ -189,6 +177,81 @@ def test_database_of_the_first_release_is_upgraded(tmp_path):
     old = registry.get("old")
     assert (old.status, old.progress, old.checkpoint, old.cancel_requested) == (JobStatus.succeeded, None, None, False)
     assert registry.create("A", _config()).status == JobStatus.queued
+
+
+def events_of(client, job_id: str, kind: str) -> list[dict]:
+    events = client.get(f"/jobs/{job_id}/events", params={"stream": "false"}).json()["data"]
+    return [e["data"] for e in events if e["type"] == kind]
+
+
+def test_progress_is_throttled_to_the_first_and_last_step(client, monkeypatch):
+    monkeypatch.setenv("PROGRESS_INTERVAL_S", "3600")
+    get_settings.cache_clear()
+    upload(client)
+    r = client.post("/train", json={"speaker": "User1", "epochs": 10, "batch_tokens": 1, "wait": True})
+    assert r.status_code == 200, r.text
+    job = r.json()["job"]
+    assert job["result"]["steps"] == 20  # 2 samples x 10 epochs, one per step
+    assert [p["step"] for p in events_of(client, job["job_id"], "progress")] == [1, 20]
+    assert job["progress"]["step"] == 20
+
+
+def test_event_stream_resumes_after_last_event_id(client):
+    upload(client)
+    job = client.post("/train", json={"speaker": "User1", "wait": True}).json()["job"]
+    ids = [e["id"] for e in client.get(f"/jobs/{job['job_id']}/events", params={"stream": "false"}).json()["data"]]
+    assert len(ids) > 3
+    with client.stream("GET", f"/jobs/{job['job_id']}/events", headers={"Last-Event-ID": str(ids[1])}) as r:
+        assert r.status_code == 200
+        resumed = read_sse(r)  # the job has finished: the stream ends after its events
+    assert [int(e["id"]) for e in resumed] == ids[2:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="needs wandb not to be installed")
+def test_tracker_without_its_package_fails_the_job_naming_the_package(client, env, monkeypatch):
+    monkeypatch.setenv("REPORT_TO", "wandb")
+    get_settings.cache_clear()
+    upload(client)
+    r = client.post("/train", json={"speaker": "User1", "wait": True})
+    assert r.status_code == 500
+    assert "requires wandb to be installed. Run `pip install wandb`" in r.json()["detail"], r.json()
+    assert list(Path(env["OUTPUT_DIR"]).iterdir()) == []  # no adapter, no temporary folder left behind
+
+
+def test_resumed_job_trains_on_its_sample_snapshot(client, env, monkeypatch):
+    monkeypatch.setenv("CHECKPOINT_STEPS", "2")
+    get_settings.cache_clear()
+    upload(client)  # User1's 2 samples
+    job = client.post("/train", json={"speaker": "User1", "epochs": 50, "batch_tokens": 1}).json()  # 100 steps
+    wait_for_job(client, job["job_id"], lambda j: j["checkpoint"] is not None or finished(j), timeout=120,
+                 what="a checkpoint")
+    assert client.post(f"/jobs/{job['job_id']}/cancel").status_code in (200, 409)
+    stopped = wait_for_job(client, job["job_id"], finished, timeout=120)
+    assert stopped["status"] == "cancelled", stopped
+    snapshot = Path(env["OUTPUT_DIR"]) / ".checkpoints" / job["job_id"] / "samples.json"
+    replies = ["Привіт! Як справи?", "Підемо кави вип'ємо?"]
+    assert [s["reply"] for s in json.loads(snapshot.read_text(encoding="utf-8"))] == replies
+
+    more = [turn for i in range(10) for turn in ({"speaker": "X", "content": f"питання {i}"},
+                                                 {"speaker": "User1", "content": f"відповідь {i}"})]
+    upload(client, "User1", more)
+    assert client.get("/speakers/User1/messages").json()["count"] == 12
+    assert client.post(f"/jobs/{job['job_id']}/resume").status_code == 202
+    done = wait_for_job(client, job["job_id"], finished, timeout=300)
+    assert done["status"] == "succeeded", done["error"]
+    assert (done["result"]["num_samples"], done["result"]["steps"]) == (2, 100)  # the snapshot, not the 12 now stored
+
+
+def test_one_log_line_per_job_state_change(client, env, caplog):
+    upload(client)
+    with caplog.at_level(logging.INFO):
+        job = client.post("/train", json={"speaker": "User1", "wait": True}).json()["job"]
+    change = re.compile(rf"job {job['job_id']}(?: \(User1\))?: (\w+)")
+    server = [m[1] for r in caplog.records if r.name == "persona_lora.jobs" and (m := change.fullmatch(r.getMessage()))]
+    assert server == ["queued", "running"]  # the server queues and starts the job ...
+    child_log = (Path(env["DATA_DIR"]) / "logs" / f"{job['job_id']}.log").read_text(encoding="utf-8")
+    child = [m[1] for line in child_log.splitlines() if (m := re.search(rf"persona_lora\.jobs: {change.pattern}$", line))]
+    assert child == ["succeeded"]  # ... and the training process records its outcome, once
 
 
 def test_any_display_name_trains_answers_and_is_listed(client, env):

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-from conftest import SAMPLE_DIALOG
-
-
-def upload(client, speaker="User1", dialog=SAMPLE_DIALOG):
-    assert client.post("/upload-text", json={"dialog": dialog, "speaker": speaker}).status_code == 200
+from conftest import finished, training, upload, wait_for_job
+from config import get_settings
 
 
 def test_speakers_listing_with_adapter_state(client):
@@ -72,10 +68,25 @@ def test_delete_can_keep_the_adapter(client, env):
 def test_delete_refused_while_training(client, env):
     upload(client)
     job = client.post("/train", json={"speaker": "User1", "max_steps": 10**6}).json()
-    deadline = time.monotonic() + 60
-    while client.get(job["url"]).json()["status"] != "running" and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for_job(client, job["job_id"], training, timeout=120)  # refused while it trains, not only while queued
     r = client.delete("/speakers/User1")
     assert r.status_code == 409 and job["job_id"] in r.json()["detail"]
     assert (Path(env["DATA_DIR"]) / "User1_messages.json").exists()
     client.post(f"/jobs/{job['job_id']}/cancel")
+
+
+def test_delete_removes_the_speakers_checkpoints(client, env, monkeypatch):
+    monkeypatch.setenv("CHECKPOINT_STEPS", "2")
+    get_settings.cache_clear()
+    upload(client)
+    job = client.post("/train", json={"speaker": "User1", "max_steps": 10**6, "batch_tokens": 1}).json()
+    wait_for_job(client, job["job_id"], lambda j: j["checkpoint"] is not None, timeout=120, what="a checkpoint")
+    assert client.post(f"/jobs/{job['job_id']}/cancel").status_code == 200
+    stopped = wait_for_job(client, job["job_id"], finished, timeout=120)
+    folder = Path(env["OUTPUT_DIR"]) / ".checkpoints" / job["job_id"]
+    assert stopped["status"] == "cancelled" and Path(stopped["checkpoint"]).parent == folder
+    assert (folder / "samples.json").is_file() and Path(stopped["checkpoint"]).is_dir()
+    r = client.delete("/speakers/User1")
+    assert r.status_code == 200, r.text
+    assert r.json()["deleted"] == [f"{env['DATA_DIR']}/User1_messages.json", str(folder)]
+    assert not folder.exists()
