@@ -122,13 +122,6 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
-def model_type(model_path: str) -> str:
-    """`config.model_type` of a checkpoint, read without loading its weights."""
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(model_path).model_type
-
-
 def load_base_model(model_path: str, load_in_8bit: bool, device: str):
     """The frozen base, 8-bit through bitsandbytes or dense; float32 on CPU, bfloat16 on CUDA."""
     import torch

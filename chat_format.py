@@ -20,71 +20,71 @@ log = logging.getLogger("persona_lora.chat_format")
 
 IGNORE = -100
 
-# Known chat templates by `config.model_type`, for checkpoints that ship none (the default GGUF has
-# none). Gemma's is the official turn format, with roles assumed to alternate (to_messages ensures it).
-_GEMMA_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n"
-    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+# A checkpoint that ships no chat template is taken for a base (pretrained) model, as the default
+# GGUF is: it never learnt a chat format's turn tokens (after a reply, gemma-3-270m gives Gemma's
+# <end_of_turn> a probability of 3e-10, rank 251,599 of 262,144) and reads them as noise, while it
+# knows a transcript — "Name: line" — and ends a line by itself (P("\n") = 0.41 at a reply's end).
+# So such checkpoints get a transcript: one line per turn, the persona's line ended by a new line.
+# Each message carries its `turns` (name and text); a message without them is one line, named by its
+# `name` or role. `assistant_name` names the persona on the line it is asked to write.
+TRANSCRIPT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% set turns = m['turns'] if m['turns'] is defined else [{'name': m['name'] if m['name'] is defined else m['role'], 'text': m['content']}] %}"
+    "{% for t in turns %}{{ t['name'] }}: {{ t['text'] | replace('\n', ' ') | trim }}\n{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ assistant_name | default('assistant') }}:{% endif %}"
 )
-KNOWN_CHAT_TEMPLATES = {
-    "gemma": _GEMMA_TEMPLATE,
-    "gemma2": _GEMMA_TEMPLATE,
-    "gemma3": _GEMMA_TEMPLATE,
-    "gemma3_text": _GEMMA_TEMPLATE,
-}
-# For anything else without a template: role-prefixed lines, EOS after the speaker's reply so the
-# model learns to stop.
-PLAIN_CHAT_TEMPLATE = (
-    "{% if bos_token %}{{ bos_token }}{% endif %}{% for message in messages %}"
-    "{{ message['role'] }}: {{ message['content'] }}"
-    "{% if message['role'] == 'assistant' and eos_token %}{{ eos_token }}{% endif %}{{ '\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
-)
-# Tokens at which a reply has ended, besides EOS: the template's end of turn, or the start of the
-# next turn where a model that never learnt the format writes it itself.
+TRANSCRIPT_SOURCE = "transcript (the checkpoint ships no chat template)"
+# Where a reply has ended, besides EOS: tokens of chat templates (the end of the turn, or the start of
+# the next where a model writes it itself), and for the transcript the end of the line.
 TURN_MARKERS = ("<end_of_turn>", "<start_of_turn>")
 
 
-def chat_template_for(tokenizer, model_type: str) -> tuple[str, str]:
-    """The template to format with, and where it came from."""
+def chat_template_for(tokenizer) -> tuple[str, str]:
+    """The template to format with, and where it came from: the checkpoint's own chat template, or a
+    transcript for a base model that ships none."""
     if tokenizer.chat_template:
         return tokenizer.chat_template, "tokenizer"
-    if model_type in KNOWN_CHAT_TEMPLATES:
-        return KNOWN_CHAT_TEMPLATES[model_type], f"known template for {model_type}"
-    return PLAIN_CHAT_TEMPLATE, "plain fallback"
+    return TRANSCRIPT_TEMPLATE, TRANSCRIPT_SOURCE
 
 
-def to_messages(context: list[Turn], speaker: str, reply: str | None = None) -> list[dict[str, str]]:
+def turn_end_strings(template: str) -> list[str]:
+    """Text that ends a generated reply under `template`: a transcript's line ends the turn."""
+    return ["\n"] if template == TRANSCRIPT_TEMPLATE else []
+
+
+def to_messages(context: list[Turn], speaker: str, reply: str | None = None) -> list[dict]:
     """The context as chat messages (the speaker as assistant, everyone else as user), then the
     reply when given; without one, the messages the speaker's next reply answers.
 
     Consecutive turns of one role are merged and empty user turns are put where the roles would
     not alternate, since most templates (Gemma's among them) require user/assistant alternation.
-    Names of others are kept in the text when more than one other person speaks.
+    Names of others are kept in the text when more than one other person speaks. Each message also
+    keeps its `turns` (name and text), which the transcript template writes one line each.
     """
     others = {t.speaker for t in context if t.speaker != speaker}
-    messages: list[dict[str, str]] = []
+    messages: list[dict] = []
     for turn in context:
         role = "assistant" if turn.speaker == speaker else "user"
         text = f"{turn.speaker}: {turn.content}" if role == "user" and len(others) > 1 else turn.content
+        line = {"name": turn.speaker, "text": turn.content}
         if messages and messages[-1]["role"] == role:
             messages[-1]["content"] += "\n" + text
+            messages[-1]["turns"].append(line)
         else:
-            messages.append({"role": role, "content": text})
+            messages.append({"role": role, "content": text, "turns": [line]})
     if not messages or messages[0]["role"] == "assistant":
-        messages.insert(0, {"role": "user", "content": ""})
+        messages.insert(0, {"role": "user", "content": "", "turns": []})
     if messages[-1]["role"] == "assistant":
-        messages.append({"role": "user", "content": ""})
+        messages.append({"role": "user", "content": "", "turns": []})
     if reply is not None:
-        messages.append({"role": "assistant", "content": reply})
+        messages.append({"role": "assistant", "content": reply, "turns": [{"name": speaker, "text": reply}]})
     return messages
 
 
-def prompt_text(tokenizer, template: str, messages: list[dict[str, str]]) -> str:
-    """The text that asks for the assistant's next turn."""
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+def prompt_text(tokenizer, template: str, messages: list[dict], speaker: str) -> str:
+    """The text that asks `speaker` (the assistant) for the next turn."""
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True,
+                                         assistant_name=speaker)
 
 
 @dataclass
@@ -107,8 +107,8 @@ def format_sample(sample: Sample, speaker: str, tokenizer, template: str, max_le
     dropped = 0
     while True:
         messages = to_messages(context, speaker, sample.reply)
-        prompt = prompt_text(tokenizer, template, messages[:-1])
-        full = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+        prompt = prompt_text(tokenizer, template, messages[:-1], speaker)
+        full = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, assistant_name=speaker)
         if not full.startswith(prompt):
             log.warning("chat template: the prompt is not a prefix of prompt+reply; splitting at the common prefix")
             prompt = os.path.commonprefix([prompt, full])
@@ -155,7 +155,7 @@ def turn_starts(context: list[Turn]) -> list[str]:
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    """Token ids that end a generated reply: EOS and the template's turn markers the tokenizer knows."""
+    """Token ids that end a generated reply: EOS and the chat templates' turn markers the tokenizer knows."""
     stops = {tokenizer.eos_token_id}
     for marker in TURN_MARKERS:
         token = tokenizer.convert_tokens_to_ids(marker)

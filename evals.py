@@ -122,14 +122,16 @@ def generation_figures(replies: list[Generation], true: list[str]) -> dict[str, 
 
 
 def end_of_turn_probability(model, tokenizer, encoded: list[chat_format.Encoded]) -> float | None:
-    """Mean probability the model gives the end-of-turn token right where the person's reply ends
-    (the template's end of turn, or EOS): whether it has learnt when this person stops talking."""
+    """Mean probability the model gives the token that ends the person's reply, right where it ends
+    (a chat template's end of turn or EOS; in a transcript, the end of the line): whether it has
+    learnt when this person stops talking."""
     import torch
 
     stops = set(chat_format.stop_token_ids(tokenizer))
     probabilities = []
     for e in encoded:
-        end = next((i for i, label in enumerate(e.labels) if label != chat_format.IGNORE and label in stops), None)
+        supervised = [i for i, label in enumerate(e.labels) if label != chat_format.IGNORE]
+        end = next((i for i in supervised if e.labels[i] in stops), supervised[-1] if supervised else None)
         if not end:
             continue
         ids = torch.tensor([e.input_ids[:end]], device=model.device)
@@ -157,7 +159,7 @@ def evaluate(model, tokenizer, template: str, speaker: str, held_out: list[Sampl
         messages = chat_format.to_messages(sample.context, speaker)
         stop = decoding.stop + [s for s in chat_format.turn_starts(sample.context + [Turn(speaker=speaker, content="")])
                                 if s not in decoding.stop]
-        return generate(model, tokenizer, template, messages, replace(decoding, seed=i, stop=stop))
+        return generate(model, tokenizer, template, messages, replace(decoding, seed=i, stop=stop), speaker)
 
     encoded = chat_format.encode_all(held_out, speaker, tokenizer, template, max_len)
     with base_only(model):

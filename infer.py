@@ -65,19 +65,23 @@ class Generation:
     finish_reason: str  # "stop" (the turn ended) or "length" (cut at max_new_tokens)
 
 
-def _inputs(model, tokenizer, template: str, messages: list[dict[str, str]]):
+def _inputs(model, tokenizer, template: str, messages: list[dict], name: str):
     import torch
 
-    text = chat_format.prompt_text(tokenizer, template, messages)
+    text = chat_format.prompt_text(tokenizer, template, messages, name)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
     return ids, torch.ones_like(ids)
 
 
-def _generate_kwargs(tokenizer, decoding: Decoding) -> dict:
+def _stops(template: str, decoding: Decoding) -> list[str]:
+    return chat_format.turn_end_strings(template) + [s for s in decoding.stop if s not in chat_format.turn_end_strings(template)]
+
+
+def _generate_kwargs(tokenizer, template: str, decoding: Decoding) -> dict:
     kwargs = dict(max_new_tokens=decoding.max_new_tokens, eos_token_id=chat_format.stop_token_ids(tokenizer),
                   pad_token_id=tokenizer.pad_token_id, repetition_penalty=decoding.repetition_penalty)
-    if decoding.stop:
-        kwargs.update(stop_strings=decoding.stop, tokenizer=tokenizer)
+    if stops := _stops(template, decoding):
+        kwargs.update(stop_strings=stops, tokenizer=tokenizer)
     if decoding.temperature > 0:
         kwargs.update(do_sample=True, temperature=decoding.temperature, top_p=decoding.top_p)
     else:
@@ -94,18 +98,19 @@ def _finish(text: str, new: list[int], kwargs: dict, stop: list[str]) -> tuple[s
     return text.strip(), "stop" if new and new[-1] in kwargs["eos_token_id"] else "length"
 
 
-def generate(model, tokenizer, template: str, messages: list[dict[str, str]], decoding: Decoding) -> Generation:
-    """The assistant's next turn after `messages`, from `model` as it is (adapter active or not)."""
+def generate(model, tokenizer, template: str, messages: list[dict], decoding: Decoding, name: str = "assistant") -> Generation:
+    """The next turn of `name` (the assistant) after `messages`, from `model` as it is (adapter active
+    or not)."""
     import torch
 
-    ids, mask = _inputs(model, tokenizer, template, messages)
+    ids, mask = _inputs(model, tokenizer, template, messages, name)
     if decoding.seed is not None:
         torch.manual_seed(decoding.seed)
-    kwargs = _generate_kwargs(tokenizer, decoding)
+    kwargs = _generate_kwargs(tokenizer, template, decoding)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     new = out[0, ids.shape[1]:].tolist()
-    text, reason = _finish(tokenizer.decode(new, skip_special_tokens=True), new, kwargs, decoding.stop)
+    text, reason = _finish(tokenizer.decode(new, skip_special_tokens=True), new, kwargs, _stops(template, decoding))
     return Generation(text, ids.shape[1], len(new), reason)
 
 
@@ -170,7 +175,7 @@ class PersonaEngine:
         # 8-bit matmuls are slower than float32 on a CPU: quantize for generation on CUDA only.
         model = base_model.load_base_model(path, self.load_in_8bit and device.startswith("cuda"), device)
         model.eval()
-        self._template, _ = chat_format.chat_template_for(self._tokenizer, model.config.model_type)
+        self._template, _ = chat_format.chat_template_for(self._tokenizer)
         self._model = model
         log.info("generation: loaded base model %s on %s", self.base_model, device)
 
@@ -224,11 +229,12 @@ class PersonaEngine:
 
     # --- generating ----------------------------------------------------------------------------
 
-    def generate(self, speaker: str | None, messages: list[dict[str, str]], decoding: Decoding) -> Generation:
+    def generate(self, speaker: str | None, messages: list[dict], decoding: Decoding) -> Generation:
+        """The speaker's next turn (None: the base model's, as 'assistant')."""
         with self.session(speaker) as (model, tokenizer, template):
-            return generate(model, tokenizer, template, messages, decoding)
+            return generate(model, tokenizer, template, messages, decoding, speaker or "assistant")
 
-    def stream(self, speaker: str | None, messages: list[dict[str, str]], decoding: Decoding) -> Iterator[str | Generation]:
+    def stream(self, speaker: str | None, messages: list[dict], decoding: Decoding) -> Iterator[str | Generation]:
         """Yield the reply in pieces as they are generated (transformers' TextIteratorStreamer), then the
         whole `Generation` (its token counts and finish reason) as the last item."""
         import torch
@@ -237,11 +243,11 @@ class PersonaEngine:
         self._lock.acquire()
         try:
             self._activate(speaker)
-            ids, mask = _inputs(self._model, self._tokenizer, self._template, messages)
+            ids, mask = _inputs(self._model, self._tokenizer, self._template, messages, speaker or "assistant")
             streamer = TextIteratorStreamer(self._tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
             if decoding.seed is not None:
                 torch.manual_seed(decoding.seed)
-            kwargs = _generate_kwargs(self._tokenizer, decoding)
+            kwargs = _generate_kwargs(self._tokenizer, self._template, decoding)
             outcome: list = []
 
             def run():
@@ -256,7 +262,7 @@ class PersonaEngine:
         except BaseException:
             self._lock.release()
             raise
-        cutter = _StopCutter(decoding.stop)
+        cutter = _StopCutter(_stops(self._template, decoding))
         for piece in streamer:
             if out := cutter.feed(piece):
                 yield out

@@ -37,15 +37,16 @@ def _target(request: Request, model: str) -> str | None:
     return normalise_name(model)  # the name as /upload-text stored it (NFC, trimmed): one name, one persona
 
 
-def _messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
-    """OpenAI roles to the persona's chat: system text leads the first user turn (not every
-    template has a system role); the rest keeps its order."""
+def _messages(body: ChatCompletionRequest, persona: str) -> list[dict]:
+    """OpenAI roles to the persona's chat: the assistant's turns are the persona's (named so in a
+    transcript), system text leads the first user turn (not every template has a system role); the
+    rest keeps its order."""
     system = "\n".join(m.content for m in body.messages if m.role in ("system", "developer"))
-    turns = [Turn(speaker=ASSISTANT if m.role == "assistant" else "user", content=m.content)
+    turns = [Turn(speaker=persona if m.role == "assistant" else "user", content=m.content)
              for m in body.messages if m.role in ("user", "assistant")]
     if system:
         turns.insert(0, Turn(speaker="user", content=system))
-    return chat_format.to_messages(turns, ASSISTANT)
+    return chat_format.to_messages(turns, persona)
 
 
 @router.get("/models", response_model=ModelList)
@@ -72,7 +73,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     """Chat with a persona in OpenAI's request and response shapes."""
     engine = request.app.state.engine
     speaker = _target(request, body.model)
-    messages = _messages(body)
+    messages = _messages(body, speaker or ASSISTANT)
     decoding = persona_decoding(get_settings(), **sampling(body), max_new_tokens=body.max_tokens)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     if not body.stream:

@@ -219,7 +219,7 @@ def prepare(samples: list[Sample], speaker: str, config: TrainConfig, models_dir
         raise TrainingError(f"no stored messages for {speaker!r}; upload a dialog with POST /upload-text first")
     started = time.monotonic()
     model_path, tokenizer, model = base_model.load_for_training(config.base_model, models_dir, config.load_in_8bit, device)
-    template, template_source = chat_format.chat_template_for(tokenizer, model.config.model_type)
+    template, template_source = chat_format.chat_template_for(tokenizer)
     log.info("loaded base model %s (%s, %s) in %.1f s; chat template: %s", config.base_model,
              "8-bit" if config.load_in_8bit else "dense", device, time.monotonic() - started, template_source)
 
@@ -410,7 +410,7 @@ def render_dataset(samples: list[Sample], speaker: str, base: str, models_dir: P
     only the tokenizer."""
     model_path = base_model.resolve_base_model(base, models_dir)
     tokenizer = base_model.load_tokenizer(model_path)
-    template, source = chat_format.chat_template_for(tokenizer, base_model.model_type(model_path))
+    template, source = chat_format.chat_template_for(tokenizer)
     rendered = chat_format.render_samples(samples, speaker, tokenizer, template, max_len)
     return {"base_model": base, "chat_template_source": source, "max_seq_length": max_len, "data": rendered}
 

@@ -189,9 +189,8 @@ def run_method(ns) -> dict:
     samples = [Sample(**s) for s in data["train"]]
     held = [Sample(**s) for s in data["heldout"]]
     tokenizer = base_model.load_tokenizer(ns.model_path)
-    from transformers import AutoConfig
 
-    template, _ = chat_format.chat_template_for(tokenizer, AutoConfig.from_pretrained(ns.model_path).model_type)
+    template, _ = chat_format.chat_template_for(tokenizer)
     enc = [e for e in (chat_format.format_sample(s, PERSONA, tokenizer, template, ns.max_seq_length) for s in samples) if e]
     held_enc = [e for e in (chat_format.format_sample(s, PERSONA, tokenizer, template, ns.max_seq_length) for s in held) if e]
     result: dict = {"method": ns.worker, "samples": len(enc),

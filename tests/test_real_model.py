@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import chat_format
+
 import base_model
 import train
 from config import DEFAULT_BASE_MODEL
@@ -55,7 +57,7 @@ def test_default_model_trains_end_to_end_through_the_service(provisioned, env, t
     assert run.returncode == 0, run.stdout + run.stderr + (tmp_path / "server.log").read_text()[-5000:]
     info = json.loads((Path(env["OUTPUT_DIR"]) / "User1" / "training_info.json").read_text())
     assert info["base_model"] == DEFAULT_BASE_MODEL
-    assert info["chat_template_source"] == "known template for gemma3_text"
+    assert info["chat_template_source"] == chat_format.TRANSCRIPT_SOURCE
     assert info["config"]["load_in_8bit"] is True
     assert info["num_samples_used"] == 2 and info["final_loss"] > 0
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import chat_format
+
 from conftest import finished, training, upload, wait_for_job
 from config import get_settings
 
@@ -34,7 +36,7 @@ def test_messages_are_paginated(client):
 def test_dataset_shows_what_the_model_sees(client):
     upload(client)
     body = client.get("/speakers/User1/dataset", params={"limit": 5}).json()
-    assert body["chat_template_source"] == "known template for gemma3_text" and body["count"] == 2
+    assert body["chat_template_source"] == chat_format.TRANSCRIPT_SOURCE and body["count"] == 2
     second = body["data"][1]
     assert second["completion"] == "Підемо кави вип'ємо?<end_of_turn>\n"
     assert second["prompt"].startswith("<bos><start_of_turn>user\n")

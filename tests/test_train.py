@@ -41,17 +41,31 @@ def config_for(base: Path, **overrides) -> train.TrainConfig:
 @pytest.fixture(scope="module")
 def gemma_tok(tiny_gemma):
     tok = base_model.load_tokenizer(str(tiny_gemma))
-    template, source = chat_format.chat_template_for(tok, "gemma3_text")
-    assert source == "known template for gemma3_text"
+    template, source = chat_format.chat_template_for(tok)
+    assert (template, source) == (chat_format.TRANSCRIPT_TEMPLATE, chat_format.TRANSCRIPT_SOURCE)  # it ships none
     return tok, template
+
+
+# Gemma's official turn format, as an instruction-tuned checkpoint ships it.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
 
 
 # --- formatting -------------------------------------------------------------------------------
 
 
+def roles(messages):
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
 def test_to_messages_alternates_and_maps_roles():
     sample = make_sample([("User1", "a"), ("User1", "b"), ("User2", "c"), ("User1", "d")], "e")
-    assert chat_format.to_messages(sample.context, "User1", sample.reply) == [
+    messages = chat_format.to_messages(sample.context, "User1", sample.reply)
+    assert roles(messages) == [
         {"role": "user", "content": ""},
         {"role": "assistant", "content": "a\nb"},
         {"role": "user", "content": "c"},
@@ -59,28 +73,46 @@ def test_to_messages_alternates_and_maps_roles():
         {"role": "user", "content": ""},
         {"role": "assistant", "content": "e"},
     ]
+    assert messages[1]["turns"] == [{"name": "User1", "text": "a"}, {"name": "User1", "text": "b"}]
+    assert messages[0]["turns"] == messages[4]["turns"] == []  # inserted for alternation: no line in a transcript
 
 
 def test_to_messages_names_others_in_group_chats():
     sample = make_sample([("Bob", "hi"), ("Eve", "yo")], "hey")
-    assert chat_format.to_messages(sample.context, "Ann", sample.reply)[0] == {"role": "user", "content": "Bob: hi\nEve: yo"}
+    first = chat_format.to_messages(sample.context, "Ann", sample.reply)[0]
+    assert roles([first]) == [{"role": "user", "content": "Bob: hi\nEve: yo"}]
 
 
-def test_only_reply_tokens_are_supervised(gemma_tok):
+def test_transcript_supervises_the_reply_and_its_line_end(gemma_tok):
     tok, template = gemma_tok
     samples, _ = build_samples(DIALOG, "User1", 6)
     enc = chat_format.format_sample(samples[1], "User1", tok, template, 512)
     supervised = [t for t, label in zip(enc.input_ids, enc.labels) if label != -100]
     assert supervised == [label for label in enc.labels if label != -100]
-    assert tok.decode(supervised) == "Підемо кави вип'ємо?<end_of_turn>\n"
+    assert tok.decode(supervised) == " Підемо кави вип'ємо?\n"
     prompt = tok.decode(enc.input_ids[: enc.labels.index(supervised[0])])
+    assert prompt == "<bos>User1: Привіт! Як справи?\nUser2: Все добре, дякую.\nUser1:"
+    # Supervised positions are exactly one contiguous block at the end.
+    first = next(i for i, label in enumerate(enc.labels) if label != -100)
+    assert all(label != -100 for label in enc.labels[first:])
+    # A turn's own line breaks do not end it early in a transcript.
+    multi = make_sample([("User2", "one\ntwo")], "three")
+    assert tok.decode(chat_format.format_sample(multi, "User1", tok, template, 512).input_ids) == "<bos>User2: one two\nUser1: three\n"
+
+
+def test_a_shipped_chat_template_supervises_its_end_of_turn(tiny_gemma):
+    tok = base_model.load_tokenizer(str(tiny_gemma))
+    tok.chat_template = GEMMA_CHAT_TEMPLATE
+    template, source = chat_format.chat_template_for(tok)
+    assert (template, source) == (GEMMA_CHAT_TEMPLATE, "tokenizer")
+    samples, _ = build_samples(DIALOG, "User1", 6)
+    enc = chat_format.format_sample(samples[1], "User1", tok, template, 512)
+    assert tok.decode([t for t in enc.labels if t != -100]) == "Підемо кави вип'ємо?<end_of_turn>\n"
+    prompt = tok.decode(enc.input_ids[: enc.labels.index(next(t for t in enc.labels if t != -100))])
     assert prompt == (
         "<bos><start_of_turn>user\n<end_of_turn>\n<start_of_turn>model\nПривіт! Як справи?<end_of_turn>\n"
         "<start_of_turn>user\nВсе добре, дякую.<end_of_turn>\n<start_of_turn>model\n"
     )
-    # Supervised positions are exactly one contiguous block at the end.
-    first = next(i for i, label in enumerate(enc.labels) if label != -100)
-    assert all(label != -100 for label in enc.labels[first:])
 
 
 def test_long_context_drops_oldest_turns(gemma_tok):
@@ -91,7 +123,7 @@ def test_long_context_drops_oldest_turns(gemma_tok):
     short = chat_format.format_sample(sample, "User1", tok, template, len(full.input_ids) // 2)
     assert short.context_turns_dropped > 0
     assert len(short.input_ids) <= len(full.input_ids) // 2
-    assert tok.decode([t for t in short.labels if t != -100]) == "the reply<end_of_turn>\n"
+    assert tok.decode([t for t in short.labels if t != -100]) == " the reply\n"
     assert "turn number 9" in tok.decode(short.input_ids) and "turn number 0" not in tok.decode(short.input_ids)
 
 
@@ -101,18 +133,22 @@ def test_overlong_reply_is_cut_and_unfittable_sample_dropped(gemma_tok):
     enc = chat_format.format_sample(sample, "User1", tok, template, 32)
     assert len(enc.input_ids) == 32 and enc.labels[-1] != -100
     # A budget smaller than the prompt itself leaves no reply token: dropped.
-    assert chat_format.format_sample(sample, "User1", tok, template, 5) is None
+    assert chat_format.format_sample(sample, "User1", tok, template, 3) is None
 
 
-def test_plain_fallback_and_tokenizer_template(tiny_llama):
+def test_transcript_for_any_template_less_model_and_the_tokenizers_own_template(tiny_llama):
     tok = base_model.load_tokenizer(str(tiny_llama))
-    template, source = chat_format.chat_template_for(tok, "llama")
-    assert source == "plain fallback"
+    template, source = chat_format.chat_template_for(tok)
+    assert source == chat_format.TRANSCRIPT_SOURCE
     enc = chat_format.format_sample(make_sample([("User2", "hi")], "hello"), "User1", tok, template, 512)
-    assert tok.decode(enc.input_ids) == "<bos>user: hi\nassistant: hello<eos>\n"
-    assert tok.decode([t for t in enc.labels if t != -100]) == "hello<eos>\n"
+    assert tok.decode(enc.input_ids) == "<bos>User2: hi\nUser1: hello\n"
+    assert tok.decode([t for t in enc.labels if t != -100]) == " hello\n"
+    # Clients that send plain OpenAI messages get one line per message, named by role.
+    plain = tok.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=template, tokenize=False,
+                                    add_generation_prompt=True, assistant_name="Ann")
+    assert plain == "<bos>user: hi\nAnn:"
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}|{% endfor %}"
-    assert chat_format.chat_template_for(tok, "llama") == (tok.chat_template, "tokenizer")
+    assert chat_format.chat_template_for(tok) == (tok.chat_template, "tokenizer")
 
 
 # --- training ---------------------------------------------------------------------------------
