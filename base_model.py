@@ -122,6 +122,51 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
+class TextTokenizer:
+    """The text side of a local tokenizer — ids, decoding and the chat template — without torch, for
+    requests that only render samples (GET /speakers/{s}/dataset). transformers' tokenizer classes
+    import torch: the first such request took 59.5 s on the busy 2-core dev box (4.8 s of it
+    importing transformers itself, which does not import torch). Ids come from the same
+    tokenizer.json through `tokenizers`, and templates render through transformers' own Jinja
+    environment (the one apply_chat_template uses), so the text equals the full tokenizer's
+    (tests/test_train.py checks it)."""
+
+    def __init__(self, folder: Path):
+        import json
+
+        from tokenizers import Tokenizer
+
+        self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        template = folder / "chat_template.jinja"
+        self.chat_template = config.get("chat_template") or (template.read_text(encoding="utf-8") if template.is_file() else None)
+        self.special = {name: (value["content"] if isinstance(value, dict) else value)
+                        for name, value in config.items() if name.endswith("_token") and value}
+
+    def apply_chat_template(self, messages: list[dict], chat_template: str, tokenize: bool = False,
+                            add_generation_prompt: bool = False, **kwargs) -> str:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        rendered, _ = render_jinja_template([messages], chat_template=chat_template,
+                                            add_generation_prompt=add_generation_prompt, **self.special, **kwargs)
+        return rendered[0]
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids}
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def text_tokenizer(base_model: str, models_dir: Path):
+    """A TextTokenizer when the base's tokenizer files are on this machine, else the full tokenizer
+    (a hub id not downloaded yet; that one imports torch)."""
+    folder = local_folder(base_model, models_dir)
+    if (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file():
+        return TextTokenizer(folder)
+    return load_tokenizer(resolve_base_model(base_model, models_dir))
+
+
 def load_base_model(model_path: str, load_in_8bit: bool, device: str):
     """The frozen base, 8-bit through bitsandbytes or dense; float32 on CPU, bfloat16 on CUDA."""
     import torch

@@ -30,7 +30,7 @@ import adapters
 import base_model
 import chat_format
 import packing
-from config import Settings, get_settings
+from config import DEFAULT_BASE_MODEL, Settings, get_settings
 from errors import TrainingError
 from models import JobProgress, Sample, TrainConfig, TrainRequest
 
@@ -407,9 +407,10 @@ def _versions() -> dict[str, str]:
 
 def render_dataset(samples: list[Sample], speaker: str, base: str, models_dir: Path, max_len: int) -> dict[str, Any]:
     """Samples exactly as training formats them (chat template applied, trained span marked); loads
-    only the tokenizer."""
-    model_path = base_model.resolve_base_model(base, models_dir)
-    tokenizer = base_model.load_tokenizer(model_path)
+    only the tokenizer's text side (no torch)."""
+    if base == DEFAULT_BASE_MODEL:
+        base_model.provision_default_model(models_dir)
+    tokenizer = base_model.text_tokenizer(base, models_dir)  # no torch in the API process
     template, source = chat_format.chat_template_for(tokenizer)
     rendered = chat_format.render_samples(samples, speaker, tokenizer, template, max_len)
     return {"base_model": base, "chat_template_source": source, "max_seq_length": max_len, "data": rendered}

@@ -278,3 +278,26 @@ def test_epochs_adapt_to_the_amount_of_data():
     assert config.epochs is None  # chosen by the run, from its data
     assert train.resolve_config(Settings(EPOCHS=3), TrainRequest(speaker="A")).epochs == 3
     assert train.resolve_config(Settings(EPOCHS=3), TrainRequest(speaker="A", epochs=2)).epochs == 2
+
+
+@pytest.mark.parametrize("arch", ["gemma", "llama"])
+def test_the_torch_free_tokenizer_renders_exactly_like_the_full_one(arch, tiny_gemma, tiny_llama):
+    folder = tiny_gemma if arch == "gemma" else tiny_llama
+    full, light = base_model.load_tokenizer(str(folder)), base_model.text_tokenizer(str(folder), folder.parent)
+    assert isinstance(light, base_model.TextTokenizer)
+    samples, _ = build_samples(DIALOG, "User1", 6)
+    for template in (chat_format.chat_template_for(full)[0], GEMMA_CHAT_TEMPLATE):
+        assert (chat_format.render_samples(samples, "User1", light, template, 512)
+                == chat_format.render_samples(samples, "User1", full, template, 512))
+
+
+def test_rendering_the_dataset_imports_no_torch(tiny_gemma):
+    import subprocess
+    import sys
+
+    code = ("import sys, train, parser; from models import Turn; "
+            "s, _ = parser.build_samples([Turn(speaker='A', content='hi'), Turn(speaker='B', content='yo')], 'B', 4); "
+            f"r = train.render_dataset(s, 'B', {str(tiny_gemma)!r}, None, 64); "
+            "assert r['data'] and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:3]")
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
