@@ -25,41 +25,18 @@ import openai_compat
 import parser as dialog_parser
 import train
 from config import Settings, get_settings
-from errors import Conflict, Forbidden, NotFound, PayloadTooLarge, ServiceError, Unauthorized, Unprocessable
+from errors import (Conflict, Forbidden, NotFound, PayloadTooLarge, ServiceError, Unauthorized, Unprocessable,
+                    public_errors, scrub)
 from exports import ExportError, ExportTooLarge
 from infer import AdapterNotFound, PersonaEngine, persona_decoding, sampling
 from jobs import JobRunner, delete_checkpoint, display_path
 from registry import FINISHED, JobRegistry
 from middleware import AccessLog, BodyLimit
 from models import (
-    DatasetPublic,
-    DatasetQuery,
-    DeletedPublic,
-    DeleteQuery,
-    ErrorPublic,
-    EventsQuery,
-    ExportForm,
-    ExportInspection,
-    GenerateRequest,
-    GenerateResponse,
-    HealthPublic,
-    JobsQuery,
-    JobEventsPublic,
-    JobPublic,
-    JobsPublic,
-    JobStatus,
-    PageQuery,
-    SamplesPublic,
-    SpeakerName,
-    SpeakerPublic,
-    SpeakersPublic,
-    TrainCompleted,
-    TrainRequest,
-    Turn,
-    UploadFileForm,
-    UploadFileResponse,
-    UploadTextRequest,
-    UploadTextResponse,
+    DatasetPublic, DatasetQuery, DeletedPublic, DeleteQuery, ErrorPublic, EventsQuery, ExportForm, ExportInspection,
+    GenerateRequest, GenerateResponse, HealthPublic, JobsQuery, JobEventsPublic, JobPublic, JobsPublic, JobStatus,
+    PageQuery, SamplesPublic, SpeakerName, SpeakerPublic, SpeakersPublic, TrainCompleted, TrainRequest, Turn,
+    UploadFileForm, UploadFileResponse, UploadTextRequest, UploadTextResponse
 )
 
 log = logging.getLogger("persona_lora")
@@ -113,7 +90,13 @@ def _error(description: str) -> dict:
 @app.exception_handler(ServiceError)
 async def service_error_handler(request: Request, exc: ServiceError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
-    return JSONResponse(status_code=exc.status, content={"detail": exc.detail}, headers=headers)
+    return JSONResponse(status_code=exc.status, content={"detail": scrub(exc.detail)}, headers=headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 with each problem's location and message, never the value sent (it may be a person's message)."""
+    return JSONResponse(status_code=422, content={"detail": public_errors(exc.errors())})
 
 
 @app.exception_handler(Exception)
