@@ -31,7 +31,7 @@ from exports import ExportError, ExportTooLarge
 from infer import AdapterNotFound, PersonaEngine, persona_decoding, sampling
 from jobs import JobRunner, delete_checkpoint, display_path
 from registry import FINISHED, JobRegistry
-from middleware import AccessLog, BodyLimit
+from middleware import AccessLog, BodyLimit, UnexpectedErrors
 from models import (
     DatasetPublic, DatasetQuery, DeletedPublic, DeleteQuery, ErrorPublic, EventsQuery, ExportForm, ExportInspection,
     GenerateRequest, GenerateResponse, HealthPublic, JobsQuery, JobEventsPublic, JobPublic, JobsPublic, JobStatus,
@@ -46,6 +46,7 @@ log = logging.getLogger("persona_lora")
 async def lifespan(app: FastAPI):
     if not logging.getLogger().handlers:  # under `fastapi dev` / uvicorn, show the service's own log lines
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("uvicorn.access").disabled = True  # it logs query strings; AccessLog logs the request without
     settings = get_settings()
     for folder in (settings.DATA_DIR, settings.OUTPUT_DIR, settings.MODELS_DIR):
         folder.mkdir(parents=True, exist_ok=True)
@@ -71,6 +72,7 @@ app = FastAPI(
     version="0.1.0",
     lifespan=lifespan,
 )
+app.add_middleware(UnexpectedErrors)  # innermost: AccessLog sees its 500
 app.add_middleware(BodyLimit)
 app.add_middleware(AccessLog)
 
@@ -97,12 +99,6 @@ async def service_error_handler(request: Request, exc: ServiceError) -> JSONResp
 async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
     """422 with each problem's location and message, never the value sent (it may be a person's message)."""
     return JSONResponse(status_code=422, content={"detail": public_errors(exc.errors())})
-
-
-@app.exception_handler(Exception)
-async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unexpected error on %s %s", request.method, request.url.path)
-    return JSONResponse(status_code=500, content={"detail": f"internal error ({type(exc).__name__}); see the server log"})
 
 
 bearer = HTTPBearer(auto_error=False, description="The server's API_KEY, when one is set.")

@@ -3,9 +3,14 @@ and data that must not outlive a delete or reach the log."""
 
 from __future__ import annotations
 
+import logging
+import threading
 from pathlib import Path
 
+import httpx
 import pytest
+
+from conftest import wait_until
 
 
 CUT_EMOJI = rb"x\ud83d"  # the first half of 😀, as JavaScript sends a string cut in the middle of an emoji
@@ -30,3 +35,66 @@ def test_a_lone_surrogate_is_a_422_naming_its_field_and_stores_nothing(client, e
     }]}
     assert list(Path(env["DATA_DIR"]).glob("*messages*")) == []
     assert client.get("/jobs").json()["count"] == 0
+
+
+PLANTED = "planted-Zq7w-5ecret"  # a unique string that must appear in no log line (ASCII: the same when URL-encoded)
+
+
+def test_the_server_log_never_holds_message_text(live_server, env):
+    good = [{"speaker": "Other", "content": f"{PLANTED} питання"}, {"speaker": "A", "content": f"{PLANTED} відповідь"}]
+    with httpx.Client(base_url=live_server.url, timeout=30) as http:
+        answers = [
+            http.post("/upload-text", json={"dialog": good, "speaker": "A"}).status_code,
+            http.post("/upload-text", json={"dialog": [{"speaker": "A", "content": 5}, {"speaker": PLANTED, "content": PLANTED}],
+                                            "speaker": "A"}).status_code,
+            http.post("/upload-text", json={"dialog": good, "speaker": "A", PLANTED: PLANTED}).status_code,
+            http.post("/upload-text", content=f'{{"dialog":[{{"speaker":"A","content":"{PLANTED}\\ud83d"}}],"speaker":"A"}}'
+                      .encode(), headers={"Content-Type": "application/json"}).status_code,
+            http.post("/upload-text", content=f'{{"dialog": "{PLANTED}'.encode(), headers={"Content-Type": "application/json"}).status_code,
+            http.post("/generate", json={"speaker": "A", "prompt": PLANTED, "temperature": PLANTED}).status_code,
+            http.post("/generate", json={"speaker": "A", "prompt": PLANTED}).status_code,
+            http.post("/v1/chat/completions", json={"model": "A", "messages": [{"role": "user", "content": PLANTED}]}).status_code,
+            http.get("/speakers/A/messages", params={"limit": PLANTED}).status_code,
+            http.get("/jobs", params={"speaker": "A", "note": PLANTED}).status_code,
+        ]
+    assert answers == [200, 422, 200, 422, 422, 422, 404, 404, 422, 422]
+    log = live_server.log_path.read_text(encoding="utf-8", errors="replace")
+    assert "path=/upload-text status=422" in log  # the log was written, with the access lines
+    assert PLANTED not in log
+
+
+@pytest.fixture
+def in_process_server(env):
+    """The app under a real uvicorn in a thread of the test, so a test can monkeypatch it; uvicorn's
+    own loggers left to propagate (log_config=None), so caplog sees what it would write."""
+    import uvicorn
+
+    from jobs import free_port
+    from main import app
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_config=None, lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, 60, "uvicorn to start")
+    yield f"http://127.0.0.1:{server.config.port}"
+    server.should_exit = True
+    thread.join(30)
+
+
+def test_an_unexpected_error_closes_the_connection_and_logs_no_message_text(in_process_server, monkeypatch, caplog):
+    import parser as dialog_parser
+
+    def broken(dialog, speaker, max_context_turns):
+        raise ValueError(f"cannot handle {dialog[0].content!r}")  # a bug whose message quotes the request
+
+    monkeypatch.setattr(dialog_parser, "build_samples", broken)
+    with caplog.at_level(logging.INFO), httpx.Client(
+        base_url=in_process_server, timeout=30) as http:
+        r = http.post("/upload-text", json={"dialog": [{"speaker": "A", "content": PLANTED}], "speaker": "A"})
+        assert r.status_code == 500
+        assert r.json() == {"detail": "internal error (ValueError); see the server log"}
+        assert r.headers["connection"] == "close"
+        assert http.get("/health").status_code == 200  # the pooled client opened a new connection, no reset
+    assert "ValueError" in caplog.text and "build_samples" in caplog.text  # the traceback: where, of what type
+    assert "method=POST path=/upload-text status=500" in caplog.text
+    assert PLANTED not in caplog.text
