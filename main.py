@@ -341,7 +341,13 @@ def get_job(job_id: str, request: Request) -> JobPublic:
 
 
 EVENTS_POLL_S = 0.5  # how often a stream looks for new events in the registry
+MAX_EVENT_ID = 2**62  # as EventsQuery.after; SQLite integers end at 2**63 - 1
 KEEPALIVE_S = 15.0  # an SSE comment line this often keeps proxies from closing an idle stream
+
+
+def last_event_id(header: str) -> int:
+    """A Last-Event-ID the registry can look up (ASCII digits, at most MAX_EVENT_ID); else 0, ignored."""
+    return int(header) if header.isascii() and header.isdigit() and len(header) <= 19 and int(header) <= MAX_EVENT_ID else 0
 
 
 @api.get(
@@ -364,8 +370,7 @@ async def job_events(job_id: str, request: Request, query: Annotated[EventsQuery
     if not stream:
         events = await asyncio.to_thread(reg.events, job_id, after, 100_000)
         return JobEventsPublic(data=events, count=len(events))
-    last = request.headers.get("last-event-id", "")
-    after = max(after, int(last) if last.isdigit() else 0)
+    after = max(after, last_event_id(request.headers.get("last-event-id", "")))
 
     async def sse():
         nonlocal after

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import wait_until
+from conftest import read_sse, upload, wait_until
 
 
 CUT_EMOJI = rb"x\ud83d"  # the first half of 😀, as JavaScript sends a string cut in the middle of an emoji
@@ -98,3 +98,15 @@ def test_an_unexpected_error_closes_the_connection_and_logs_no_message_text(in_p
     assert "ValueError" in caplog.text and "build_samples" in caplog.text  # the traceback: where, of what type
     assert "method=POST path=/upload-text status=500" in caplog.text
     assert PLANTED not in caplog.text
+
+
+def test_a_bad_last_event_id_is_ignored_and_the_stream_works(client):
+    upload(client)
+    job = client.post("/train", json={"speaker": "User1", "wait": True, "max_steps": 1}).json()["job"]
+    everything = client.get(f"/jobs/{job['job_id']}/events", params={"stream": False}).json()["data"]
+    for bad in [b"\xb2", b"9" * 5000, str(2**63).encode(), str(2**64 + 5).encode(), b"-1", b"1e3", b"\xd9\xa3"]:
+        with client.stream("GET", f"/jobs/{job['job_id']}/events", headers={"Last-Event-ID": bad}) as r:
+            assert r.status_code == 200, (bad, r.read())
+            assert [int(e["id"]) for e in read_sse(r)] == [e["id"] for e in everything], bad
+    with client.stream("GET", f"/jobs/{job['job_id']}/events", headers={"Last-Event-ID": str(everything[0]["id"])}) as r:
+        assert [int(e["id"]) for e in read_sse(r)] == [e["id"] for e in everything[1:]]
