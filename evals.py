@@ -36,7 +36,7 @@ import packing
 import parser as dialog_parser
 from config import Settings
 from infer import Decoding, Generation, PersonaEngine, base_only, generate, persona_decoding
-from models import Sample, TrainConfig, Turn
+from models import Sample, SpeakerFile, TrainConfig, Turn
 
 EVAL_FILE, PLOT_FILE = "eval.json", "loss.png"
 OTHER_SAMPLES = 20  # per other speaker, for the specificity margin
@@ -203,7 +203,7 @@ def evaluate(model, tokenizer, template: str, speaker: str, held_out: list[Sampl
 def other_speakers(settings: Settings, speaker: str) -> dict[str, list[Sample]]:
     """A few samples of every other stored speaker, for the specificity margin."""
     return {f.speaker: f.messages[:OTHER_SAMPLES] for f in dialog_parser.list_speakers(settings.DATA_DIR)
-            if f.speaker != speaker}
+            if f.speaker != speaker and isinstance(f, SpeakerFile)}  # a damaged file is its speaker's problem
 
 
 def after_training(settings: Settings, speaker: str, config: TrainConfig):

@@ -225,16 +225,16 @@ def inspect_export(file: UploadFile, form: Annotated[ExportForm, Form()], settin
         raise Unprocessable(str(exc)) from None
 
 
-@api.get("/speakers", response_model=SpeakersPublic, responses={500: _error("A stored file is damaged.")})
+@api.get("/speakers", response_model=SpeakersPublic)
 def list_speakers(settings: SettingsDep) -> SpeakersPublic:
     """Every speaker with stored messages: count, last upload, and their adapter if trained."""
     data = []
     for stored in dialog_parser.list_speakers(settings.DATA_DIR):
         info = adapters.info(settings.OUTPUT_DIR, stored.speaker)
+        messages = getattr(stored, "messages", [])  # none from a damaged file (a DamagedFile)
         data.append(SpeakerPublic(
-            speaker=stored.speaker, messages=len(stored.messages),
-            last_upload=max((m.added_at for m in stored.messages), default=None),
-            adapter=info is not None, trained_at=info.get("created_at") if info else None,
+            speaker=stored.speaker, messages=len(messages), last_upload=max((m.added_at for m in messages), default=None),
+            adapter=info is not None, trained_at=info.get("created_at") if info else None, error=getattr(stored, "error", None),
         ))
     return SpeakersPublic(data=data, count=len(data))
 

@@ -110,3 +110,23 @@ def test_a_bad_last_event_id_is_ignored_and_the_stream_works(client):
             assert [int(e["id"]) for e in read_sse(r)] == [e["id"] for e in everything], bad
     with client.stream("GET", f"/jobs/{job['job_id']}/events", headers={"Last-Event-ID": str(everything[0]["id"])}) as r:
         assert [int(e["id"]) for e in read_sse(r)] == [e["id"] for e in everything[1:]]
+
+
+def test_a_damaged_messages_file_affects_only_its_speaker(client, env):
+    upload(client, "A")
+    upload(client, "Bad")
+    assert client.post("/train", json={"speaker": "A", "wait": True, "max_steps": 1}).status_code == 200
+    damaged = Path(env["DATA_DIR"]) / "Bad_messages.json"
+    damaged.write_bytes(damaged.read_bytes()[:100])  # cut short, as by a full disk or a copy that stopped
+    r = client.get("/speakers")
+    assert r.status_code == 200, r.text
+    listed = {s["speaker"]: s for s in r.json()["data"]}
+    assert listed["A"]["messages"] == 2 and listed["A"]["adapter"] is True and listed["A"]["error"] is None
+    error = listed["Bad"].pop("error")
+    assert listed["Bad"] == {"speaker": "Bad", "messages": 0, "last_upload": None, "adapter": False, "trained_at": None}
+    assert error.startswith("Bad_messages.json is not a valid messages file (1 problems, first: Invalid JSON: EOF")
+    assert error.endswith("; nothing was changed. Repair or move it, then retry.")
+    assert client.post("/speakers/A/evaluate").status_code == 200
+    r = client.get("/speakers/Bad/messages")
+    assert r.status_code == 500 and env["DATA_DIR"] not in r.json()["detail"]
+    assert r.json()["detail"].startswith("Bad_messages.json is not a valid messages file")
