@@ -285,7 +285,9 @@ def delete_speaker(
     if not query.keep_adapter:
         deleted.append(adapters.delete(settings.OUTPUT_DIR, speaker))
     for job in registry(request).list(speaker=speaker, limit=10_000)[0]:  # checkpoints hold a copy of the samples
-        deleted.append(delete_checkpoint(settings, job.job_id))
+        if (folder := delete_checkpoint(settings, job.job_id)) or job.checkpoint:
+            registry(request).clear_checkpoint(job.job_id)
+            deleted.append(folder)
     deleted = [display_path(p) for p in deleted if p]
     if not deleted:
         raise NotFound(f"nothing stored for speaker '{speaker}'")
@@ -447,14 +449,18 @@ def speaker_evaluation(speaker: SpeakerName, settings: SettingsDep) -> dict:
 
 @api.post(
     "/speakers/{speaker}/evaluate",
-    responses={404: _error("The speaker has no adapter."), 409: _error("The speaker is training.")},
+    responses={404: _error("The speaker has no adapter."), 409: _error("Training, or the adapter deleted meanwhile.")},
 )
 async def evaluate_speaker(speaker: SpeakerName, request: Request, settings: SettingsDep) -> dict:
     """Evaluate the speaker's adapter now on its held-out samples; returns and stores the report."""
     active = registry(request).active_for(speaker)
     if active:
         raise Conflict(f"speaker '{speaker}' is training (job {active.job_id}); evaluate when it has finished")
-    report = await asyncio.to_thread(evals.evaluate_speaker, settings, speaker, request.app.state.engine)
+    try:
+        report = await asyncio.to_thread(evals.evaluate_speaker, settings, speaker, request.app.state.engine)
+    except AdapterNotFound:  # DELETE /speakers/{speaker} or a new training's swap after the check above
+        raise Conflict(f"the adapter of speaker '{speaker}' was deleted or replaced during the evaluation; "
+                       "evaluate again (train first if it was deleted)") from None
     if report is None:
         raise NotFound(f"no adapter for speaker '{speaker}'; train one with POST /train")
     return report

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from conftest import read_sse, upload, wait_until
+from config import get_settings
 
 
 CUT_EMOJI = rb"x\ud83d"  # the first half of 😀, as JavaScript sends a string cut in the middle of an emoji
@@ -130,3 +131,27 @@ def test_a_damaged_messages_file_affects_only_its_speaker(client, env):
     r = client.get("/speakers/Bad/messages")
     assert r.status_code == 500 and env["DATA_DIR"] not in r.json()["detail"]
     assert r.json()["detail"].startswith("Bad_messages.json is not a valid messages file")
+
+
+def test_delete_during_evaluate_is_a_409_and_a_succeeded_job_shows_no_checkpoint(client, env, monkeypatch):
+    import adapters
+    import parser as dialog_parser
+
+    monkeypatch.setenv("CHECKPOINT_STEPS", "1")
+    get_settings.cache_clear()
+    upload(client)
+    r = client.post("/train", json={"speaker": "User1", "wait": True, "max_steps": 2, "batch_tokens": 1})
+    assert r.status_code == 200, r.text
+    job = r.json()["job"]
+    assert job["checkpoint"] is None and not (Path(env["OUTPUT_DIR"]) / ".checkpoints" / job["job_id"]).exists()
+    load = dialog_parser.load_speaker
+
+    def deleted_meanwhile(data_dir, speaker):  # DELETE /speakers/User1 lands after evaluate checked the adapter
+        adapters.delete(Path(env["OUTPUT_DIR"]), speaker)
+        return load(data_dir, speaker)
+
+    monkeypatch.setattr(dialog_parser, "load_speaker", deleted_meanwhile)
+    r = client.post("/speakers/User1/evaluate")
+    assert r.status_code == 409, r.text
+    assert r.json() == {"detail": "the adapter of speaker 'User1' was deleted or replaced during the evaluation; "
+                                  "evaluate again (train first if it was deleted)"}
