@@ -1,5 +1,7 @@
 """Domain errors. Each carries the HTTP status it maps to; main.py renders them as {"detail": ...}."""
 
+import re
+
 
 class ServiceError(Exception):
     status = 500
@@ -58,3 +60,33 @@ class InsufficientStorage(StorageError):
 class TrainingError(Exception):
     """A training problem the user can fix (a base model that cannot load, data that leaves nothing
     to train on); its message says how. The job runner stores it with the failed job."""
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def scrub(value):
+    """`value` with lone surrogates (from JSON such as "\\ud83d") as U+FFFD, so it can be sent as UTF-8."""
+    if isinstance(value, str):
+        return _SURROGATES.sub("\ufffd", value)
+    if isinstance(value, (list, tuple)):
+        return [scrub(v) for v in value]
+    if isinstance(value, dict):
+        return {scrub(k): scrub(v) for k, v in value.items()}
+    return value
+
+
+def public_errors(errors: list[dict]) -> list[dict]:
+    """Validation errors as a 422 shows them: type, location and message. Never the `input` or
+    `ctx` pydantic adds: they echo what was sent (people's messages) into answers and logs. A
+    string the schema refused because it holds a lone surrogate says so and where."""
+    shown = []
+    for error in errors:
+        msg, value = error.get("msg", ""), error.get("input")
+        found = _SURROGATES.search(value) if isinstance(value, str) else None
+        if found:
+            msg = (f"contains an invalid character: an unpaired UTF-16 surrogate (U+{ord(found[0]):04X} at index "
+                   f"{found.start()}), such as half of an emoji cut in two; send whole characters")
+        shown.append({"type": "string_unicode" if found else error.get("type"), "loc": scrub(list(error.get("loc", ()))),
+                      "msg": scrub(msg)})
+    return shown

@@ -35,8 +35,8 @@ import chat_format
 import packing
 import parser as dialog_parser
 from config import Settings
-from infer import Decoding, Generation, PersonaEngine, base_only, generate, persona_decoding
-from models import Sample, TrainConfig, Turn
+from infer import AdapterNotFound, Decoding, Generation, PersonaEngine, base_only, generate, persona_decoding
+from models import Sample, SpeakerFile, TrainConfig, Turn
 
 EVAL_FILE, PLOT_FILE = "eval.json", "loss.png"
 OTHER_SAMPLES = 20  # per other speaker, for the specificity margin
@@ -203,7 +203,7 @@ def evaluate(model, tokenizer, template: str, speaker: str, held_out: list[Sampl
 def other_speakers(settings: Settings, speaker: str) -> dict[str, list[Sample]]:
     """A few samples of every other stored speaker, for the specificity margin."""
     return {f.speaker: f.messages[:OTHER_SAMPLES] for f in dialog_parser.list_speakers(settings.DATA_DIR)
-            if f.speaker != speaker}
+            if f.speaker != speaker and isinstance(f, SpeakerFile)}  # a damaged file is its speaker's problem
 
 
 def after_training(settings: Settings, speaker: str, config: TrainConfig):
@@ -231,6 +231,9 @@ def evaluate_speaker(settings: Settings, speaker: str, engine: PersonaEngine) ->
     with engine.session(speaker) as (model, tokenizer, template):
         report = evaluate(model, tokenizer, template, speaker, held, other_speakers(settings, speaker),
                           info["config"]["max_seq_length"], settings.EVAL_GENERATIONS, persona_decoding(settings))
+    current = adapters.info(settings.OUTPUT_DIR, speaker)
+    if current is None or current.get("created_at") != info.get("created_at"):
+        raise AdapterNotFound(speaker)  # deleted or replaced while it was evaluated: its report would be wrong
     write_report(adapters.folder(settings.OUTPUT_DIR, speaker), report, info)
     return report
 

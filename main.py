@@ -25,41 +25,18 @@ import openai_compat
 import parser as dialog_parser
 import train
 from config import Settings, get_settings
-from errors import Conflict, Forbidden, NotFound, PayloadTooLarge, ServiceError, Unauthorized, Unprocessable
+from errors import (Conflict, Forbidden, NotFound, PayloadTooLarge, ServiceError, Unauthorized, Unprocessable,
+                    public_errors, scrub)
 from exports import ExportError, ExportTooLarge
 from infer import AdapterNotFound, PersonaEngine, persona_decoding, sampling
 from jobs import JobRunner, delete_checkpoint, display_path
 from registry import FINISHED, JobRegistry
-from middleware import AccessLog, BodyLimit
+from middleware import AccessLog, BodyLimit, UnexpectedErrors
 from models import (
-    DatasetPublic,
-    DatasetQuery,
-    DeletedPublic,
-    DeleteQuery,
-    ErrorPublic,
-    EventsQuery,
-    ExportForm,
-    ExportInspection,
-    GenerateRequest,
-    GenerateResponse,
-    HealthPublic,
-    JobsQuery,
-    JobEventsPublic,
-    JobPublic,
-    JobsPublic,
-    JobStatus,
-    PageQuery,
-    SamplesPublic,
-    SpeakerName,
-    SpeakerPublic,
-    SpeakersPublic,
-    TrainCompleted,
-    TrainRequest,
-    Turn,
-    UploadFileForm,
-    UploadFileResponse,
-    UploadTextRequest,
-    UploadTextResponse,
+    DatasetPublic, DatasetQuery, DeletedPublic, DeleteQuery, ErrorPublic, EventsQuery, ExportForm, ExportInspection,
+    GenerateRequest, GenerateResponse, HealthPublic, JobsQuery, JobEventsPublic, JobPublic, JobsPublic, JobStatus,
+    PageQuery, SamplesPublic, SpeakerName, SpeakerPublic, SpeakersPublic, TrainCompleted, TrainRequest, Turn,
+    UploadFileForm, UploadFileResponse, UploadTextRequest, UploadTextResponse
 )
 
 log = logging.getLogger("persona_lora")
@@ -69,6 +46,7 @@ log = logging.getLogger("persona_lora")
 async def lifespan(app: FastAPI):
     if not logging.getLogger().handlers:  # under `fastapi dev` / uvicorn, show the service's own log lines
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("uvicorn.access").disabled = True  # it logs query strings; AccessLog logs the request without
     settings = get_settings()
     for folder in (settings.DATA_DIR, settings.OUTPUT_DIR, settings.MODELS_DIR):
         folder.mkdir(parents=True, exist_ok=True)
@@ -94,6 +72,7 @@ app = FastAPI(
     version="0.1.0",
     lifespan=lifespan,
 )
+app.add_middleware(UnexpectedErrors)  # innermost: AccessLog sees its 500
 app.add_middleware(BodyLimit)
 app.add_middleware(AccessLog)
 
@@ -113,13 +92,13 @@ def _error(description: str) -> dict:
 @app.exception_handler(ServiceError)
 async def service_error_handler(request: Request, exc: ServiceError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
-    return JSONResponse(status_code=exc.status, content={"detail": exc.detail}, headers=headers)
+    return JSONResponse(status_code=exc.status, content={"detail": scrub(exc.detail)}, headers=headers)
 
 
-@app.exception_handler(Exception)
-async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unexpected error on %s %s", request.method, request.url.path)
-    return JSONResponse(status_code=500, content={"detail": f"internal error ({type(exc).__name__}); see the server log"})
+@app.exception_handler(RequestValidationError)
+async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 with each problem's location and message, never the value sent (it may be a person's message)."""
+    return JSONResponse(status_code=422, content={"detail": public_errors(exc.errors())})
 
 
 bearer = HTTPBearer(auto_error=False, description="The server's API_KEY, when one is set.")
@@ -246,16 +225,16 @@ def inspect_export(file: UploadFile, form: Annotated[ExportForm, Form()], settin
         raise Unprocessable(str(exc)) from None
 
 
-@api.get("/speakers", response_model=SpeakersPublic, responses={500: _error("A stored file is damaged.")})
+@api.get("/speakers", response_model=SpeakersPublic)
 def list_speakers(settings: SettingsDep) -> SpeakersPublic:
     """Every speaker with stored messages: count, last upload, and their adapter if trained."""
     data = []
     for stored in dialog_parser.list_speakers(settings.DATA_DIR):
         info = adapters.info(settings.OUTPUT_DIR, stored.speaker)
+        messages = getattr(stored, "messages", [])  # none from a damaged file (a DamagedFile)
         data.append(SpeakerPublic(
-            speaker=stored.speaker, messages=len(stored.messages),
-            last_upload=max((m.added_at for m in stored.messages), default=None),
-            adapter=info is not None, trained_at=info.get("created_at") if info else None,
+            speaker=stored.speaker, messages=len(messages), last_upload=max((m.added_at for m in messages), default=None),
+            adapter=info is not None, trained_at=info.get("created_at") if info else None, error=getattr(stored, "error", None),
         ))
     return SpeakersPublic(data=data, count=len(data))
 
@@ -306,7 +285,9 @@ def delete_speaker(
     if not query.keep_adapter:
         deleted.append(adapters.delete(settings.OUTPUT_DIR, speaker))
     for job in registry(request).list(speaker=speaker, limit=10_000)[0]:  # checkpoints hold a copy of the samples
-        deleted.append(delete_checkpoint(settings, job.job_id))
+        if (folder := delete_checkpoint(settings, job.job_id)) or job.checkpoint:
+            registry(request).clear_checkpoint(job.job_id)
+            deleted.append(folder)
     deleted = [display_path(p) for p in deleted if p]
     if not deleted:
         raise NotFound(f"nothing stored for speaker '{speaker}'")
@@ -362,7 +343,13 @@ def get_job(job_id: str, request: Request) -> JobPublic:
 
 
 EVENTS_POLL_S = 0.5  # how often a stream looks for new events in the registry
+MAX_EVENT_ID = 2**62  # as EventsQuery.after; SQLite integers end at 2**63 - 1
 KEEPALIVE_S = 15.0  # an SSE comment line this often keeps proxies from closing an idle stream
+
+
+def last_event_id(header: str) -> int:
+    """A Last-Event-ID the registry can look up (ASCII digits, at most MAX_EVENT_ID); else 0, ignored."""
+    return int(header) if header.isascii() and header.isdigit() and len(header) <= 19 and int(header) <= MAX_EVENT_ID else 0
 
 
 @api.get(
@@ -385,8 +372,7 @@ async def job_events(job_id: str, request: Request, query: Annotated[EventsQuery
     if not stream:
         events = await asyncio.to_thread(reg.events, job_id, after, 100_000)
         return JobEventsPublic(data=events, count=len(events))
-    last = request.headers.get("last-event-id", "")
-    after = max(after, int(last) if last.isdigit() else 0)
+    after = max(after, last_event_id(request.headers.get("last-event-id", "")))
 
     async def sse():
         nonlocal after
@@ -463,14 +449,18 @@ def speaker_evaluation(speaker: SpeakerName, settings: SettingsDep) -> dict:
 
 @api.post(
     "/speakers/{speaker}/evaluate",
-    responses={404: _error("The speaker has no adapter."), 409: _error("The speaker is training.")},
+    responses={404: _error("The speaker has no adapter."), 409: _error("Training, or the adapter deleted meanwhile.")},
 )
 async def evaluate_speaker(speaker: SpeakerName, request: Request, settings: SettingsDep) -> dict:
     """Evaluate the speaker's adapter now on its held-out samples; returns and stores the report."""
     active = registry(request).active_for(speaker)
     if active:
         raise Conflict(f"speaker '{speaker}' is training (job {active.job_id}); evaluate when it has finished")
-    report = await asyncio.to_thread(evals.evaluate_speaker, settings, speaker, request.app.state.engine)
+    try:
+        report = await asyncio.to_thread(evals.evaluate_speaker, settings, speaker, request.app.state.engine)
+    except AdapterNotFound:  # DELETE /speakers/{speaker} or a new training's swap after the check above
+        raise Conflict(f"the adapter of speaker '{speaker}' was deleted or replaced during the evaluation; "
+                       "evaluate again (train first if it was deleted)") from None
     if report is None:
         raise NotFound(f"no adapter for speaker '{speaker}'; train one with POST /train")
     return report

@@ -1,4 +1,4 @@
-"""ASGI middleware of the service: the request body limit and the access log.
+"""ASGI middleware of the service: the request body limit, the access log, unexpected errors.
 
 Both are plain ASGI (no BaseHTTPMiddleware) so that streaming responses, such as a job's event
 stream, pass through untouched.
@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+import traceback
 
 from fastapi import HTTPException
 
 from config import get_settings
 
 access_log = logging.getLogger("persona_lora.access")
+error_log = logging.getLogger("persona_lora")
 EXPORT_PATHS = ("/upload-file", "/exports/inspect")  # export files: MAX_UPLOAD_BYTES, not MAX_BODY_BYTES
 
 
@@ -48,6 +50,46 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class UnexpectedErrors:
+    """An exception no handler took: logged with its traceback, answered 500 {"detail": ...} with
+    `Connection: close`, and not passed on. Not passed on, because Starlette and uvicorn would log it
+    again with its message, and messages quote what was sent (pydantic's `input_value`, a bug's repr
+    of a message). Connection: close, because the connection's state is unknown after a failure:
+    a pooled client then opens a fresh one instead of meeting a reset on its next request."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            error_log.error("unexpected error on %s %s\n%s", scope["method"], scope["path"], traceback_without_messages(exc))
+            if not started:  # else the answer is cut short, which the client sees
+                await _send_json(send, 500, f"internal error ({type(exc).__name__}); see the server log")
+
+
+def traceback_without_messages(exc: BaseException) -> str:
+    """The traceback of `exc` and the exceptions it came from: files, lines and types, no messages."""
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        parts.insert(0, "Traceback (most recent call last):\n" + "".join(traceback.format_tb(exc.__traceback__))
+                     + f"{name} (message not logged: it may quote the request)\n")
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return "\nDuring handling of the above exception, another exception occurred:\n\n".join(parts)
 
 
 async def _send_json(send, status: int, detail: str) -> None:

@@ -200,6 +200,7 @@ class SpeakerPublic(BaseModel):
     last_upload: datetime | None
     adapter: bool = Field(description="Whether a trained adapter exists.")
     trained_at: datetime | None = None
+    error: str | None = Field(None, description="Why the speaker's stored messages cannot be read (the rest is then empty).")
 
 
 class SpeakersPublic(BaseModel):

@@ -82,7 +82,7 @@ def _load(path: Path) -> SpeakerFile | None:
         return SpeakerFile.model_validate_json(raw)
     except ValidationError as exc:
         raise StorageError(
-            f"{path} is not a valid messages file ({exc.error_count()} problems, first: "
+            f"{path.name} is not a valid messages file ({exc.error_count()} problems, first: "
             f"{exc.errors()[0]['msg']}); nothing was changed. Repair or move it, then retry."
         ) from None
 
@@ -108,7 +108,7 @@ def append_samples(data_dir: Path, speaker: str, samples: list[Sample]) -> Appen
 
 def storage_error(exc: OSError, path: Path) -> StorageError:
     """A disk problem as an error the user can act on; the stored messages are unchanged."""
-    what = f"could not write {path}: {exc.strerror or exc}; the stored messages are unchanged"
+    what = f"could not write {path.name}: {exc.strerror or exc}; the stored messages are unchanged"
     if exc.errno == errno.ENOSPC:
         return InsufficientStorage(f"{what}. Free disk space and retry.")
     return StorageError(f"{what}. Check that the data folder exists and is writable.")
@@ -346,11 +346,24 @@ def _token_counter(tokenizer_file: Path | None):
     return lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)
 
 
-def list_speakers(data_dir: Path) -> list[SpeakerFile]:
-    """Every speaker with stored messages, by name. Damaged files raise StorageError."""
-    files = data_dir.glob(f"*{STORAGE_SUFFIX}") if data_dir.exists() else []
-    stored = [one for path in files if (one := _load(path))]  # the name inside the file, not the file's name
-    return sorted(stored, key=lambda one: one.speaker)
+@dataclass
+class DamagedFile:
+    """A messages file that cannot be read: the speaker as its file names them, and why."""
+    speaker: str
+    error: str
+
+
+def list_speakers(data_dir: Path) -> list[SpeakerFile | DamagedFile]:
+    """Every speaker with stored messages, by name (the one inside the file, not the file's name).
+    A damaged file is listed as a DamagedFile, so it hides no other speaker."""
+    listed: list[SpeakerFile | DamagedFile] = []
+    for path in data_dir.glob(f"*{STORAGE_SUFFIX}") if data_dir.exists() else []:
+        try:
+            if one := _load(path):
+                listed.append(one)
+        except StorageError as exc:
+            listed.append(DamagedFile(path.name[: -len(STORAGE_SUFFIX)], str(exc.detail)))
+    return sorted(listed, key=lambda one: one.speaker)
 
 
 def delete_speaker(data_dir: Path, speaker: str) -> Path | None:

@@ -197,7 +197,8 @@ class JobRegistry:
 
     def mark_succeeded(self, job_id: str, result: dict[str, Any]) -> None:
         self._set(job_id, ("status", {"status": "succeeded", "result": result}), when=ACTIVE, status="succeeded",
-                  finished_at=_now(), result=json.dumps(result, ensure_ascii=False), error=None)
+                  finished_at=_now(), result=json.dumps(result, ensure_ascii=False), error=None,
+                  checkpoint=None)  # a succeeded job's checkpoints are removed: nothing to resume from
 
     def mark_failed(self, job_id: str, error: str) -> None:
         self._set(job_id, ("error", {"status": "failed", "error": error}), when=ACTIVE, status="failed",
@@ -212,6 +213,9 @@ class JobRegistry:
 
     def set_checkpoint(self, job_id: str, path: str) -> None:
         self._set(job_id, ("log", {"message": f"checkpoint saved: {path}"}), checkpoint=path)
+
+    def clear_checkpoint(self, job_id: str) -> None:
+        self._set(job_id, ("log", {"message": "checkpoint deleted"}), checkpoint=None)
 
     def cancel(self, job_id: str) -> JobPublic:
         """A queued job is cancelled at once; a running one is asked to stop at its next step."""
