@@ -34,7 +34,7 @@ class BodyLimit:
         detail = f"request body is larger than {name}={limit} bytes; split the dialog into several uploads"
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
-            return await _send_json(send, 413, detail)
+            return await _send_json(send, 413, detail, scope["path"])
         seen = 0
 
         async def limited_receive():
@@ -50,8 +50,10 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
-async def _send_json(send, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
+async def _send_json(send, status: int, detail: str, path: str) -> None:
+    """FastAPI's error shape, or under /v1 OpenAI's (openai_compat.error_response's, before any app runs)."""
+    error = {"message": detail, "type": "invalid_request_error", "param": None, "code": None}
+    body = json.dumps({"error": error} if path == "/v1" or path.startswith("/v1/") else {"detail": detail}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                (b"connection", b"close")]
     await send({"type": "http.response.start", "status": status, "headers": headers})
