@@ -488,6 +488,4 @@ def download_adapter(speaker: SpeakerName, settings: SettingsDep) -> FileRespons
 
 
 app.include_router(api)
-app.include_router(openai_compat.router, dependencies=[Depends(require_api_key)], responses={
-    401: {"model": ErrorPublic, "description": "API_KEY is set and the request did not send it."},
-    400: BODY_ERRORS[400], 413: BODY_ERRORS[413]})
+app.include_router(openai_compat.router, dependencies=[Depends(require_api_key)])  # its errors: OpenAI's shape

@@ -32,7 +32,10 @@ from openai_models import (ChatChoice, ChatCompletion, ChatCompletionRequest, Ch
                            OpenAIError, OpenAIErrorBody, Usage)
 
 log = logging.getLogger("persona_lora.openai")
-router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], responses={
+    400: {"model": OpenAIError, "description": "Invalid request (OpenAI's status for FastAPI's 422), or a body not UTF-8."},
+    401: {"model": OpenAIError, "description": "API_KEY is set and the request did not send it."},
+    413: {"model": OpenAIError, "description": "Request body over MAX_BODY_BYTES."}})
 ASSISTANT = "assistant"
 CODES = {401: "invalid_api_key"}  # OpenAI's `code` for a status, where it has one
 
@@ -114,7 +117,6 @@ def list_models(request: Request) -> ModelList:
     responses={
         200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
               "description": "A chat completion, or with `stream` its chunks as Server-Sent Events."},
-        400: {"model": OpenAIError, "description": "Invalid request (OpenAI's status for what FastAPI calls 422)."},
         404: {"model": OpenAIError, "description": "No adapter for that model (speaker)."},
     },
 )
