@@ -20,6 +20,7 @@ from dataclasses import replace
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from config import get_settings
@@ -27,7 +28,7 @@ from errors import NotFound, ServiceError
 import adapters
 import chat_format
 from infer import AdapterNotFound, Decoding, Generation, created, persona_decoding, sampling
-from models import Turn, normalise_name
+from models import Turn
 from openai_models import (ChatChoice, ChatCompletion, ChatCompletionRequest, ChatMessageOut, ModelCard, ModelList,
                            OpenAIError, OpenAIErrorBody, Usage)
 
@@ -84,7 +85,10 @@ def _target(request: Request, model: str) -> str | None:
     settings = get_settings()
     if model == settings.BASE_MODEL:
         return None
-    return normalise_name(model)  # the name as /upload-text stored it (NFC, trimmed): one name, one persona
+    try:  # the name as /upload-text stored it (NFC, trimmed): one name, one persona
+        return Turn(speaker=model, content="").speaker
+    except ValidationError:  # no speaker can have that name (too long, control characters)
+        raise _no_adapter(model) from None
 
 
 def _turns(body: ChatCompletionRequest, persona: str) -> list[Turn]:

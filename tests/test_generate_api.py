@@ -120,6 +120,8 @@ def test_openai_errors_in_openai_shape(server):
         client.chat.completions.create(model="Nobody", messages=ASK)
     assert "no model 'Nobody': train the speaker first" in missing.value.message
     assert missing.value.code == "model_not_found" and missing.value.param == "model"
+    with pytest.raises(NotFoundError):  # a name no speaker can have is no model either, not a 500
+        client.chat.completions.create(model="0" * 500, messages=ASK)
     with pytest.raises(BadRequestError) as invalid:  # FastAPI's 422 is OpenAI's 400
         client.chat.completions.create(model=NAME, messages=[])
     assert "messages: List should have at least 1 item" in invalid.value.message
