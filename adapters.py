@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,26 @@ def info(output_root: Path, speaker: str) -> dict[str, Any] | None:
         return json.loads((place / INFO_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def archive(output_root: Path, speaker: str, exclude: set[str]) -> Path | None:
+    """The speaker's complete adapter folder as a zip in a temporary file (the caller removes it): its
+    top-level files but `exclude`, so that `PeftModel.from_pretrained(base, unzipped)` loads it. None
+    when the speaker has no complete adapter."""
+    place = folder(output_root, speaker)
+    if place is None or not (place / INFO_FILE).is_file():
+        return None
+    handle, name = tempfile.mkstemp(prefix="adapter-", suffix=".zip")
+    os.close(handle)
+    try:
+        with zipfile.ZipFile(name, "w", zipfile.ZIP_DEFLATED) as zf:
+            for path in sorted(place.iterdir()):
+                if path.is_file() and path.name not in exclude:
+                    zf.write(path, path.name)
+    except BaseException:
+        os.unlink(name)
+        raise
+    return Path(name)
 
 
 def names(output_root: Path) -> list[str]:

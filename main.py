@@ -12,10 +12,13 @@ import secrets
 
 from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request, Security, UploadFile
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import format_sse_event
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import adapters
 import base_model
@@ -92,13 +95,21 @@ def _error(description: str) -> dict:
 @app.exception_handler(ServiceError)
 async def service_error_handler(request: Request, exc: ServiceError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
-    return JSONResponse(status_code=exc.status, content={"detail": scrub(exc.detail)}, headers=headers)
+    return openai_compat.openai_error(request, exc, headers) or JSONResponse(
+        status_code=exc.status, content={"detail": scrub(exc.detail)}, headers=headers)
 
 
 @app.exception_handler(RequestValidationError)
 async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 with each problem's location and message, never the value sent (it may be a person's message)."""
-    return JSONResponse(status_code=422, content={"detail": public_errors(exc.errors())})
+    """422 with each problem's location and message, never the value sent (it may be a person's message);
+    under /v1 OpenAI's 400."""
+    return openai_compat.openai_error(request, exc) or JSONResponse(status_code=422, content={"detail": public_errors(exc.errors())})
+
+
+@app.exception_handler(StarletteHTTPException)
+async def http_error_handler(request: Request, exc: StarletteHTTPException):
+    """Unknown paths, wrong methods, the body limit: FastAPI's own answer (OpenAI's shape under /v1)."""
+    return openai_compat.openai_error(request, exc, exc.headers) or await http_exception_handler(request, exc)
 
 
 bearer = HTTPBearer(auto_error=False, description="The server's API_KEY, when one is set.")
@@ -146,20 +157,6 @@ UPLOAD_ERRORS = {
 }
 
 
-def check_limits(body: UploadTextRequest, settings: Settings) -> None:
-    """The operator's limits (settings), when lower than the schema's own bounds; 422 like the schema."""
-    problems = []
-    if len(body.dialog) > settings.MAX_DIALOG_MESSAGES:
-        problems.append({"type": "too_long", "loc": ("body", "dialog"), "input": None,
-                         "msg": f"List should have at most {settings.MAX_DIALOG_MESSAGES} items (MAX_DIALOG_MESSAGES)"})
-    for i, turn in enumerate(body.dialog):
-        if len(turn.content) > settings.MAX_MESSAGE_CHARS:
-            problems.append({"type": "string_too_long", "loc": ("body", "dialog", i, "content"), "input": None,
-                             "msg": f"String should have at most {settings.MAX_MESSAGE_CHARS} characters (MAX_MESSAGE_CHARS)"})
-    if problems:
-        raise RequestValidationError(problems)
-
-
 @app.get("/", include_in_schema=False)
 def root() -> RedirectResponse:
     return RedirectResponse("/docs")
@@ -179,7 +176,8 @@ def health(request: Request) -> HealthPublic:
 )
 def upload_text(body: UploadTextRequest, settings: SettingsDep) -> UploadTextResponse:
     """Store the speaker's messages from a dialog, each with the turns it answered (appends, deduplicates)."""
-    check_limits(body, settings)
+    if problems := body.over_limits(settings.MAX_DIALOG_MESSAGES, settings.MAX_MESSAGE_CHARS):
+        raise RequestValidationError(problems)  # 422 like the schema's own bounds
     check_allowed(body.speaker, settings)
     samples, empty = dialog_parser.build_samples(body.dialog, body.speaker, settings.MAX_CONTEXT_TURNS)
     return UploadTextResponse(**_upload_response(body.speaker, samples, empty, settings))
@@ -481,7 +479,21 @@ def speaker_loss_plot(speaker: SpeakerName, settings: SettingsDep) -> FileRespon
     return FileResponse(path, media_type="image/png")
 
 
+@api.get(
+    "/speakers/{speaker}/adapter",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/zip": {}}, "description": "The adapter folder, zipped."},
+               404: _error("The speaker has no adapter.")},
+)
+def download_adapter(speaker: SpeakerName, settings: SettingsDep) -> FileResponse:
+    """The speaker's adapter as a zip: PEFT's files, the tokenizer and training_info.json (not the evaluation, which quotes messages)."""
+    path = adapters.archive(settings.OUTPUT_DIR, speaker, exclude={evals.EVAL_FILE, evals.PLOT_FILE})
+    if path is None:
+        raise NotFound(f"no adapter for speaker '{speaker}'; train one with POST /train")
+    # Starlette writes the name as RFC 5987 `filename*=utf-8''...` when it is not plain ASCII.
+    return FileResponse(path, media_type="application/zip", filename=f"{speaker}-adapter.zip",
+                        background=BackgroundTask(path.unlink, missing_ok=True))
+
+
 app.include_router(api)
-app.include_router(openai_compat.router, dependencies=[Depends(require_api_key)], responses={
-    401: {"model": ErrorPublic, "description": "API_KEY is set and the request did not send it."},
-    400: BODY_ERRORS[400], 413: BODY_ERRORS[413]})
+app.include_router(openai_compat.router, dependencies=[Depends(require_api_key)])  # its errors: OpenAI's shape

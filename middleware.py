@@ -36,7 +36,7 @@ class BodyLimit:
         detail = f"request body is larger than {name}={limit} bytes; split the dialog into several uploads"
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
-            return await _send_json(send, 413, detail)
+            return await _send_json(send, 413, detail, scope["path"])
         seen = 0
 
         async def limited_receive():
@@ -77,7 +77,7 @@ class UnexpectedErrors:
         except Exception as exc:
             error_log.error("unexpected error on %s %s\n%s", scope["method"], scope["path"], traceback_without_messages(exc))
             if not started:  # else the answer is cut short, which the client sees
-                await _send_json(send, 500, f"internal error ({type(exc).__name__}); see the server log")
+                await _send_json(send, 500, f"internal error ({type(exc).__name__}); see the server log", scope["path"])
 
 
 def traceback_without_messages(exc: BaseException) -> str:
@@ -92,8 +92,11 @@ def traceback_without_messages(exc: BaseException) -> str:
     return "\nDuring handling of the above exception, another exception occurred:\n\n".join(parts)
 
 
-async def _send_json(send, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
+async def _send_json(send, status: int, detail: str, path: str) -> None:
+    """FastAPI's error shape, or under /v1 OpenAI's (openai_compat.error_response's, before any app runs)."""
+    error = {"message": detail, "type": "server_error" if status >= 500 else "invalid_request_error", "param": None,
+             "code": None}
+    body = json.dumps({"error": error} if path == "/v1" or path.startswith("/v1/") else {"detail": detail}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                (b"connection", b"close")]
     await send({"type": "http.response.start", "status": status, "headers": headers})

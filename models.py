@@ -115,6 +115,19 @@ class UploadTextRequest(BaseModel):
             raise ValueError(f"speaker '{self.speaker}' does not occur in the dialog; its speakers are {names}")
         return self
 
+    def over_limits(self, max_messages: int, max_chars: int) -> list[dict]:
+        """The operator's limits (MAX_DIALOG_MESSAGES, MAX_MESSAGE_CHARS settings), when lower than the
+        schema's own bounds: each problem in the shape of a validation error."""
+        problems = []
+        if len(self.dialog) > max_messages:
+            problems.append({"type": "too_long", "loc": ("body", "dialog"), "input": None,
+                             "msg": f"List should have at most {max_messages} items (MAX_DIALOG_MESSAGES)"})
+        for i, turn in enumerate(self.dialog):
+            if len(turn.content) > max_chars:
+                problems.append({"type": "string_too_long", "loc": ("body", "dialog", i, "content"), "input": None,
+                                 "msg": f"String should have at most {max_chars} characters (MAX_MESSAGE_CHARS)"})
+        return problems
+
 
 class UploadTextResponse(BaseModel):
     """Answer to /upload-text."""
