@@ -89,7 +89,8 @@ def test_generation_figures_are_what_a_user_sees():
     true = ["Yes.", "Certainly not, Algernon.", "Quite.", "I am not."]
     figures = evals.generation_figures(replies, true)
     assert figures["ends_turn"] == 0.75 and figures["loops"] == 0.5
-    assert (figures["median_words"], figures["person_median_words"]) == (5.0, 2.5) and figures["length_ratio"] == 2.0
+    # words per reply 3, 8, 2, 9 (median 5.5) against the person's 1, 3, 1, 3 (median 2)
+    assert (figures["median_words"], figures["person_median_words"]) == (5.5, 2.0) and figures["length_ratio"] == 2.75
     assert 0 < figures["distinct_2"] < 1 and figures["style_distance"] > 0
 
 

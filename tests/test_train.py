@@ -266,7 +266,7 @@ def test_unloadable_base_model_fails_clearly(tmp_path):
 def test_request_overrides_settings(tiny_gemma):
     settings = Settings(BASE_MODEL=str(tiny_gemma), LEARNING_RATE=1e-3, MAX_SEQ_LENGTH=256, DEVICE="cpu")
     config = train.resolve_config(settings, TrainRequest(speaker="A", learning_rate=5e-4, batch_size=4))
-    assert (config.learning_rate, config.max_seq_length, config.batch_size, config.epochs) == (5e-4, 256, 4, 1.0)
+    assert (config.learning_rate, config.max_seq_length, config.batch_size, config.epochs) == (5e-4, 256, 4, None)
     assert (config.lora_r, config.lora_alpha, config.lora_dropout) == (8, 16, 0.1)
 
 
