@@ -213,7 +213,7 @@ class Prepared:
 
 def prepare(samples: list[Sample], speaker: str, config: TrainConfig, models_dir: Path, device: str) -> Prepared:
     """Load the base, hold samples out, format and pack the rest, and add the LoRA layers."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
     if not samples:
         raise TrainingError(f"no stored messages for {speaker!r}; upload a dialog with POST /upload-text first")
@@ -234,7 +234,7 @@ def prepare(samples: list[Sample], speaker: str, config: TrainConfig, models_dir
              config.max_seq_length, sum(e.supervised for e in kept))
     if config.batch_tokens:
         budget = packing.step_tokens(sum(len(e.input_ids) for e in kept), config.batch_tokens)
-        items = packing.pack_examples(kept, budget, config.seed)
+        items = packing.pack_examples(kept, budget, config.seed, packing.row_tokens_for(device, budget))
     else:
         items = packing.single_examples(kept)
     samples_per_step = len(kept) / len(items) * config.batch_size * int(os.environ.get("WORLD_SIZE", 1))
@@ -243,8 +243,9 @@ def prepare(samples: list[Sample], speaker: str, config: TrainConfig, models_dir
     log.info("%d samples in %d sequences (%.1f samples per step); learning rate %.3g; %s epochs%s", len(kept),
              len(items), samples_per_step, learning_rate, epochs, "" if config.epochs else " (chosen for the amount of data)")
 
-    if config.load_in_8bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    # No prepare_model_for_kbit_training: its one effect here was to cast the bfloat16 norms and
+    # embeddings of a quantized base to float32 on CUDA (on the CPU all is float32 already), which
+    # made every activation float32 and each 8-bit matmul cast it back; TRL's SFTTrainer skips it too.
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=config.target_modules, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
@@ -254,9 +255,9 @@ def prepare(samples: list[Sample], speaker: str, config: TrainConfig, models_dir
 
 def make_trainer(run: Prepared, config: TrainConfig, device: str, output_dir: Path, checkpointing: bool,
                  stop: threading.Event, callbacks: list, progress_bar: bool, run_name: str):
-    """The transformers Trainer over the packed data, with the supervised-only loss."""
+    """The transformers Trainer over the packed data, with the supervised-only loss (packing.packed_loss)."""
     from datasets import Dataset
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers import PrinterCallback, TrainingArguments
 
     args = TrainingArguments(
         output_dir=str(output_dir),
@@ -280,13 +281,12 @@ def make_trainer(run: Prepared, config: TrainConfig, device: str, output_dir: Pa
         remove_unused_columns=False,
         disable_tqdm=not progress_bar,
     )
-    trainer = Trainer(
+    trainer = packing.trainer_class()(  # the loss: packing.packed_loss
         model=run.model,
         args=args,
         train_dataset=Dataset.from_list(run.items),
         processing_class=run.tokenizer,  # lets the Trainer count non-padding tokens
         data_collator=packing.PackedCollator(run.tokenizer.pad_token_id or 0),
-        compute_loss_func=packing.supervised_loss,  # logits only where a reply token is predicted
         callbacks=[_stop_callback(stop), *callbacks],
     )
     if not progress_bar:  # the service logs through its job registry, not stdout
