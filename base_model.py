@@ -1,5 +1,5 @@
 """The base model: which device a process uses, provisioning of the offline default, and loading of
-the tokenizer and the frozen base (8-bit, or dense).
+the tokenizer and the frozen base (8-bit, 4-bit, or dense).
 
 Knows nothing of chat formats, adapters, training or HTTP. torch and transformers are imported
 inside functions so that importing this module costs nothing.
@@ -167,21 +167,33 @@ def text_tokenizer(base_model: str, models_dir: Path):
     return load_tokenizer(resolve_base_model(base_model, models_dir))
 
 
-def load_base_model(model_path: str, load_in_8bit: bool, device: str):
-    """The frozen base, 8-bit through bitsandbytes or dense; float32 on CPU, bfloat16 on CUDA."""
+def quant_name(quant: str | bool) -> str:
+    """'8bit', '4bit' or 'none'; True and False (LOAD_IN_8BIT) mean '8bit' and 'none'."""
+    return {True: "8bit", False: "none"}.get(quant, quant)  # type: ignore[arg-type]
+
+
+def load_base_model(model_path: str, quant: str | bool, device: str):
+    """The frozen base through bitsandbytes, 8-bit (LLM.int8) or 4-bit (NF4 with double quantization,
+    as QLoRA), or dense ('none'); float32 on CPU, bfloat16 on CUDA. True and False mean '8bit' and
+    'none' (LOAD_IN_8BIT)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    quant = quant_name(quant)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     kwargs: dict[str, Any] = {"dtype": dtype}
-    if load_in_8bit:
+    if quant == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    elif quant == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
+    if quant != "none":
         kwargs["device_map"] = {"": device}
         # bitsandbytes logs "inputs will be cast from torch.float32 to float16" at every 8-bit matmul of
         # a float32 model (the CPU): one line per layer and token, thousands per generated reply.
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    if not load_in_8bit:
+    if quant == "none":
         model.to(device)
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [m for m in LORA_TARGETS if m not in present]
@@ -194,11 +206,12 @@ def load_base_model(model_path: str, load_in_8bit: bool, device: str):
     return model
 
 
-def load_for_training(base_model: str, models_dir: Path, load_in_8bit: bool, device: str):
-    """(local path, tokenizer, model) of the base, with a message the user can act on when it cannot load."""
+def load_for_training(base_model: str, models_dir: Path, quant: str | bool, device: str):
+    """(local path, tokenizer, model) of the base, with a message the user can act on when it cannot load.
+    `quant` as load_base_model takes it."""
     try:
         model_path = resolve_base_model(base_model, models_dir)
-        return model_path, load_tokenizer(model_path), load_base_model(model_path, load_in_8bit, device)
+        return model_path, load_tokenizer(model_path), load_base_model(model_path, quant, device)
     except (OSError, ValueError) as exc:
         raise TrainingError(
             f"could not load base model {base_model!r}: {exc}. Set BASE_MODEL to a local checkpoint "

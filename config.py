@@ -12,7 +12,7 @@ import re
 import unicodedata
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     OUTPUT_DIR: Path = Field(Path("./output_lora"), description="Trained adapters, one folder per speaker.")
     MODELS_DIR: Path = Field(Path("./models"), description="Where the default base model is provisioned.")
     LOAD_IN_8BIT: bool = Field(True, description="Load the base model in 8-bit (bitsandbytes LLM.int8).")
+    QUANT: Literal["8bit", "4bit", "none"] | None = Field(
+        None,
+        description=(
+            "Base model quantization: '8bit' (bitsandbytes LLM.int8), '4bit' (NF4 with double quantization, "
+            "bfloat16 compute: QLoRA) or 'none'. Unset: '8bit' when LOAD_IN_8BIT, else 'none'."
+        ),
+    )
     DEVICE: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'.")
     ALLOWED_SPEAKERS: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -73,11 +73,13 @@ def style_distance(generated: list[str], true: list[str]) -> float:
 
 
 def weights_of(model) -> str:
-    """How the base's weights are held: '8-bit', '8-bit, dequantized to float32', or their dtype."""
+    """How the base's weights are held: '8-bit' or '4-bit', '8-bit, dequantized to float32' (or 4-bit),
+    or their dtype."""
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    bits = "8-bit" if getattr(model, "is_loaded_in_8bit", False) else "4-bit" if getattr(model, "is_loaded_in_4bit", False) else None
     if any(type(m).__module__.startswith("bitsandbytes") for m in model.modules()):
-        return "8-bit"
-    return f"8-bit, dequantized to {dtype}" if getattr(model, "is_loaded_in_8bit", False) else dtype
+        return bits or "8-bit"
+    return f"{bits}, dequantized to {dtype}" if bits else dtype
 
 
 def _loss(model, tokenizer, template: str, samples: list[Sample], who: str, max_len: int) -> dict[str, Any]:

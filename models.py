@@ -282,6 +282,7 @@ class TrainConfig(BaseModel):
 
     base_model: str
     load_in_8bit: bool
+    quant: Literal["8bit", "4bit", "none"] | None = Field(None, description="Quantization; unset: from load_in_8bit.")
     device: str
     epochs: float | None = Field(description="Passes over the data; None: chosen from the number of samples (train.auto_epochs).")
     learning_rate: float

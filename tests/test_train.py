@@ -166,13 +166,15 @@ class Snapshot(TrainerCallback):
         self.after.update({n: b.detach().clone() for n, b in model.named_buffers()})
 
 
-@pytest.mark.parametrize("load_in_8bit", [True, False], ids=["8bit", "dense"])
-def test_training_changes_only_lora_weights_and_reloads(tiny_gemma, tmp_path, load_in_8bit):
+@pytest.mark.parametrize("quant", [{"LOAD_IN_8BIT": True}, {"LOAD_IN_8BIT": False}, {"QUANT": "4bit"}],
+                         ids=["8bit", "dense", "4bit"])
+def test_training_changes_only_lora_weights_and_reloads(tiny_gemma, tmp_path, quant):
     from peft import PeftModel
     from safetensors.torch import load_file
 
     samples, _ = build_samples(DIALOG, "User1", 6)
-    config = config_for(tiny_gemma, LOAD_IN_8BIT=load_in_8bit, epochs=3, learning_rate=1e-2)
+    config = config_for(tiny_gemma, **quant, epochs=3, learning_rate=1e-2)
+    load_in_8bit = config.load_in_8bit
     snap = Snapshot()
     out = train.train_lora(samples, "User1", config, tmp_path / "out", tmp_path / "models", callbacks=[snap])
 
@@ -181,8 +183,10 @@ def test_training_changes_only_lora_weights_and_reloads(tiny_gemma, tmp_path, lo
     assert any(not torch.equal(snap.before[n], snap.after[n]) for n in lora if "lora_B" in n)
     frozen = [n for n in snap.before if "lora_" not in n]
     assert all(torch.equal(snap.before[n], snap.after[n]) for n in frozen)
-    if load_in_8bit:
+    if "LOAD_IN_8BIT" in quant and load_in_8bit:
         assert any(snap.before[n].dtype == torch.int8 for n in frozen), "base was not loaded in 8-bit"
+    if "QUANT" in quant:  # NF4: two 4-bit weights packed per uint8
+        assert any(snap.before[n].dtype == torch.uint8 for n in frozen), "base was not loaded in 4-bit"
 
     folder = tmp_path / "out" / "User1"
     assert out.model_path == folder
@@ -192,7 +196,7 @@ def test_training_changes_only_lora_weights_and_reloads(tiny_gemma, tmp_path, lo
     info = json.loads((folder / "training_info.json").read_text())
     assert info["config"]["lora_r"] == 8 and info["config"]["lora_alpha"] == 16
     assert info["config"]["target_modules"] == ["q_proj", "v_proj"] and info["config"]["lora_dropout"] == 0.1
-    assert info["config"]["load_in_8bit"] is load_in_8bit
+    assert info["config"]["load_in_8bit"] is load_in_8bit and info["config"]["quant"] == quant.get("QUANT")
     # packed by default, but two samples are too few to share a step (MIN_STEPS_PER_EPOCH)
     assert info["num_samples"] == 2 and info["packed_sequences"] == 2 and info["steps"] == 6 and info["final_loss"] > 0
     assert info["supervised_tokens"] < info["total_tokens"]
@@ -214,6 +218,22 @@ def test_training_changes_only_lora_weights_and_reloads(tiny_gemma, tmp_path, lo
         assert torch.equal(snap.after[live].float(), tensor.float())
     with torch.no_grad():
         assert not torch.allclose(model(ids).logits, base_logits)
+
+
+@pytest.mark.parametrize("settings, weights", [
+    ({"LOAD_IN_8BIT": True}, "8-bit, dequantized to float32"),
+    ({"QUANT": "4bit"}, "4-bit, dequantized to float32"),
+    ({"QUANT": "none"}, "float32"),  # QUANT wins over LOAD_IN_8BIT (true by default)
+])
+def test_quantized_base_is_dequantized_before_evaluating_on_the_cpu(tiny_gemma, tmp_path, settings, weights):
+    import evals
+
+    samples, _ = build_samples(DIALOG * 4, "User1", 6)
+    seen = []
+    evaluate = lambda model, *rest: seen.append(evals.weights_of(model)) or {}  # noqa: E731
+    out = train.train_lora(samples, "User1", config_for(tiny_gemma, **settings, max_steps=1), tmp_path / "out",
+                           tmp_path / "models", evaluate=evaluate)
+    assert out.evaluation_error is None and seen == [weights]
 
 
 def test_failed_run_leaves_previous_adapter_intact(tiny_gemma, tmp_path):

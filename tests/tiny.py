@@ -13,7 +13,8 @@ CORPUS = [
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 
 
-def build_tokenizer():
+def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 400):
+    """A byte-level BPE tokenizer with Gemma's special tokens, trained here on `texts` (CORPUS)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -21,18 +22,29 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator(CORPUS * 4, trainer)
+    tok.train_from_iterator(CORPUS * 4 if texts is None else texts, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
     )
 
 
-def save_tiny_model(path: Path, arch: str = "gemma3") -> Path:
+def random_model(config, tokenizer, path: Path, seed: int = 0, device: str = "cpu", dtype=None) -> Path:
+    """A model of `config` with seeded random weights, built on `device` in `dtype` (float32), saved
+    with `tokenizer` to `path`. Also the benchmarks' random models (bench/train_throughput.py)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_tiny_model(path: Path, arch: str = "gemma3") -> Path:
     tokenizer = build_tokenizer()
     common = dict(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, bos_token_id=2)
     if arch == "gemma3":
@@ -51,8 +63,4 @@ def save_tiny_model(path: Path, arch: str = "gemma3") -> Path:
         config = Config(n_embd=64, n_layer=2, n_head=4, n_positions=1024, **common)
     else:
         raise ValueError(arch)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return random_model(config, tokenizer, path)
