@@ -52,7 +52,8 @@ def test_train_without_messages_is_404(client):
 @pytest.mark.parametrize(
     "payload, loc",
     [
-        ({"speaker": "../x"}, ["body", "speaker"]),
+        ({"speaker": "bad\u0000name"}, ["body", "speaker"]),
+        ({"speaker": "\u200e \u202c"}, ["body", "speaker"]),  # only invisible marks: empty once trimmed
         ({"speaker": "User1", "epochs": 0}, ["body", "epochs"]),
         ({"speaker": "User1", "batch_size": 0}, ["body", "batch_size"]),
         ({"speaker": "User1", "batch_size": 100000}, ["body", "batch_size"]),
@@ -276,3 +277,13 @@ def test_any_display_name_trains_answers_and_is_listed(client, env):
     assert [(s["speaker"], s["adapter"]) for s in speakers] == [(name, True)]
     r = client.delete(f"/speakers/{quote(name)}")
     assert r.status_code == 200 and not folder.exists()
+
+
+def test_a_path_like_name_is_only_a_name(client, env):
+    """'../x' is a display name like any other: it trains nothing (nothing stored), and its file would
+    be the encoded form inside DATA_DIR."""
+    from config import storage_name
+
+    r = client.post("/train", json={"speaker": "../x"})
+    assert r.status_code == 404 and "no messages stored for speaker '../x'" in r.json()["detail"]
+    assert storage_name("../x").startswith("~") and "/" not in storage_name("../x")
