@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from config import get_settings
-from errors import NotFound, ServiceError, scrub
+from errors import NotFound, ServiceError, public_errors, scrub
 import adapters
 import chat_format
 from infer import AdapterNotFound, Decoding, Generation, created, persona_decoding, sampling
@@ -75,6 +75,7 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 def validation_error(errors) -> JSONResponse:
     """FastAPI's 422 as OpenAI answers an invalid request: 400, every problem in the message, the first
     one's field (`messages.0.content`) as `param`."""
+    errors = public_errors(errors)  # never the value sent; a lone surrogate said in words
     where = [".".join(str(part) for part in e["loc"] if part != "body") for e in errors]
     problems = "; ".join(f"{w or 'body'}: {e['msg']}" for w, e in zip(where, errors))
     return error_response(400, f"invalid request: {problems}", where[0] if where else None)

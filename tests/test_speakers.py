@@ -38,9 +38,8 @@ def test_dataset_shows_what_the_model_sees(client):
     body = client.get("/speakers/User1/dataset", params={"limit": 5}).json()
     assert body["chat_template_source"] == chat_format.TRANSCRIPT_SOURCE and body["count"] == 2
     second = body["data"][1]
-    assert second["completion"] == "Підемо кави вип'ємо?<end_of_turn>\n"
-    assert second["prompt"].startswith("<bos><start_of_turn>user\n")
-    assert second["prompt"].endswith("<start_of_turn>user\nВсе добре, дякую.<end_of_turn>\n<start_of_turn>model\n")
+    assert second["completion"] == " Підемо кави вип'ємо?\n"  # the persona's line and its end
+    assert second["prompt"] == "<bos>User1: Привіт! Як справи?\nUser2: Все добре, дякую.\nUser1:"
     assert second["marked"] == second["prompt"] + "⟦" + second["completion"] + "⟧"
     assert 0 < second["supervised_tokens"] < second["tokens"]
     assert len(client.get("/speakers/User1/dataset", params={"limit": 1}).json()["data"]) == 1
