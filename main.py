@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-import secrets
-
-from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request, Security, UploadFile
-from fastapi.encoders import jsonable_encoder
+from fastapi import Depends, FastAPI, Form, Query, Request, UploadFile
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from fastapi.sse import format_sse_event
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -24,21 +18,22 @@ import adapters
 import base_model
 import chat_format
 import evals
+import jobs_api
 import openai_compat
 import parser as dialog_parser
 import train
 from config import Settings, get_settings
-from errors import (Conflict, Forbidden, NotFound, PayloadTooLarge, ServiceError, Unauthorized, Unprocessable,
+from deps import BODY_ERRORS, ERRORS, SettingsDep, check_allowed, error, guarded_router, registry, require_api_key
+from errors import (Conflict, NotFound, PayloadTooLarge, ServiceError, Unauthorized, Unprocessable,
                     public_errors, scrub)
 from exports import ExportError, ExportTooLarge
 from infer import AdapterNotFound, PersonaEngine, persona_decoding, sampling
 from jobs import JobRunner, delete_checkpoint, display_path
-from registry import FINISHED, JobRegistry
+from registry import JobRegistry
 from middleware import AccessLog, BodyLimit, UnexpectedErrors
 from models import (
-    DatasetPublic, DatasetQuery, DeletedPublic, DeleteQuery, ErrorPublic, EventsQuery, ExportForm, ExportInspection,
-    GenerateRequest, GenerateResponse, HealthPublic, JobsQuery, JobEventsPublic, JobPublic, JobsPublic, JobStatus,
-    PageQuery, SamplesPublic, SpeakerName, SpeakerPublic, SpeakersPublic, TrainCompleted, TrainRequest, Turn,
+    DatasetPublic, DatasetQuery, DeletedPublic, DeleteQuery, ExportForm, ExportInspection, GenerateRequest,
+    GenerateResponse, HealthPublic, PageQuery, SamplesPublic, SpeakerName, SpeakerPublic, SpeakersPublic, Turn,
     UploadFileForm, UploadFileResponse, UploadTextRequest, UploadTextResponse
 )
 
@@ -79,19 +74,6 @@ app.add_middleware(UnexpectedErrors)  # innermost: AccessLog sees its 500
 app.add_middleware(BodyLimit)
 app.add_middleware(AccessLog)
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-ERRORS = {422: {"description": "Invalid request: `detail` lists each problem with its location."}}
-BODY_ERRORS = {
-    400: {"model": ErrorPublic, "description": "The body could not be read (not UTF-8)."},
-    413: {"model": ErrorPublic, "description": "Request body over MAX_BODY_BYTES."},
-    **ERRORS,
-}
-
-
-def _error(description: str) -> dict:
-    return {"model": ErrorPublic, "description": description}
-
-
 @app.exception_handler(ServiceError)
 async def service_error_handler(request: Request, exc: ServiceError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
@@ -112,33 +94,7 @@ async def http_error_handler(request: Request, exc: StarletteHTTPException):
     return openai_compat.openai_error(request, exc, exc.headers) or await http_exception_handler(request, exc)
 
 
-bearer = HTTPBearer(auto_error=False, description="The server's API_KEY, when one is set.")
-
-
-def require_api_key(
-    settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
-) -> None:
-    """With API_KEY set, every endpoint but /health needs `Authorization: Bearer <API_KEY>`."""
-    if settings.API_KEY is None:
-        return
-    given = credentials.credentials.encode() if credentials else b""
-    if not secrets.compare_digest(given, settings.API_KEY.get_secret_value().encode()):
-        raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <API_KEY>'")
-
-
-api = APIRouter(
-    dependencies=[Depends(require_api_key)],
-    responses={401: {"model": ErrorPublic, "description": "API_KEY is set and the request did not send it."}},
-)
-
-
-def registry(request: Request) -> JobRegistry:
-    return request.app.state.registry
-
-
-def check_allowed(speaker: str, settings: Settings) -> None:
-    if settings.ALLOWED_SPEAKERS and speaker not in settings.ALLOWED_SPEAKERS:
-        raise Forbidden(f"speaker '{speaker}' is not in ALLOWED_SPEAKERS ({', '.join(settings.ALLOWED_SPEAKERS)})")
+api = guarded_router()
 
 
 def _upload_response(speaker: str, samples, empty: int, settings: Settings) -> dict:
@@ -150,9 +106,9 @@ def _upload_response(speaker: str, samples, empty: int, settings: Settings) -> d
 
 
 UPLOAD_ERRORS = {
-    403: _error("Speaker not in ALLOWED_SPEAKERS."),
-    500: _error("Stored data unreadable or unwritable; nothing changed."),
-    507: _error("Disk full; nothing changed."),
+    403: error("Speaker not in ALLOWED_SPEAKERS."),
+    500: error("Stored data unreadable or unwritable; nothing changed."),
+    507: error("Disk full; nothing changed."),
     **BODY_ERRORS,
 }
 
@@ -244,7 +200,7 @@ def _stored(settings: Settings, speaker: str):
     return stored
 
 
-@api.get("/speakers/{speaker}/messages", response_model=SamplesPublic, responses={404: _error("Nothing stored."), **ERRORS})
+@api.get("/speakers/{speaker}/messages", response_model=SamplesPublic, responses={404: error("Nothing stored."), **ERRORS})
 def speaker_messages(speaker: SpeakerName, settings: SettingsDep, page: Annotated[PageQuery, Query()]) -> SamplesPublic:
     """The speaker's stored messages with their context, oldest first."""
     stored = _stored(settings, speaker)
@@ -254,7 +210,7 @@ def speaker_messages(speaker: SpeakerName, settings: SettingsDep, page: Annotate
 @api.get(
     "/speakers/{speaker}/dataset",
     response_model=DatasetPublic,
-    responses={404: _error("Nothing stored."), 500: _error("The base model could not be loaded."), **ERRORS},
+    responses={404: error("Nothing stored."), 500: error("The base model could not be loaded."), **ERRORS},
 )
 def speaker_dataset(speaker: SpeakerName, settings: SettingsDep, query: Annotated[DatasetQuery, Query()]) -> DatasetPublic:
     """The first samples exactly as training renders them (chat template applied, trained span marked)."""
@@ -270,7 +226,7 @@ def speaker_dataset(speaker: SpeakerName, settings: SettingsDep, query: Annotate
 @api.delete(
     "/speakers/{speaker}",
     response_model=DeletedPublic,
-    responses={404: _error("Nothing stored for the speaker."), 409: _error("The speaker is training."), **ERRORS},
+    responses={404: error("Nothing stored for the speaker."), 409: error("The speaker is training."), **ERRORS},
 )
 def delete_speaker(
     speaker: SpeakerName, request: Request, settings: SettingsDep, query: Annotated[DeleteQuery, Query()]
@@ -293,133 +249,9 @@ def delete_speaker(
 
 
 @api.post(
-    "/train",
-    response_model=TrainCompleted,
-    responses={
-        202: {"model": JobPublic, "description": "Queued (without `wait`): poll the job's `url`."},
-        403: _error("Speaker not in ALLOWED_SPEAKERS."),
-        404: _error("No stored messages for the speaker: upload first."),
-        409: _error("The speaker already has a queued or running job."),
-        429: _error("MAX_QUEUED_JOBS jobs are already queued."),
-        500: _error("With `wait`: training failed; `detail` says why."),
-        **BODY_ERRORS,
-    },
-)
-async def train_speaker(body: TrainRequest, request: Request, settings: SettingsDep):
-    """Fine-tune the speaker's LoRA adapter in the background; with `wait`, answer when done."""
-    check_allowed(body.speaker, settings)
-    stored = await asyncio.to_thread(dialog_parser.load_speaker, settings.DATA_DIR, body.speaker)
-    if stored is None or not stored.messages:
-        raise NotFound(f"no messages stored for speaker '{body.speaker}'; upload a dialog with POST /upload-text first")
-    config = await asyncio.to_thread(train.resolve_config, settings, body)
-    job = registry(request).create(body.speaker, config, settings.MAX_QUEUED_JOBS)
-    future = request.app.state.runner.submit(job.job_id)
-    if not body.wait:
-        return JSONResponse(status_code=202, content=jsonable_encoder(job), headers={"Location": job.url})
-    await asyncio.wrap_future(future)
-    job = registry(request).get(job.job_id)
-    if job.status == JobStatus.cancelled:
-        raise Conflict(f"training for {body.speaker} was cancelled (job {job.job_id})")
-    if job.status != JobStatus.succeeded:
-        raise ServiceError(f"Training failed for {body.speaker} (job {job.job_id}): {job.error}")
-    return TrainCompleted(
-        message=f"Training completed successfully for {body.speaker}", model_path=job.result["model_path"], job=job
-    )
-
-
-@api.get("/jobs", response_model=JobsPublic, responses=ERRORS)
-def list_jobs(request: Request, query: Annotated[JobsQuery, Query()]) -> JobsPublic:
-    """Training jobs, newest first, optionally filtered by speaker and status."""
-    data, count = registry(request).list(query.speaker, query.status, query.limit, query.offset)
-    return JobsPublic(data=data, count=count)
-
-
-@api.get("/jobs/{job_id}", response_model=JobPublic, responses={404: _error("No such job.")})
-def get_job(job_id: str, request: Request) -> JobPublic:
-    """One training job: its state, and its result or error."""
-    return registry(request).get(job_id)
-
-
-EVENTS_POLL_S = 0.5  # how often a stream looks for new events in the registry
-MAX_EVENT_ID = 2**62  # as EventsQuery.after; SQLite integers end at 2**63 - 1
-KEEPALIVE_S = 15.0  # an SSE comment line this often keeps proxies from closing an idle stream
-
-
-def last_event_id(header: str) -> int:
-    """A Last-Event-ID the registry can look up (ASCII digits, at most MAX_EVENT_ID); else 0, ignored."""
-    return int(header) if header.isascii() and header.isdigit() and len(header) <= 19 and int(header) <= MAX_EVENT_ID else 0
-
-
-@api.get(
-    "/jobs/{job_id}/events",
-    response_model=JobEventsPublic,
-    responses={
-        200: {
-            "description": "With `stream=true` (default) a `text/event-stream` that ends when the job ends; "
-            "with `stream=false` the events so far as JSON.",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
-        },
-        404: _error("No such job."),
-        **ERRORS,
-    },
-)
-async def job_events(job_id: str, request: Request, query: Annotated[EventsQuery, Query()]):
-    """A job's events (status changes, progress, log lines, errors), live as Server-Sent Events."""
-    reg, stream, after = registry(request), query.stream, query.after
-    await asyncio.to_thread(reg.get, job_id)  # 404 before any stream starts
-    if not stream:
-        events = await asyncio.to_thread(reg.events, job_id, after, 100_000)
-        return JobEventsPublic(data=events, count=len(events))
-    after = max(after, last_event_id(request.headers.get("last-event-id", "")))
-
-    async def sse():
-        nonlocal after
-        idle = 0.0
-        while True:
-            finished = (await asyncio.to_thread(reg.get, job_id)).status.value in FINISHED
-            events = await asyncio.to_thread(reg.events, job_id, after)
-            for event in events:
-                after = event.id
-                yield format_sse_event(data_str=json.dumps(event.data, ensure_ascii=False), event=event.type, id=str(event.id))
-            if finished and not events:
-                return
-            if events:
-                idle = 0.0
-            elif (idle := idle + EVENTS_POLL_S) >= KEEPALIVE_S:
-                idle = 0.0
-                yield b": keep-alive\n\n"
-            await asyncio.sleep(EVENTS_POLL_S)
-
-    return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-@api.post(
-    "/jobs/{job_id}/cancel",
-    response_model=JobPublic,
-    responses={404: _error("No such job."), 409: _error("The job has already finished.")},
-)
-def cancel_job(job_id: str, request: Request) -> JobPublic:
-    """Cancel a job: a queued one at once, a running one at its next step (the old adapter stays)."""
-    return registry(request).cancel(job_id)
-
-
-@api.post(
-    "/jobs/{job_id}/resume",
-    status_code=202,
-    response_model=JobPublic,
-    responses={404: _error("No such job."), 409: _error("Not failed/cancelled, no checkpoint, or the speaker is busy.")},
-)
-def resume_job(job_id: str, request: Request) -> JobPublic:
-    """Queue a failed or cancelled job again; it continues from its last checkpoint."""
-    job = registry(request).resume(job_id)
-    request.app.state.runner.submit(job.job_id)
-    return job
-
-
-@api.post(
     "/generate",
     response_model=GenerateResponse,
-    responses={404: _error("The speaker has no trained adapter."), **BODY_ERRORS},
+    responses={404: error("The speaker has no trained adapter."), **BODY_ERRORS},
 )
 async def generate(body: GenerateRequest, request: Request, settings: SettingsDep) -> GenerateResponse:
     """The reply the speaker would write next, from their adapter on the base model."""
@@ -436,7 +268,7 @@ async def generate(body: GenerateRequest, request: Request, settings: SettingsDe
                             completion_tokens=out.completion_tokens, finish_reason=out.finish_reason)
 
 
-@api.get("/speakers/{speaker}/evaluation", responses={404: _error("No evaluation for the speaker.")})
+@api.get("/speakers/{speaker}/evaluation", responses={404: error("No evaluation for the speaker.")})
 def speaker_evaluation(speaker: SpeakerName, settings: SettingsDep) -> dict:
     """The adapter's latest evaluation report (eval.json)."""
     report = evals.read_report(settings, speaker)
@@ -447,7 +279,7 @@ def speaker_evaluation(speaker: SpeakerName, settings: SettingsDep) -> dict:
 
 @api.post(
     "/speakers/{speaker}/evaluate",
-    responses={404: _error("The speaker has no adapter."), 409: _error("Training, or the adapter deleted meanwhile.")},
+    responses={404: error("The speaker has no adapter."), 409: error("Training, or the adapter deleted meanwhile.")},
 )
 async def evaluate_speaker(speaker: SpeakerName, request: Request, settings: SettingsDep) -> dict:
     """Evaluate the speaker's adapter now on its held-out samples; returns and stores the report."""
@@ -468,7 +300,7 @@ async def evaluate_speaker(speaker: SpeakerName, request: Request, settings: Set
     "/speakers/{speaker}/loss.png",
     response_class=FileResponse,
     responses={200: {"content": {"image/png": {}}, "description": "Training and held-out loss."},
-               404: _error("No evaluation for the speaker.")},
+               404: error("No evaluation for the speaker.")},
 )
 def speaker_loss_plot(speaker: SpeakerName, settings: SettingsDep) -> FileResponse:
     """The training loss curve with the held-out loss of base and adapter."""
@@ -483,7 +315,7 @@ def speaker_loss_plot(speaker: SpeakerName, settings: SettingsDep) -> FileRespon
     "/speakers/{speaker}/adapter",
     response_class=FileResponse,
     responses={200: {"content": {"application/zip": {}}, "description": "The adapter folder, zipped."},
-               404: _error("The speaker has no adapter.")},
+               404: error("The speaker has no adapter.")},
 )
 def download_adapter(speaker: SpeakerName, settings: SettingsDep) -> FileResponse:
     """The speaker's adapter as a zip: PEFT's files, the tokenizer and training_info.json (not the evaluation, which quotes messages)."""
@@ -496,4 +328,5 @@ def download_adapter(speaker: SpeakerName, settings: SettingsDep) -> FileRespons
 
 
 app.include_router(api)
+app.include_router(jobs_api.router)
 app.include_router(openai_compat.router, dependencies=[Depends(require_api_key)])  # its errors: OpenAI's shape

@@ -1,0 +1,148 @@
+"""The training job routes: /train, /jobs, a job's events (JSON or Server-Sent Events), cancel and resume.
+Knows nothing of how a job runs (jobs.JobRunner) or is stored (registry.JobRegistry)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated
+
+from fastapi import Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.sse import format_sse_event
+
+import parser as dialog_parser
+import train
+from deps import BODY_ERRORS, ERRORS, SettingsDep, check_allowed, error, guarded_router, registry
+from errors import Conflict, NotFound, ServiceError
+from models import EventsQuery, JobEventsPublic, JobPublic, JobsPublic, JobsQuery, JobStatus, TrainCompleted, TrainRequest
+from registry import FINISHED
+
+router = guarded_router()
+
+
+@router.post(
+    "/train",
+    response_model=TrainCompleted,
+    responses={
+        202: {"model": JobPublic, "description": "Queued (without `wait`): poll the job's `url`."},
+        403: error("Speaker not in ALLOWED_SPEAKERS."),
+        404: error("No stored messages for the speaker: upload first."),
+        409: error("The speaker already has a queued or running job."),
+        429: error("MAX_QUEUED_JOBS jobs are already queued."),
+        500: error("With `wait`: training failed; `detail` says why."),
+        **BODY_ERRORS,
+    },
+)
+async def train_speaker(body: TrainRequest, request: Request, settings: SettingsDep):
+    """Fine-tune the speaker's LoRA adapter in the background; with `wait`, answer when done."""
+    check_allowed(body.speaker, settings)
+    stored = await asyncio.to_thread(dialog_parser.load_speaker, settings.DATA_DIR, body.speaker)
+    if stored is None or not stored.messages:
+        raise NotFound(f"no messages stored for speaker '{body.speaker}'; upload a dialog with POST /upload-text first")
+    config = await asyncio.to_thread(train.resolve_config, settings, body)
+    job = registry(request).create(body.speaker, config, settings.MAX_QUEUED_JOBS)
+    future = request.app.state.runner.submit(job.job_id)
+    if not body.wait:
+        return JSONResponse(status_code=202, content=jsonable_encoder(job), headers={"Location": job.url})
+    await asyncio.wrap_future(future)
+    job = registry(request).get(job.job_id)
+    if job.status == JobStatus.cancelled:
+        raise Conflict(f"training for {body.speaker} was cancelled (job {job.job_id})")
+    if job.status != JobStatus.succeeded:
+        raise ServiceError(f"Training failed for {body.speaker} (job {job.job_id}): {job.error}")
+    return TrainCompleted(
+        message=f"Training completed successfully for {body.speaker}", model_path=job.result["model_path"], job=job
+    )
+
+
+@router.get("/jobs", response_model=JobsPublic, responses=ERRORS)
+def list_jobs(request: Request, query: Annotated[JobsQuery, Query()]) -> JobsPublic:
+    """Training jobs, newest first, optionally filtered by speaker and status."""
+    data, count = registry(request).list(query.speaker, query.status, query.limit, query.offset)
+    return JobsPublic(data=data, count=count)
+
+
+@router.get("/jobs/{job_id}", response_model=JobPublic, responses={404: error("No such job.")})
+def get_job(job_id: str, request: Request) -> JobPublic:
+    """One training job: its state, and its result or error."""
+    return registry(request).get(job_id)
+
+
+EVENTS_POLL_S = 0.5  # how often a stream looks for new events in the registry
+MAX_EVENT_ID = 2**62  # as EventsQuery.after; SQLite integers end at 2**63 - 1
+KEEPALIVE_S = 15.0  # an SSE comment line this often keeps proxies from closing an idle stream
+
+
+def last_event_id(header: str) -> int:
+    """A Last-Event-ID the registry can look up (ASCII digits, at most MAX_EVENT_ID); else 0, ignored."""
+    return int(header) if header.isascii() and header.isdigit() and len(header) <= 19 and int(header) <= MAX_EVENT_ID else 0
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    response_model=JobEventsPublic,
+    responses={
+        200: {
+            "description": "With `stream=true` (default) a `text/event-stream` that ends when the job ends; "
+            "with `stream=false` the events so far as JSON.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        404: error("No such job."),
+        **ERRORS,
+    },
+)
+async def job_events(job_id: str, request: Request, query: Annotated[EventsQuery, Query()]):
+    """A job's events (status changes, progress, log lines, errors), live as Server-Sent Events."""
+    reg, stream, after = registry(request), query.stream, query.after
+    await asyncio.to_thread(reg.get, job_id)  # 404 before any stream starts
+    if not stream:
+        events = await asyncio.to_thread(reg.events, job_id, after, 100_000)
+        return JobEventsPublic(data=events, count=len(events))
+    after = max(after, last_event_id(request.headers.get("last-event-id", "")))
+
+    async def sse():
+        nonlocal after
+        idle = 0.0
+        while True:
+            finished = (await asyncio.to_thread(reg.get, job_id)).status.value in FINISHED
+            events = await asyncio.to_thread(reg.events, job_id, after)
+            for event in events:
+                after = event.id
+                yield format_sse_event(data_str=json.dumps(event.data, ensure_ascii=False), event=event.type, id=str(event.id))
+            if finished and not events:
+                return
+            if events:
+                idle = 0.0
+            elif (idle := idle + EVENTS_POLL_S) >= KEEPALIVE_S:
+                idle = 0.0
+                yield b": keep-alive\n\n"
+            await asyncio.sleep(EVENTS_POLL_S)
+
+    return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.post(
+    "/jobs/{job_id}/cancel",
+    response_model=JobPublic,
+    responses={404: error("No such job."), 409: error("The job has already finished.")},
+)
+def cancel_job(job_id: str, request: Request) -> JobPublic:
+    """Cancel a job: a queued one at once, a running one at its next step (the old adapter stays)."""
+    return registry(request).cancel(job_id)
+
+
+@router.post(
+    "/jobs/{job_id}/resume",
+    status_code=202,
+    response_model=JobPublic,
+    responses={404: error("No such job."), 409: error("Not failed/cancelled, no checkpoint, or the speaker is busy.")},
+)
+def resume_job(job_id: str, request: Request) -> JobPublic:
+    """Queue a failed or cancelled job again; it continues from its last checkpoint."""
+    job = registry(request).resume(job_id)
+    request.app.state.runner.submit(job.job_id)
+    return job
+
+
