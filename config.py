@@ -132,8 +132,15 @@ class Settings(BaseSettings):
     )
     MIN_SAMPLES: int = Field(10, ge=1, description="Fewer samples than this for a speaker draws a warning (OpenAI asks for 10).")
     MAX_QUEUED_JOBS: int = Field(20, ge=1, description="Most jobs waiting in the queue; more get 429.")
+    ALLOWED_ORIGINS: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Comma-separated web origins (e.g. 'http://localhost:3000') whose pages may send POST, PUT, PATCH and "
+            "DELETE requests besides the service's own; browsers' requests from any other origin get 403."
+        ),
+    )
 
-    @field_validator("ALLOWED_SPEAKERS", "REPORT_TO", mode="before")
+    @field_validator("ALLOWED_SPEAKERS", "REPORT_TO", "ALLOWED_ORIGINS", mode="before")
     @classmethod
     def _split_speakers(cls, value: object) -> object:
         if isinstance(value, str):

@@ -30,7 +30,7 @@ from exports import ExportError, ExportTooLarge
 from infer import AdapterNotFound, PersonaEngine, persona_decoding, sampling
 from jobs import JobRunner, delete_checkpoint, display_path
 from registry import JobRegistry
-from middleware import AccessLog, BodyLimit, UnexpectedErrors
+from middleware import AccessLog, BodyLimit, CrossSiteGuard, UnexpectedErrors
 from models import (
     DatasetPublic, DatasetQuery, DeletedPublic, DeleteQuery, ExportForm, ExportInspection, GenerateRequest,
     GenerateResponse, HealthPublic, PageQuery, SamplesPublic, SpeakerName, SpeakerPublic, SpeakersPublic, Turn,
@@ -72,6 +72,7 @@ app = FastAPI(
 )
 app.add_middleware(UnexpectedErrors)  # innermost: AccessLog sees its 500
 app.add_middleware(BodyLimit)
+app.add_middleware(CrossSiteGuard)  # before the body is read
 app.add_middleware(AccessLog)
 
 @app.exception_handler(ServiceError)
