@@ -91,6 +91,17 @@ class Settings(BaseSettings):
         1.15, ge=1, le=2, description="Default repetition penalty of persona replies (1: none); a guard against loops."
     )
     GENERATION_MAX_NEW_TOKENS: int = Field(64, ge=1, le=1024, description="Default longest persona reply, in tokens.")
+    GENERATION_WORKERS: int = Field(
+        1, ge=1, le=16,
+        description=(
+            "Generations (/generate, /v1/chat/completions, /speakers/{s}/evaluate) that run at once, on threads of "
+            "their own; 1 because one model in memory generates for one request at a time."
+        ),
+    )
+    GENERATION_QUEUE: int = Field(
+        8, ge=0, le=1000,
+        description="Generation requests that may wait for a worker; more get 503 with Retry-After.",
+    )
     ADAPTER_CACHE_SIZE: int = Field(4, ge=1, le=256, description="Adapters kept loaded for generation (LRU).")
     TRAIN_PROCESSES: int = Field(
         1, ge=1, le=64,
@@ -132,8 +143,15 @@ class Settings(BaseSettings):
     )
     MIN_SAMPLES: int = Field(10, ge=1, description="Fewer samples than this for a speaker draws a warning (OpenAI asks for 10).")
     MAX_QUEUED_JOBS: int = Field(20, ge=1, description="Most jobs waiting in the queue; more get 429.")
+    ALLOWED_ORIGINS: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Comma-separated web origins (e.g. 'http://localhost:3000') whose pages may send POST, PUT, PATCH and "
+            "DELETE requests besides the service's own; browsers' requests from any other origin get 403."
+        ),
+    )
 
-    @field_validator("ALLOWED_SPEAKERS", "REPORT_TO", mode="before")
+    @field_validator("ALLOWED_SPEAKERS", "REPORT_TO", "ALLOWED_ORIGINS", mode="before")
     @classmethod
     def _split_speakers(cls, value: object) -> object:
         if isinstance(value, str):

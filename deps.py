@@ -1,16 +1,23 @@
 """What every router shares: the settings and registry dependencies, the API key check, the documented
-error answers, and the speaker allow-list. Knows nothing of the routes that use them."""
+error answers, the speaker allow-list, and the generation queue. Knows nothing of the routes that use
+them."""
 
 from __future__ import annotations
 
+import asyncio
+import math
 import secrets
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from config import Settings, get_settings
-from errors import Forbidden, Unauthorized
+from errors import Forbidden, ServiceUnavailable, Unauthorized
 from models import ErrorPublic
 from registry import JobRegistry
 
@@ -21,6 +28,11 @@ BODY_ERRORS = {
     413: {"model": ErrorPublic, "description": "Request body over MAX_BODY_BYTES."},
     **ERRORS,
 }
+
+
+RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
+BUSY = ("Generation is busy (GENERATION_WORKERS running, GENERATION_QUEUE waiting), or the base model is being "
+        "provisioned: retry after Retry-After seconds.")
 
 
 def error(description: str) -> dict:
@@ -57,3 +69,73 @@ def registry(request: Request) -> JobRegistry:
 def check_allowed(speaker: str, settings: Settings) -> None:
     if settings.ALLOWED_SPEAKERS and speaker not in settings.ALLOWED_SPEAKERS:
         raise Forbidden(f"speaker '{speaker}' is not in ALLOWED_SPEAKERS ({', '.join(settings.ALLOWED_SPEAKERS)})")
+
+
+class GenerationGate:
+    """Generation's own bounded queue: `workers` requests generate at once, on threads of their own
+    (the default pool stays free for the job and data endpoints: with generation on it, 9 queued
+    generations of 3 s held GET /jobs/{id}/events for 2 s), and at most `queue` more wait; beyond
+    that, 503 with Retry-After at once. A request holds its slot for all its work (n choices, a whole
+    stream). Used from the event loop only, so the counts need no lock."""
+
+    def __init__(self, workers: int, queue: int):
+        self.workers, self.queue, self.admitted = workers, queue, 0
+        self._slots = asyncio.Semaphore(workers)
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="generation")
+        self._mean_s = 5.0  # a slot's hold time, learned as requests finish; 5 s before the first
+
+    async def enter(self) -> float:
+        """Take a slot, waiting in the queue, and say when it was taken; 503 when the queue is full."""
+        if self.admitted >= self.workers + self.queue:
+            running = min(self.admitted, self.workers)
+            retry = max(1, math.ceil(self._mean_s * self.admitted / self.workers))
+            raise ServiceUnavailable(
+                f"generation is busy: {running} running and {self.admitted - running} waiting (GENERATION_WORKERS="
+                f"{self.workers}, GENERATION_QUEUE={self.queue}); retry after the Retry-After seconds", retry)
+        self.admitted += 1
+        try:
+            await self._slots.acquire()
+        except BaseException:
+            self.admitted -= 1
+            raise
+        return time.monotonic()
+
+    def leave(self, started: float) -> None:
+        """Give back the slot taken at `started` (what enter returned)."""
+        self._mean_s = 0.8 * self._mean_s + 0.2 * (time.monotonic() - started)
+        self.admitted -= 1
+        self._slots.release()
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[GenerationGate]:
+        started = await self.enter()
+        try:
+            yield self
+        finally:
+            self.leave(started)
+
+    async def run(self, fn, *args):
+        """fn(*args) on a generation thread (call it holding a slot)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+PROVISIONING_RETRY_S = 30  # provisioning the default model takes about a minute
+
+
+def base_ready(request: Request):
+    """The warmed base (base_model.Warmup); 503 with Retry-After while it is being provisioned, so no
+    request waits a minute for it. A failed warm-up lets the request try again (and say why it cannot)."""
+    warmup = request.app.state.warmup
+    if warmup.state == "provisioning":
+        raise ServiceUnavailable(f"the base model {warmup.base_model!r} is being provisioned (the first start takes "
+                                 "about a minute); retry after the Retry-After seconds", PROVISIONING_RETRY_S)
+    return warmup
+
+
+def generation(request: Request) -> GenerationGate:
+    """The generation queue, once the base model is there to generate with."""
+    base_ready(request)
+    return request.app.state.generation

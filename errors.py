@@ -51,6 +51,17 @@ class TooManyRequests(ServiceError):
     status = 429
 
 
+class ServiceUnavailable(ServiceError):
+    """Busy for now (a full generation queue, the base model still being provisioned): retry after
+    `retry_after` seconds, sent as the Retry-After header."""
+
+    status = 503
+
+    def __init__(self, detail: str, retry_after: int):
+        super().__init__(detail)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
 class InsufficientStorage(StorageError):
     """The disk is full; nothing stored was changed."""
 

@@ -23,14 +23,15 @@ import openai_compat
 import parser as dialog_parser
 import train
 from config import Settings, get_settings
-from deps import BODY_ERRORS, ERRORS, SettingsDep, check_allowed, error, guarded_router, registry, require_api_key
+from deps import (BODY_ERRORS, BUSY, ERRORS, RETRY_AFTER, base_ready, GenerationGate, SettingsDep, check_allowed, error, generation, guarded_router,
+                  registry, require_api_key)
 from errors import (Conflict, NotFound, PayloadTooLarge, ServiceError, Unauthorized, Unprocessable,
                     public_errors, scrub)
 from exports import ExportError, ExportTooLarge
 from infer import AdapterNotFound, PersonaEngine, persona_decoding, sampling
 from jobs import JobRunner, delete_checkpoint, display_path
 from registry import JobRegistry
-from middleware import AccessLog, BodyLimit, UnexpectedErrors
+from middleware import AccessLog, BodyLimit, CrossSiteGuard, UnexpectedErrors
 from models import (
     DatasetPublic, DatasetQuery, DeletedPublic, DeleteQuery, ExportForm, ExportInspection, GenerateRequest,
     GenerateResponse, HealthPublic, PageQuery, SamplesPublic, SpeakerName, SpeakerPublic, SpeakersPublic, Turn,
@@ -56,7 +57,10 @@ async def lifespan(app: FastAPI):
     app.state.registry, app.state.runner = registry, runner
     app.state.engine = PersonaEngine(settings.BASE_MODEL, settings.MODELS_DIR, settings.OUTPUT_DIR, settings.DEVICE,
                                      settings.LOAD_IN_8BIT, settings.ADAPTER_CACHE_SIZE)
+    app.state.generation = GenerationGate(settings.GENERATION_WORKERS, settings.GENERATION_QUEUE)
+    app.state.warmup = base_model.Warmup(settings.BASE_MODEL, settings.MODELS_DIR).start()
     yield
+    app.state.generation.shutdown()
     await asyncio.to_thread(runner.shutdown)
 
 
@@ -72,11 +76,12 @@ app = FastAPI(
 )
 app.add_middleware(UnexpectedErrors)  # innermost: AccessLog sees its 500
 app.add_middleware(BodyLimit)
+app.add_middleware(CrossSiteGuard)  # before the body is read
 app.add_middleware(AccessLog)
 
 @app.exception_handler(ServiceError)
 async def service_error_handler(request: Request, exc: ServiceError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else getattr(exc, "headers", None)
     return openai_compat.openai_error(request, exc, headers) or JSONResponse(
         status_code=exc.status, content={"detail": scrub(exc.detail)}, headers=headers)
 
@@ -120,9 +125,10 @@ def root() -> RedirectResponse:
 
 @app.get("/health", response_model=HealthPublic)
 def health(request: Request) -> HealthPublic:
-    """Liveness, with the number of running and queued jobs."""
+    """Liveness, with the number of running and queued jobs and the base model's state."""
     counts = registry(request).counts()
-    return HealthPublic(jobs_running=counts.get("running", 0), jobs_queued=counts.get("queued", 0))
+    return HealthPublic(jobs_running=counts.get("running", 0), jobs_queued=counts.get("queued", 0),
+                        model=request.app.state.warmup.state)
 
 
 @api.post(
@@ -210,14 +216,17 @@ def speaker_messages(speaker: SpeakerName, settings: SettingsDep, page: Annotate
 @api.get(
     "/speakers/{speaker}/dataset",
     response_model=DatasetPublic,
-    responses={404: error("Nothing stored."), 500: error("The base model could not be loaded."), **ERRORS},
+    responses={404: error("Nothing stored."), 500: error("The base model could not be loaded."),
+               503: {**error("The base model is being provisioned."), "headers": RETRY_AFTER}, **ERRORS},
 )
-def speaker_dataset(speaker: SpeakerName, settings: SettingsDep, query: Annotated[DatasetQuery, Query()]) -> DatasetPublic:
+def speaker_dataset(speaker: SpeakerName, request: Request, settings: SettingsDep,
+                    query: Annotated[DatasetQuery, Query()]) -> DatasetPublic:
     """The first samples exactly as training renders them (chat template applied, trained span marked)."""
     stored = _stored(settings, speaker)
+    warm = base_ready(request)
     try:
         rendered = train.render_dataset(stored.messages[: query.limit], speaker, settings.BASE_MODEL, settings.MODELS_DIR,
-                                        settings.MAX_SEQ_LENGTH)
+                                        settings.MAX_SEQ_LENGTH, warm.tokenizer)
     except (OSError, ValueError) as exc:
         raise ServiceError(f"could not load the tokenizer of base model {settings.BASE_MODEL!r}: {exc}") from None
     return DatasetPublic(**rendered, count=len(stored.messages))
@@ -251,7 +260,7 @@ def delete_speaker(
 @api.post(
     "/generate",
     response_model=GenerateResponse,
-    responses={404: error("The speaker has no trained adapter."), **BODY_ERRORS},
+    responses={404: error("The speaker has no trained adapter."), 503: {**error(BUSY), "headers": RETRY_AFTER}, **BODY_ERRORS},
 )
 async def generate(body: GenerateRequest, request: Request, settings: SettingsDep) -> GenerateResponse:
     """The reply the speaker would write next, from their adapter on the base model."""
@@ -259,9 +268,9 @@ async def generate(body: GenerateRequest, request: Request, settings: SettingsDe
     decoding = persona_decoding(settings, [*turns, Turn(speaker=body.speaker, content="")], **sampling(body),
                                 max_new_tokens=body.max_new_tokens)
     try:
-        out = await asyncio.to_thread(
-            request.app.state.engine.generate, body.speaker, chat_format.to_messages(turns, body.speaker), decoding
-        )
+        async with generation(request).slot() as gate:
+            out = await gate.run(request.app.state.engine.generate, body.speaker, chat_format.to_messages(turns, body.speaker),
+                                 decoding)
     except AdapterNotFound:
         raise NotFound(f"no adapter for speaker '{body.speaker}'; train one with POST /train") from None
     return GenerateResponse(speaker=body.speaker, reply=out.text, prompt_tokens=out.prompt_tokens,
@@ -279,7 +288,8 @@ def speaker_evaluation(speaker: SpeakerName, settings: SettingsDep) -> dict:
 
 @api.post(
     "/speakers/{speaker}/evaluate",
-    responses={404: error("The speaker has no adapter."), 409: error("Training, or the adapter deleted meanwhile.")},
+    responses={404: error("The speaker has no adapter."), 409: error("Training, or the adapter deleted meanwhile."),
+               503: {**error(BUSY), "headers": RETRY_AFTER}},
 )
 async def evaluate_speaker(speaker: SpeakerName, request: Request, settings: SettingsDep) -> dict:
     """Evaluate the speaker's adapter now on its held-out samples; returns and stores the report."""
@@ -287,7 +297,8 @@ async def evaluate_speaker(speaker: SpeakerName, request: Request, settings: Set
     if active:
         raise Conflict(f"speaker '{speaker}' is training (job {active.job_id}); evaluate when it has finished")
     try:
-        report = await asyncio.to_thread(evals.evaluate_speaker, settings, speaker, request.app.state.engine)
+        async with generation(request).slot() as gate:
+            report = await gate.run(evals.evaluate_speaker, settings, speaker, request.app.state.engine)
     except AdapterNotFound:  # DELETE /speakers/{speaker} or a new training's swap after the check above
         raise Conflict(f"the adapter of speaker '{speaker}' was deleted or replaced during the evaluation; "
                        "evaluate again (train first if it was deleted)") from None

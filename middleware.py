@@ -1,4 +1,5 @@
-"""ASGI middleware of the service: the request body limit, the access log, unexpected errors.
+"""ASGI middleware of the service: cross-site refusal, the request body limit, the access log,
+unexpected errors.
 
 Both are plain ASGI (no BaseHTTPMiddleware) so that streaming responses, such as a job's event
 stream, pass through untouched.
@@ -50,6 +51,36 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+class CrossSiteGuard:
+    """403 for a state-changing request a browser sends from another site's page: a multipart form
+    or a no-cors fetch() needs no CORS pre-flight, so without this any page the user visits could
+    upload, train or cancel on localhost. Refused: an Origin that is neither the server's own (the
+    scheme and Host the request came to) nor in ALLOWED_ORIGINS ("null" from sandboxed frames
+    included), and Sec-Fetch-Site `cross-site` or `same-site` without an allowed Origin. Requests
+    with neither header (curl, SDKs: no ambient browser credentials to abuse) pass, and so do reads."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in STATE_CHANGING:
+            return await self.app(scope, receive, send)
+        headers = {k: v.decode("latin-1") for k, v in scope["headers"] if k in (b"origin", b"sec-fetch-site", b"host")}
+        origin, site = headers.get(b"origin"), headers.get(b"sec-fetch-site", "").lower()
+        if origin is None and site not in ("cross-site", "same-site"):
+            return await self.app(scope, receive, send)
+        allowed = {o.rstrip("/").lower() for o in get_settings().ALLOWED_ORIGINS}
+        own = f"{scope.get('scheme', 'http')}://{headers.get(b'host', '')}".lower()
+        if origin is not None and origin.rstrip("/").lower() in allowed | {own}:
+            return await self.app(scope, receive, send)
+        sender = f"Origin '{origin}'" if origin is not None else f"a {site} page (Sec-Fetch-Site)"
+        await _send_json(send, 403, f"cross-site request refused: {sender} is not this server's origin; to allow a "
+                                    "page there, add its origin to ALLOWED_ORIGINS", scope["path"])
 
 
 class UnexpectedErrors:

@@ -460,6 +460,8 @@ class HealthPublic(BaseModel):
     status: str = "ok"
     jobs_running: int
     jobs_queued: int
+    model: str = Field(description="The base model: 'provisioning' (requests that need it get 503 meanwhile), "
+                                   "'ready', or 'failed: <why>'.", examples=["ready"])
 
 
 class ErrorPublic(BaseModel):

@@ -11,7 +11,6 @@ answer OpenAI's `{"error": {"message", "type", "param", "code"}}` (main.py's han
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import uuid
@@ -24,6 +23,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from config import get_settings
+from deps import BUSY, RETRY_AFTER, generation
 from errors import NotFound, ServiceError, public_errors, scrub
 import adapters
 import chat_format
@@ -123,6 +123,7 @@ def list_models(request: Request) -> ModelList:
         200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
               "description": "A chat completion, or with `stream` its chunks as Server-Sent Events."},
         404: {"model": OpenAIError, "description": "No adapter for that model (speaker)."},
+        503: {"model": OpenAIError, "description": BUSY, "headers": RETRY_AFTER},
     },
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -137,17 +138,25 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     # Choice i samples with seed + i: n choices differ, and each is the answer of a request for n=1 with its seed.
     decodings = [replace(decoding, seed=None if decoding.seed is None else decoding.seed + i) for i in range(body.n)]
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    if body.stream:
-        opened = await _open(engine, speaker, messages, decodings[0], body.model)  # a 404 comes before the 200
+    gate = generation(request)
+    if body.stream:  # the stream holds its generation slot until its last chunk (_events gives it back)
+        started = await gate.enter()
+        try:
+            opened = await _open(gate, engine, speaker, messages, decodings[0], body.model)  # a 404 comes before the 200
+        except BaseException:
+            gate.leave(started)
+            raise
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _events(completion_id, body.model, include_usage, opened, lambda d: _open(engine, speaker, messages, d, body.model), decodings)
+        events = _events(completion_id, body.model, include_usage, opened,
+                         lambda d: _open(gate, engine, speaker, messages, d, body.model), decodings, gate, started)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     outs = []
-    for each in decodings:
-        try:
-            outs.append(await asyncio.to_thread(engine.generate, speaker, messages, each))
-        except AdapterNotFound:
-            raise _no_adapter(body.model) from None
+    async with gate.slot():
+        for each in decodings:
+            try:
+                outs.append(await gate.run(engine.generate, speaker, messages, each))
+            except AdapterNotFound:
+                raise _no_adapter(body.model) from None
     return ChatCompletion(
         id=completion_id, created=created(), model=body.model, usage=_usage(outs),
         choices=[ChatChoice(index=i, message=ChatMessageOut(role="assistant", content=out.text), finish_reason=out.finish_reason)
@@ -162,20 +171,22 @@ def _usage(outs: list[Generation]) -> Usage:
                  total_tokens=outs[0].prompt_tokens + completion)
 
 
-async def _open(engine, speaker: str | None, messages: list[dict], decoding: Decoding, model: str):
+async def _open(gate, engine, speaker: str | None, messages: list[dict], decoding: Decoding, model: str):
     """engine.stream started: its first item fetched (no adapter: the model's 404), and the rest."""
     pieces = engine.stream(speaker, messages, decoding)
     try:
-        first = await asyncio.to_thread(next, pieces, None)
+        first = await gate.run(next, pieces, None)
     except AdapterNotFound:
         raise _no_adapter(model) from None
     return first, pieces
 
 
-async def _events(completion_id: str, model: str, include_usage: bool, opened, open_next, decodings: list[Decoding]):
+async def _events(completion_id: str, model: str, include_usage: bool, opened, open_next, decodings: list[Decoding],
+                  gate, started: float):
     """The chunks of every choice in turn (its role, its text in pieces, its finish reason), then with
     `include_usage` one chunk with `usage` and no choices, then `[DONE]`. A failure after the 200 is sent
-    as an `error` event, which OpenAI's clients raise."""
+    as an `error` event, which OpenAI's clients raise. Gives back the generation slot taken at `started`
+    when it ends, or when the client goes away."""
 
     def sse(data: dict) -> bytes:
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
@@ -195,13 +206,15 @@ async def _events(completion_id: str, model: str, include_usage: bool, opened, o
                     yield chunk([{"index": index, "delta": {}, "finish_reason": item.finish_reason}])
                 else:
                     yield chunk([{"index": index, "delta": {"content": item}, "finish_reason": None}])
-                item = await asyncio.to_thread(next, pieces, None)
+                item = await gate.run(next, pieces, None)
         if include_usage:
             yield chunk([], usage=_usage(outs).model_dump())
     except Exception as exc:  # the 200 is sent: the error can only travel in the stream
         log.exception("stream of %s failed", completion_id)
         body = OpenAIErrorBody(message=f"generation failed ({type(exc).__name__}); see the server log", type="server_error")
         yield sse({"error": body.model_dump()})
+    finally:
+        gate.leave(started)
     yield b"data: [DONE]\n\n"
 
 

@@ -408,12 +408,14 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def render_dataset(samples: list[Sample], speaker: str, base: str, models_dir: Path, max_len: int) -> dict[str, Any]:
-    """Samples exactly as training formats them (chat template applied, trained span marked); loads
-    only the tokenizer's text side (no torch)."""
-    if base == DEFAULT_BASE_MODEL:
-        base_model.provision_default_model(models_dir)
-    tokenizer = base_model.text_tokenizer(base, models_dir)  # no torch in the API process
+def render_dataset(samples: list[Sample], speaker: str, base: str, models_dir: Path, max_len: int,
+                   tokenizer=None) -> dict[str, Any]:
+    """Samples exactly as training formats them (chat template applied, trained span marked) by
+    `tokenizer`, or else by the tokenizer's text side loaded now (no torch)."""
+    if tokenizer is None:
+        if base == DEFAULT_BASE_MODEL:
+            base_model.provision_default_model(models_dir)
+        tokenizer = base_model.text_tokenizer(base, models_dir)  # no torch in the API process
     template, source = chat_format.chat_template_for(tokenizer)
     rendered = chat_format.render_samples(samples, speaker, tokenizer, template, max_len)
     return {"base_model": base, "chat_template_source": source, "max_seq_length": max_len, "data": rendered}
