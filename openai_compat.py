@@ -147,9 +147,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             gate.leave(started)
             raise
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        release = _once(lambda: gate.leave(started))
         events = _events(completion_id, body.model, include_usage, opened,
-                         lambda d: _open(gate, engine, speaker, messages, d, body.model), decodings, gate, started)
-        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                         lambda d: _open(gate, engine, speaker, messages, d, body.model), decodings, gate, release)
+        return _SlotStream(release, events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     outs = []
     async with gate.slot():
         for each in decodings:
@@ -182,11 +183,11 @@ async def _open(gate, engine, speaker: str | None, messages: list[dict], decodin
 
 
 async def _events(completion_id: str, model: str, include_usage: bool, opened, open_next, decodings: list[Decoding],
-                  gate, started: float):
+                  gate, release):
     """The chunks of every choice in turn (its role, its text in pieces, its finish reason), then with
     `include_usage` one chunk with `usage` and no choices, then `[DONE]`. A failure after the 200 is sent
-    as an `error` event, which OpenAI's clients raise. Gives back the generation slot taken at `started`
-    when it ends, or when the client goes away."""
+    as an `error` event, which OpenAI's clients raise. Gives back the generation slot (`release`) when
+    it ends, or when the client goes away."""
 
     def sse(data: dict) -> bytes:
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
@@ -214,8 +215,35 @@ async def _events(completion_id: str, model: str, include_usage: bool, opened, o
         body = OpenAIErrorBody(message=f"generation failed ({type(exc).__name__}); see the server log", type="server_error")
         yield sse({"error": body.model_dump()})
     finally:
-        gate.leave(started)
+        release()
     yield b"data: [DONE]\n\n"
+
+
+def _once(fn):
+    """fn, run at most once however often it is called."""
+    done = False
+
+    def call():
+        nonlocal done
+        if not done:
+            done = True
+            fn()
+    return call
+
+
+class _SlotStream(StreamingResponse):
+    """A stream that gives its generation slot back however the response ends: also when the client
+    went away before the first chunk was read (the body's own `finally` never runs then)."""
+
+    def __init__(self, release, content, **kwargs):
+        super().__init__(content, **kwargs)
+        self.release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
 
 
 def _no_adapter(model: str) -> ModelNotFound:

@@ -93,3 +93,37 @@ def test_full_generation_queue_answers_503_and_reads_stay_fast(slow_client):
                                                         "messages": [{"role": "user", "content": "hi"}]})):
         assert r.status_code == 200, r.text  # the slots are free again, streams included
     assert gate.admitted == 0
+
+
+def test_a_stream_whose_client_left_before_the_first_chunk_gives_its_slot_back(slow_client):
+    """The client is gone when the answer starts: sending its first message fails, so the stream's body
+    is never read and its own `finally` never runs; the slot must come back anyway."""
+    import anyio
+
+    gate = slow_client.app.state.generation
+    body = b'{"model": "Ann", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+             "root_path": "", "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
+                                          (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("testserver", 80), "state": {}}
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message["type"])
+        raise OSError("the client went away")
+
+    async def call():
+        try:
+            await slow_client.app(scope, receive, send)
+        except Exception:  # noqa: BLE001 - the server's side of a gone client is not what this test is about
+            pass
+
+    anyio.run(call)
+    assert sent == ["http.response.start"]
+    assert gate.admitted == 0, "the stream kept its generation slot"
+    r = slow_client.post("/generate", json={"speaker": "Ann", "prompt": "hi"})
+    assert r.status_code == 200, r.text

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow  # real uvicorn servers and training processes
 
 @pytest.fixture
 def http(live_server):
-    with httpx.Client(base_url=live_server.url, timeout=120) as client:
+    with httpx.Client(base_url=live_server.url, timeout=600) as client:  # trainings with wait on a loaded box
         yield client
 
 
