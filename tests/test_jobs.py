@@ -208,6 +208,7 @@ def test_event_stream_resumes_after_last_event_id(client):
     assert [int(e["id"]) for e in resumed] == ids[2:]
 
 
+@pytest.mark.slow  # a whole training child that fails late
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="needs wandb not to be installed")
 def test_tracker_without_its_package_fails_the_job_naming_the_package(client, env, monkeypatch):
     monkeypatch.setenv("REPORT_TO", "wandb")
@@ -219,6 +220,7 @@ def test_tracker_without_its_package_fails_the_job_naming_the_package(client, en
     assert list(Path(env["OUTPUT_DIR"]).iterdir()) == []  # no adapter, no temporary folder left behind
 
 
+@pytest.mark.slow  # 60 steps with a checkpoint every 2, then a resume
 def test_resumed_job_trains_on_its_sample_snapshot(client, env, monkeypatch):
     monkeypatch.setenv("CHECKPOINT_STEPS", "2")
     get_settings.cache_clear()
