@@ -49,7 +49,7 @@ async def lifespan(app: FastAPI):
     for folder in (settings.DATA_DIR, settings.OUTPUT_DIR, settings.MODELS_DIR):
         folder.mkdir(parents=True, exist_ok=True)
     adapters.clean_stale(settings.OUTPUT_DIR)
-    registry = JobRegistry(settings.db_path)
+    registry = JobRegistry(settings.db_path, replace_damaged=True)
     runner = JobRunner(registry, settings)
     for job_id in registry.recover():
         runner.submit(job_id)

@@ -1,0 +1,51 @@
+"""Fault runs: a full disk for a moment during training and during uploads, the server killed during
+uploads, a damaged job database. After each: no acknowledged upload lost, no job left `running`, and
+the service answering without a restart."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from conftest import LiveServer, fill_disk, finished, training, upload, wait_for_job
+from jobs import DISK_FULL
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_training_fails_the_job_and_the_service_recovers(env, tmp_path, small_tmpfs):
+    env = {**env, "DATA_DIR": str(small_tmpfs / "data"), "PROGRESS_INTERVAL_S": "0.1"}
+    server = LiveServer(env, tmp_path / "server.log")
+    try:
+        http = httpx.Client(base_url=server.url, timeout=60)
+        upload(http, "S")
+        job = http.post("/train", json={"speaker": "S", "max_steps": 10**6}).json()
+        wait_for_job(http, job["job_id"], training, timeout=120)
+        filler = fill_disk(small_tmpfs)
+        full_until = time.monotonic() + 8
+        while time.monotonic() < full_until:  # reads answer; writes say the disk is full
+            assert http.get("/health").status_code == 200
+            assert http.get(job["url"]).status_code == 200
+            r = http.post(f"{job['url']}/cancel")
+            assert r.status_code in (200, 507), r.text
+            if r.status_code == 507:
+                assert r.json()["detail"].startswith("disk full: the job registry could not be written")
+            time.sleep(0.5)
+        filler.unlink()
+        ended = wait_for_job(http, job["job_id"], finished, timeout=60, what="the job to end once the disk has room")
+        assert ended["status"] in ("failed", "cancelled"), ended
+        if ended["status"] == "failed":
+            assert ended["error"] == DISK_FULL
+        assert [c for c in psutil.Process(server.proc.pid).children() if c.status() == psutil.STATUS_ZOMBIE] == []
+        again = http.post("/train", json={"speaker": "S", "max_steps": 10**6})  # no restart needed
+        assert again.status_code == 202, again.text
+        assert http.post(f"{again.json()['url']}/cancel").status_code == 200
+        assert wait_for_job(http, again.json()["job_id"], finished, timeout=120)["status"] == "cancelled"
+        assert http.post("/speakers/S/evaluate").status_code == 404  # no adapter; not 409
+        assert http.delete("/speakers/S").status_code == 200
+    finally:
+        server.stop()
+    assert "content" not in Path(tmp_path / "server.log").read_text(errors="replace")
