@@ -49,3 +49,41 @@ def test_a_full_disk_during_training_fails_the_job_and_the_service_recovers(env,
     finally:
         server.stop()
     assert "content" not in Path(tmp_path / "server.log").read_text(errors="replace")
+
+
+def test_a_damaged_job_database_is_moved_aside_at_start(env, caplog):
+    from fastapi.testclient import TestClient
+
+    from main import app
+
+    db = Path(env["DATA_DIR"]) / "jobs.sqlite3"
+    db.parent.mkdir(parents=True)
+    db.write_bytes(b"this is not an SQLite database\n" * 200)
+    with TestClient(app) as client:  # starts; before the fix, a raw DatabaseError traceback
+        assert client.get("/health").status_code == 200
+        assert client.get("/jobs").json() == {"data": [], "count": 0}
+        upload(client, "A")
+        assert client.post("/train", json={"speaker": "A", "max_steps": 1, "wait": True}).status_code == 200
+    aside = list(db.parent.glob("jobs.sqlite3.damaged-*"))
+    assert len(aside) == 1 and aside[0].read_bytes().startswith(b"this is not an SQLite database")
+    warned = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(warned) == 1 and f"moved it aside to {aside[0].name} and started a fresh one" in warned[0]
+
+
+def test_a_bad_job_row_is_skipped_with_a_warning(client, env, caplog):
+    import sqlite3
+
+    upload(client, "A")
+    upload(client, "B")
+    jobs = [client.post("/train", json={"speaker": s, "max_steps": 1, "wait": True}).json()["job"] for s in "AB"]
+    with sqlite3.connect(Path(env["DATA_DIR"]) / "jobs.sqlite3") as db:
+        db.execute("UPDATE jobs SET config = '{broken', progress = 'x' WHERE id = ?", (jobs[0]["job_id"],))
+    r = client.get("/jobs")
+    assert r.status_code == 200, r.text
+    assert [j["job_id"] for j in r.json()["data"]] == [jobs[1]["job_id"]]
+    assert any(f"job {jobs[0]['job_id']}: its row in jobs.sqlite3 cannot be read (ValidationError); skipped"
+               == rec.getMessage() for rec in caplog.records)
+    r = client.get(f"/jobs/{jobs[0]['job_id']}")
+    assert r.status_code == 500 and r.json()["detail"].startswith(f"job '{jobs[0]['job_id']}' cannot be read: its row")
+    assert client.post("/train", json={"speaker": "A", "max_steps": 1, "wait": True}).status_code == 200
+    assert client.get("/health").status_code == 200
