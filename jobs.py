@@ -186,6 +186,16 @@ def delete_checkpoint(settings: Settings, job_id: str) -> Path | None:
     return folder
 
 
+def delete_job_files(settings: Settings, job_id: str) -> list[Path]:
+    """Remove the job's checkpoint folder (it holds a snapshot of the samples) and its log; the paths removed."""
+    removed = [folder] if (folder := delete_checkpoint(settings, job_id)) else []
+    log_path = job_log_path(settings, job_id)
+    if log_path.is_file():
+        log_path.unlink()
+        removed.append(log_path)
+    return removed
+
+
 def _tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
