@@ -87,3 +87,40 @@ def test_a_bad_job_row_is_skipped_with_a_warning(client, env, caplog):
     assert r.status_code == 500 and r.json()["detail"].startswith(f"job '{jobs[0]['job_id']}' cannot be read: its row")
     assert client.post("/train", json={"speaker": "A", "max_steps": 1, "wait": True}).status_code == 200
     assert client.get("/health").status_code == 200
+
+
+def test_a_full_disk_during_uploads_loses_no_acknowledged_upload(client, env, monkeypatch, small_tmpfs):
+    import json
+    import threading
+
+    from config import get_settings
+
+    monkeypatch.setenv("DATA_DIR", str(small_tmpfs / "data"))
+    get_settings.cache_clear()
+    upload(client, "A")
+    answers: list[tuple[int, str]] = []
+
+    def uploader(k: int):
+        for i in range(30):
+            reply = f"{k}-{i} " + "слово " * 400  # about 5 KB a message: the file grows until the disk is full
+            r = client.post("/upload-text", json={"dialog": [{"speaker": "X", "content": "?"},
+                                                            {"speaker": "A", "content": reply}], "speaker": "A"})
+            answers.append((r.status_code, reply))
+            if r.status_code == 507:
+                assert r.json()["detail"].endswith("the stored messages are unchanged. Free disk space and retry.")
+            time.sleep(0.1)  # 30 uploads over 3 s or more: some while full, some after
+
+    threads = [threading.Thread(target=uploader, args=(k,)) for k in range(3)]
+    filler = fill_disk(small_tmpfs)
+    for t in threads:
+        t.start()
+    time.sleep(1.0)  # full for a moment, then room again
+    filler.unlink()
+    for t in threads:
+        t.join(120)
+    codes = {code for code, _ in answers}
+    assert codes <= {200, 507} and 507 in codes and 200 in codes, codes
+    stored = {m["reply"] for m in json.loads((small_tmpfs / "data" / "A_messages.json").read_text("utf-8"))["messages"]}
+    assert {reply for code, reply in answers if code == 200} <= stored  # 0 acknowledged uploads lost
+    assert list((small_tmpfs / "data").glob(".*.tmp")) == []
+    assert client.get("/health").status_code == 200 and upload(client, "A")["total"] == len(stored)
