@@ -253,6 +253,17 @@ def read_report(settings: Settings, speaker: str) -> dict[str, Any] | None:
         return None
 
 
+def delete_report(settings: Settings, speaker: str) -> Path | None:
+    """Remove the adapter's eval.json (it quotes held-out messages; the adapter and loss.png stay);
+    its path, or None when there was none."""
+    place = adapters.folder(settings.OUTPUT_DIR, speaker)
+    report = place / EVAL_FILE if place else None
+    if report is None or not report.is_file():
+        return None
+    report.unlink()
+    return report
+
+
 def write_report(folder: Path, report: dict[str, Any], info: dict[str, Any]) -> None:
     """eval.json and loss.png into the adapter folder (`info`: its training_info, for the loss curve)."""
     (folder / EVAL_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")

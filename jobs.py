@@ -9,12 +9,14 @@ nothing of HTTP; job state lives in the registry.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import parser as dialog_parser
 from config import Settings, get_settings
-from errors import TrainingError
+from errors import InsufficientStorage, StorageError, TrainingError
 from models import JobPublic, JobStatus, Sample
 from registry import INTERRUPTED, JobRegistry
 
@@ -32,6 +34,9 @@ log = logging.getLogger("persona_lora.jobs")
 
 STOP_GRACE_S = 60  # a step of a large model on a CPU can take this long
 CHECKPOINTS = ".checkpoints"  # under OUTPUT_DIR, one folder per job
+RETRY_S = 2.0  # how often a supervisor retries recording an outcome the registry could not take
+DISK_FULL_EXIT = 75  # the child's exit status when the disk was too full to record its own failure (EX_TEMPFAIL)
+DISK_FULL = "disk full: training stopped because DATA_DIR or OUTPUT_DIR had no space left; free space and train again"
 
 
 class JobRunner:
@@ -60,10 +65,33 @@ class JobRunner:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _run(self, job_id: str) -> None:
-        if self.stop.is_set() or not self.registry.mark_running(job_id):
+        """Supervise one job. Never ends silently: whatever goes wrong here is logged, and the job
+        ends failed with the reason (retried until the registry can be written, e.g. after a full disk)."""
+        try:
+            self._supervise(job_id)
+        except Exception as exc:
+            log.exception("job %s: its supervisor failed", job_id)
+            self._until_written(job_id, lambda: self.registry.mark_failed(
+                job_id, f"the job's supervisor failed ({describe_failure(exc)}); train again"))
+
+    def _until_written(self, job_id: str, write):
+        """`write()`'s result, retried every few seconds while the disk is full or unwritable; None if
+        the server stops first (the next start fails a job left running)."""
+        warned = False
+        while True:
+            try:
+                return write()
+            except (StorageError, sqlite3.OperationalError) as exc:
+                if not warned:
+                    log.warning("job %s: the registry cannot be written (%s); retrying until it can", job_id, exc)
+                    warned = True
+            if self.stop.wait(RETRY_S):
+                return None
+
+    def _supervise(self, job_id: str) -> None:
+        if self.stop.is_set() or not self._until_written(job_id, lambda: self.registry.mark_running(job_id)):
             return  # shutting down, or cancelled while queued
         log_path = job_log_path(self.settings, job_id)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {
             **os.environ,
             "DATA_DIR": str(self.settings.DATA_DIR),
@@ -73,28 +101,55 @@ class JobRunner:
             "PERSONA_LORA_SERVER_PID": str(os.getpid()),
         }
         cancelled = False
-        with open(log_path, "ab") as log_file:
+        try:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_file = open(log_path, "ab")
+        except OSError:  # a full or read-only disk: train without a log rather than not at all
+            log_file = subprocess.DEVNULL
+        try:
             child = subprocess.Popen(
                 job_command(job_id, self.settings.TRAIN_PROCESSES),
                 env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
             )
-            while child.poll() is None:
-                if self.stop.wait(0.5) or (cancelled := self.registry.get(job_id).cancel_requested):
-                    child.terminate()  # the child stops at its next step, or at once while still loading
-                    try:
-                        child.wait(STOP_GRACE_S)
-                    except subprocess.TimeoutExpired:
-                        child.kill()
-                        child.wait()
-        if self.registry.get(job_id).status == JobStatus.running:  # the child recorded no outcome
-            if cancelled:
-                self.registry.mark_cancelled(job_id)
-            elif self.stop.is_set():
-                self.registry.mark_failed(job_id, INTERRUPTED)
-            else:
-                self.registry.mark_failed(
-                    job_id, f"the training process exited with status {child.returncode}; last log lines:\n{_tail(log_path)}"
-                )
+            try:
+                while child.poll() is None:
+                    if self.stop.wait(0.5) or (cancelled := self._cancel_requested(job_id)):
+                        child.terminate()  # the child stops at its next step, or at once while still loading
+                        try:
+                            child.wait(STOP_GRACE_S)
+                        except subprocess.TimeoutExpired:
+                            child.kill()
+                            child.wait()
+            finally:
+                if child.poll() is None:  # this thread failed: the child must not train on unsupervised
+                    child.kill()
+                    child.wait()
+        finally:
+            if log_file is not subprocess.DEVNULL:
+                log_file.close()
+        self._until_written(job_id, lambda: self._record_exit(job_id, child.returncode, cancelled, log_path))
+
+    def _cancel_requested(self, job_id: str) -> bool:
+        try:
+            state = self.registry.state(job_id)
+        except (StorageError, sqlite3.OperationalError):
+            return False  # asked again in half a second
+        return bool(state and state[1])
+
+    def _record_exit(self, job_id: str, returncode: int, cancelled: bool, log_path: Path) -> None:
+        """The outcome of a child that recorded none itself."""
+        state = self.registry.state(job_id)
+        if not state or state[0] != JobStatus.running.value:
+            return
+        if cancelled:
+            self.registry.mark_cancelled(job_id)
+        elif self.stop.is_set():
+            self.registry.mark_failed(job_id, INTERRUPTED)
+        elif returncode == DISK_FULL_EXIT:
+            self.registry.mark_failed(job_id, DISK_FULL)
+        else:
+            self.registry.mark_failed(
+                job_id, f"the training process exited with status {returncode}; last log lines:\n{_tail(log_path)}")
 
 
 def job_command(job_id: str, processes: int) -> list[str]:
@@ -129,6 +184,16 @@ def delete_checkpoint(settings: Settings, job_id: str) -> Path | None:
         return None
     shutil.rmtree(folder)
     return folder
+
+
+def delete_job_files(settings: Settings, job_id: str) -> list[Path]:
+    """Remove the job's checkpoint folder (it holds a snapshot of the samples) and its log; the paths removed."""
+    removed = [folder] if (folder := delete_checkpoint(settings, job_id)) else []
+    log_path = job_log_path(settings, job_id)
+    if log_path.is_file():
+        log_path.unlink()
+        removed.append(log_path)
+    return removed
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -217,7 +282,10 @@ def run_job(job_id: str) -> int:
         return 3  # the supervisor records cancelled or interrupted
     except Exception as exc:  # the job is the boundary: report it as a message a user can act on
         log.exception("job %s failed", job_id)
-        registry.mark_failed(job_id, describe_failure(exc))
+        try:
+            registry.mark_failed(job_id, describe_failure(exc))
+        except InsufficientStorage:
+            return DISK_FULL_EXIT  # the supervisor records it once the disk has room
         return 1
     if not main_process:
         return 0
@@ -259,6 +327,8 @@ def describe_failure(exc: BaseException) -> str:
     """A message a user can act on."""
     if isinstance(exc, TrainingError):
         return str(exc)
+    if isinstance(exc, InsufficientStorage) or getattr(exc, "errno", None) == errno.ENOSPC:
+        return DISK_FULL
     if type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError):
         return "out of memory: lower batch_size or max_seq_length, or use a smaller BASE_MODEL"
     return f"{type(exc).__name__}: {exc}"

@@ -29,7 +29,7 @@ from errors import (Conflict, NotFound, PayloadTooLarge, ServiceError, Unauthori
                     public_errors, scrub)
 from exports import ExportError, ExportTooLarge
 from infer import AdapterNotFound, PersonaEngine, persona_decoding, sampling
-from jobs import JobRunner, delete_checkpoint, display_path
+from jobs import JobRunner, delete_job_files, display_path
 from registry import JobRegistry
 from middleware import AccessLog, BodyLimit, CrossSiteGuard, UnexpectedErrors
 from models import (
@@ -50,7 +50,9 @@ async def lifespan(app: FastAPI):
     for folder in (settings.DATA_DIR, settings.OUTPUT_DIR, settings.MODELS_DIR):
         folder.mkdir(parents=True, exist_ok=True)
     adapters.clean_stale(settings.OUTPUT_DIR)
-    registry = JobRegistry(settings.db_path)
+    if stale := dialog_parser.clean_temporaries(settings.DATA_DIR):
+        log.info("removed %d temporary messages files left by interrupted writes", len(stale))
+    registry = JobRegistry(settings.db_path, replace_damaged=True)
     runner = JobRunner(registry, settings)
     for job_id in registry.recover():
         runner.submit(job_id)
@@ -240,17 +242,20 @@ def speaker_dataset(speaker: SpeakerName, request: Request, settings: SettingsDe
 def delete_speaker(
     speaker: SpeakerName, request: Request, settings: SettingsDep, query: Annotated[DeleteQuery, Query()]
 ) -> DeletedPublic:
-    """Delete the speaker's stored messages and, unless keep_adapter, their adapter and evaluation."""
+    """Delete every file that holds the speaker's messages (their file and its temporaries, the evaluation,
+    job checkpoints and logs) and, unless keep_adapter, their adapter; says what it removed."""
     active = registry(request).active_for(speaker)
     if active:
         raise Conflict(f"speaker '{speaker}' is training (job {active.job_id}); cancel it or wait, then delete")
-    deleted = [dialog_parser.delete_speaker(settings.DATA_DIR, speaker)]
-    if not query.keep_adapter:
-        deleted.append(adapters.delete(settings.OUTPUT_DIR, speaker))
+    temporaries = dialog_parser.clean_temporaries(settings.DATA_DIR, speaker)  # first: delete_speaker removes the lock
+    deleted = [dialog_parser.delete_speaker(settings.DATA_DIR, speaker), *temporaries,
+               adapters.delete(settings.OUTPUT_DIR, speaker) if not query.keep_adapter
+               else evals.delete_report(settings, speaker)]  # eval.json quotes held-out messages
     for job in registry(request).list(speaker=speaker, limit=10_000)[0]:  # checkpoints hold a copy of the samples
-        if (folder := delete_checkpoint(settings, job.job_id)) or job.checkpoint:
+        removed = delete_job_files(settings, job.job_id)
+        if removed or job.checkpoint:
             registry(request).clear_checkpoint(job.job_id)
-            deleted.append(folder)
+        deleted += removed
     deleted = [display_path(p) for p in deleted if p]
     if not deleted:
         raise NotFound(f"nothing stored for speaker '{speaker}'")

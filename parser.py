@@ -12,6 +12,7 @@ file or the new one, never a torn one.
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -364,6 +365,27 @@ def list_speakers(data_dir: Path) -> list[SpeakerFile | DamagedFile]:
         except StorageError as exc:
             listed.append(DamagedFile(path.name[: -len(STORAGE_SUFFIX)], str(exc.detail)))
     return sorted(listed, key=lambda one: one.speaker)
+
+
+def clean_temporaries(data_dir: Path, speaker: str | None = None) -> list[Path]:
+    """Remove the temporary files that writes killed mid-way left (`.<file>.<random>.tmp`; they may
+    hold messages): the speaker's, or every speaker's at start-up. Each is removed under its file's
+    lock, so a write in progress keeps its own. The paths removed."""
+    if not data_dir.is_dir():
+        return []
+    pattern = f".{glob.escape(speaker_file(data_dir, speaker).name)}.*.tmp" if speaker else f".*{STORAGE_SUFFIX}.*.tmp"
+    removed = []
+    for tmp in sorted(data_dir.glob(pattern)):
+        target = tmp.with_name(tmp.name[1:].rsplit(".", 2)[0])  # `.X_messages.json.k3j2.tmp` → X_messages.json
+        try:
+            with _lock(target):
+                tmp.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise storage_error(exc, tmp) from exc
+        removed.append(tmp)
+    return removed
 
 
 def delete_speaker(data_dir: Path, speaker: str) -> Path | None:

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sqlite3
 import uuid
-from contextlib import closing
+from contextlib import closing, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from errors import Conflict, NotFound, TooManyRequests
+from errors import Conflict, InsufficientStorage, NotFound, StorageError, TooManyRequests
 from models import JobEvent, JobProgress, JobPublic, JobStatus, TrainConfig
 
 log = logging.getLogger("persona_lora.jobs")
@@ -69,24 +70,88 @@ def _insert_event(db: sqlite3.Connection, job_id: str, type_: str, data: dict[st
 
 class JobRegistry:
     """Jobs and their events in one SQLite file (WAL: readers never wait for the writer). One
-    connection per call, so any thread or process may use it."""
+    connection per call, so any thread or process may use it.
 
-    def __init__(self, db_path: Path):
+    One more connection stays open for the registry's life, unused: it keeps the `-wal` and `-shm`
+    files in place, so reads still work on a full disk (a first connection must create `-shm`, which
+    fails there with 'disk I/O error'). A write the disk has no room for raises InsufficientStorage.
+    """
+
+    def __init__(self, db_path: Path, replace_damaged: bool = False):
+        """With `replace_damaged` (the server at start-up), a file SQLite cannot read is moved aside
+        with a timestamp and a fresh registry starts; without, StorageError says which file and what to do."""
         self.db_path = db_path
         db_path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(self._connect()) as db:
+        try:
+            self._keeper = self._open()
+        except sqlite3.DatabaseError as exc:
+            if not _damaged(exc):
+                raise
+            if not replace_damaged:
+                raise StorageError(f"the job registry {db_path} is damaged ({exc}); restart the server to move it "
+                                   "aside and start a fresh one") from None
+            aside = db_path.with_name(f"{db_path.name}.damaged-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}")
+            for suffix in ("", "-wal", "-shm"):
+                if (part := Path(f"{db_path}{suffix}")).exists():
+                    part.replace(f"{aside}{suffix}")
+            log.error("the job registry %s is damaged (%s): moved it aside to %s and started a fresh one; the jobs it "
+                      "held are no longer listed (open the old file with the sqlite3 shell's .recover to get them back)",
+                      db_path, exc, aside.name)
+            self._keeper = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        """Check the file, create or upgrade the schema; the connection that stays open."""
+        db = self._connect()
+        try:
             db.execute("PRAGMA journal_mode=WAL")
+            problem = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+            if problem != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {problem}")
             db.executescript(_SCHEMA)
             have = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
             for column, declaration in _ADDED_COLUMNS.items():  # databases made by earlier versions
                 if column not in have:
                     db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA synchronous=NORMAL")
         return db
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        """A connection for one call; a full disk becomes InsufficientStorage (507), other disk
+        errors StorageError, both saying what to do."""
+        try:
+            with closing(self._connect()) as db:
+                yield db
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorname", "").startswith(("SQLITE_FULL", "SQLITE_IOERR")):
+                raise self._storage_error(exc) from exc
+            raise
+
+    def _storage_error(self, exc: sqlite3.OperationalError) -> StorageError:
+        try:
+            full = exc.sqlite_errorname == "SQLITE_FULL" or shutil.disk_usage(self.db_path.parent).free < 1 << 20
+        except OSError:
+            full = False
+        if full:
+            return InsufficientStorage(f"disk full: the job registry could not be written ({exc}); nothing changed. "
+                                       "Free disk space in DATA_DIR and retry.")
+        return StorageError(f"the job registry could not be written ({exc}); nothing changed. Check that DATA_DIR "
+                            "is writable.")
+
+    def state(self, job_id: str) -> tuple[str, bool] | None:
+        """The job's status and whether a cancel was asked for, read from two columns only (a row whose
+        other columns are damaged still answers); None for an unknown job."""
+        with self._db() as db:
+            row = db.execute("SELECT status, cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return (row["status"], bool(row["cancel_requested"])) if row else None
 
     def _set(self, job_id: str, event: tuple[str, dict] | None = None, when: str | None = None, **fields: Any) -> int:
         """Update a job's columns (only while its status is in `when`, if given) and add an event,
@@ -96,7 +161,7 @@ class JobRegistry:
         if when:
             sql += f" AND status IN ({', '.join('?' * len(when))})"
             params += list(when)
-        with closing(self._connect()) as db:
+        with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             changed = db.execute(sql, params).rowcount
             if changed and event:
@@ -108,21 +173,28 @@ class JobRegistry:
         return changed
 
     def add_event(self, job_id: str, type_: str, data: dict[str, Any]) -> None:
-        with closing(self._connect()) as db:
+        with self._db() as db:
             _insert_event(db, job_id, type_, data)
 
     def events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[JobEvent]:
-        with closing(self._connect()) as db:
+        with self._db() as db:
             rows = db.execute(
                 "SELECT * FROM events WHERE job_id = ? AND id > ? ORDER BY id LIMIT ?", (job_id, after, limit)
             ).fetchall()
-        return [JobEvent(id=r["id"], job_id=r["job_id"], created_at=r["created_at"], type=r["type"],
-                         data=json.loads(r["data"])) for r in rows]
+        events = []
+        for r in rows:
+            try:
+                events.append(JobEvent(id=r["id"], job_id=r["job_id"], created_at=r["created_at"], type=r["type"],
+                                       data=json.loads(r["data"])))
+            except (ValueError, TypeError) as exc:
+                log.warning("job %s: event %s in %s cannot be read (%s); skipped", job_id, r["id"], self.db_path.name,
+                            type(exc).__name__)
+        return events
 
     def create(self, speaker: str, config: TrainConfig, max_queued: int | None = None) -> JobPublic:
         job_id = uuid.uuid4().hex
         try:
-            with closing(self._connect()) as db:
+            with self._db() as db:
                 db.execute("BEGIN IMMEDIATE")  # the count and the insert are one step
                 queued = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
                 if max_queued is not None and queued >= max_queued:
@@ -151,18 +223,21 @@ class JobRegistry:
         )
 
     def get(self, job_id: str) -> JobPublic:
-        with closing(self._connect()) as db:
+        with self._db() as db:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             raise NotFound(f"no job with id '{job_id}'")
-        return _to_public(row)
+        if (job := self._readable(row)) is None:
+            raise StorageError(f"job '{job_id}' cannot be read: its row in the job registry ({self.db_path.name}) is "
+                               "damaged. GET /jobs lists the others; delete the row, or move the file aside and restart")
+        return job
 
     def active_for(self, speaker: str) -> JobPublic | None:
-        with closing(self._connect()) as db:
+        with self._db() as db:
             row = db.execute(
                 "SELECT * FROM jobs WHERE speaker = ? AND status IN (?, ?)", (speaker, *ACTIVE)
             ).fetchone()
-        return _to_public(row) if row else None
+        return self._readable(row) if row else None
 
     def list(
         self, speaker: str | None = None, status: JobStatus | None = None, limit: int = 50, offset: int = 0
@@ -175,16 +250,16 @@ class JobRegistry:
             where.append("status = ?")
             params.append(status.value)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        with closing(self._connect()) as db:
+        with self._db() as db:
             count = db.execute(f"SELECT COUNT(*) FROM jobs {clause}", params).fetchone()[0]
             rows = db.execute(
                 f"SELECT * FROM jobs {clause} ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
                 [*params, limit, offset],
             ).fetchall()
-        return [_to_public(r) for r in rows], count
+        return [job for r in rows if (job := self._readable(r))], count
 
     def counts(self) -> dict[str, int]:
-        with closing(self._connect()) as db:
+        with self._db() as db:
             rows = db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
         return {status: n for status, n in rows}
 
@@ -251,13 +326,29 @@ class JobRegistry:
     def recover(self) -> list[str]:
         """At start-up: jobs a dead server left running failed; queued ones are returned, oldest
         first, to be run again."""
-        with closing(self._connect()) as db:
+        with self._db() as db:
             running = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE status = 'running'")]
         for job_id in running:
             self.mark_failed(job_id, INTERRUPTED)
-        with closing(self._connect()) as db:
+        with self._db() as db:
             rows = db.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at, rowid").fetchall()
         return [r["id"] for r in rows]
+
+    def _readable(self, row: sqlite3.Row) -> JobPublic | None:
+        """The row as a job; None, with a warning naming the job and the problem's kind (never the
+        row's values), for a row damaged by hand or by a disk."""
+        try:
+            return _to_public(row)
+        except (ValueError, TypeError, KeyError, IndexError) as exc:  # pydantic's ValidationError is a ValueError
+            log.warning("job %s: its row in %s cannot be read (%s); skipped", row["id"], self.db_path.name,
+                        type(exc).__name__)
+            return None
+
+
+def _damaged(exc: sqlite3.DatabaseError) -> bool:
+    """SQLite's 'file is not a database' or 'database disk image is malformed', or a failed quick_check;
+    not a busy, locked or full database."""
+    return getattr(exc, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or str(exc).startswith("quick_check")
 
 
 def _to_public(row: sqlite3.Row) -> JobPublic:

@@ -179,3 +179,27 @@ def live_server(env, tmp_path):
     server = LiveServer(env, tmp_path / "server.log")
     yield server
     server.stop()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 8 MiB filesystem (tmpfs) at tmp_path/disk, where the machine lets us mount one (root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root): the disk-full fault runs need a small real filesystem")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill_disk(disk: Path) -> Path:
+    """Fill `disk` to its last block; the filler file, to unlink when the disk should have room again."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for size in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    f.write(b"x" * size)
+            except OSError:
+                pass
+    return filler

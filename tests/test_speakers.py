@@ -60,9 +60,12 @@ def test_delete_removes_messages_and_adapter(client, env):
 
 def test_delete_can_keep_the_adapter(client, env):
     upload(client)
-    assert client.post("/train", json={"speaker": "User1", "wait": True}).status_code == 200
+    job = client.post("/train", json={"speaker": "User1", "wait": True}).json()["job"]
+    report = Path(env["OUTPUT_DIR"]) / "User1" / "eval.json"  # quotes held-out messages: deleted too
+    assert report.is_file()
     r = client.delete("/speakers/User1", params={"keep_adapter": "true"})
-    assert r.json()["deleted"] == [f"{env['DATA_DIR']}/User1_messages.json"]
+    assert r.json()["deleted"] == [f"{env['DATA_DIR']}/User1_messages.json", str(report),
+                                   f"{env['DATA_DIR']}/logs/{job['job_id']}.log"]
     assert (Path(env["OUTPUT_DIR"]) / "User1" / "adapter_model.safetensors").exists()
 
 
@@ -89,5 +92,45 @@ def test_delete_removes_the_speakers_checkpoints(client, env, monkeypatch):
     assert (folder / "samples.json").is_file() and Path(stopped["checkpoint"]).is_dir()
     r = client.delete("/speakers/User1")
     assert r.status_code == 200, r.text
-    assert r.json()["deleted"] == [f"{env['DATA_DIR']}/User1_messages.json", str(folder)]
+    assert r.json()["deleted"] == [f"{env['DATA_DIR']}/User1_messages.json", str(folder),
+                                   f"{env['DATA_DIR']}/logs/{job['job_id']}.log"]
     assert not folder.exists()
+
+
+def test_start_up_removes_temporaries_that_killed_writes_left(env):
+    from fastapi.testclient import TestClient
+
+    from main import app
+
+    data = Path(env["DATA_DIR"])
+    data.mkdir(parents=True)
+    stale = [data / ".P1_messages.json.k3j2x9_a.tmp", data / ".Олена_messages.json.abc.tmp"]
+    for path in stale:
+        path.write_text('{"speaker": "P1", "messages": [{"reply": "secret"', encoding="utf-8")
+    other = data / "notes.tmp"
+    other.write_text("not ours", encoding="utf-8")
+    with TestClient(app) as client:
+        assert client.get("/health").status_code == 200
+    assert [p for p in stale if p.exists()] == [] and other.exists()
+
+
+def test_delete_removes_every_file_that_holds_the_speakers_messages(client, env):
+    secret = "таємне-повідомлення-P1"
+    dialog = [{"speaker": "X", "content": f"питання {i}"} if i % 2 == 0 else {"speaker": "P1", "content": f"{secret} {i}"}
+              for i in range(40)]
+    upload(client, "P1", dialog)
+    upload(client, "P2")
+    job = client.post("/train", json={"speaker": "P1", "max_steps": 1, "wait": True}).json()["job"]
+    data, output = Path(env["DATA_DIR"]), Path(env["OUTPUT_DIR"])
+    assert (output / "P1" / "eval.json").is_file() and (data / "logs" / f"{job['job_id']}.log").is_file()
+    tmp = data / ".P1_messages.json.killed1.tmp"  # as a write killed mid-way leaves it
+    tmp.write_bytes((data / "P1_messages.json").read_bytes())
+    other_tmp = data / ".P2_messages.json.killed2.tmp"
+    other_tmp.write_text("{}", encoding="utf-8")
+    r = client.delete("/speakers/P1", params={"keep_adapter": True})
+    assert r.status_code == 200, r.text
+    assert sorted(r.json()["deleted"]) == sorted([
+        f"{data}/P1_messages.json", f"{tmp}", f"{output}/P1/eval.json", f"{data}/logs/{job['job_id']}.log"])
+    assert (output / "P1" / "training_info.json").is_file()  # the adapter is kept
+    holding = [p for root in (data, output) for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert holding == [] and other_tmp.exists()
