@@ -132,6 +132,10 @@ class Settings(BaseSettings):
     )
     MIN_SAMPLES: int = Field(10, ge=1, description="Fewer samples than this for a speaker draws a warning (OpenAI asks for 10).")
     MAX_QUEUED_JOBS: int = Field(20, ge=1, description="Most jobs waiting in the queue; more get 429.")
+    STORAGE_LOCK_SECONDS: float = Field(
+        10.0, gt=0, le=600,  # one append takes milliseconds: 10 s is hundreds of uploads queued on one speaker
+        description="How long a request waits for a speaker's file lock; after it, 503 with Retry-After.",
+    )
 
     @field_validator("ALLOWED_SPEAKERS", "REPORT_TO", mode="before")
     @classmethod

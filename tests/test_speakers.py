@@ -51,9 +51,10 @@ def test_delete_removes_messages_and_adapter(client, env):
     r = client.delete("/speakers/User1")
     assert r.status_code == 200
     assert r.json() == {"message": "Deleted the data of User1",
-                        "deleted": [f"{env['DATA_DIR']}/User1_messages.json", f"{env['OUTPUT_DIR']}/User1"]}
+                        "deleted": [f"{env['DATA_DIR']}/User1_messages.json", f"{env['DATA_DIR']}/.User1_messages.json.index",
+                                    f"{env['OUTPUT_DIR']}/User1"]}
     assert not (Path(env["OUTPUT_DIR"]) / "User1").exists()
-    assert list(Path(env["DATA_DIR"]).glob("*User1*")) == []
+    assert list(Path(env["DATA_DIR"]).glob("*User1*")) == []  # pathlib's * matches hidden files: no index, no lock
     assert client.get("/speakers").json()["count"] == 0
     assert client.delete("/speakers/User1").status_code == 404
 
@@ -62,7 +63,7 @@ def test_delete_can_keep_the_adapter(client, env):
     upload(client)
     assert client.post("/train", json={"speaker": "User1", "wait": True}).status_code == 200
     r = client.delete("/speakers/User1", params={"keep_adapter": "true"})
-    assert r.json()["deleted"] == [f"{env['DATA_DIR']}/User1_messages.json"]
+    assert r.json()["deleted"] == [f"{env['DATA_DIR']}/User1_messages.json", f"{env['DATA_DIR']}/.User1_messages.json.index"]
     assert (Path(env["OUTPUT_DIR"]) / "User1" / "adapter_model.safetensors").exists()
 
 
@@ -89,5 +90,6 @@ def test_delete_removes_the_speakers_checkpoints(client, env, monkeypatch):
     assert (folder / "samples.json").is_file() and Path(stopped["checkpoint"]).is_dir()
     r = client.delete("/speakers/User1")
     assert r.status_code == 200, r.text
-    assert r.json()["deleted"] == [f"{env['DATA_DIR']}/User1_messages.json", str(folder)]
+    assert r.json()["deleted"] == [f"{env['DATA_DIR']}/User1_messages.json", f"{env['DATA_DIR']}/.User1_messages.json.index",
+                                   str(folder)]
     assert not folder.exists()
