@@ -136,6 +136,7 @@ def test_delete_removes_the_file_its_index_and_lock(tmp_path):
     assert store.append_samples(data, "Олена", samples(0, 2)).added == 2  # nothing cached survives the delete
 
 
+@pytest.mark.slow  # a real uvicorn server
 def test_a_held_lock_answers_503_with_retry_after_and_no_change(env, tmp_path):
     server = LiveServer({**env, "STORAGE_LOCK_SECONDS": "0.5"}, tmp_path / "server.log")
     try:
@@ -160,6 +161,7 @@ def test_a_held_lock_answers_503_with_retry_after_and_no_change(env, tmp_path):
         server.stop()
 
 
+@pytest.mark.slow  # a real uvicorn server
 def test_concurrent_uploads_to_one_speaker_wait_their_turn(live_server, env):
     async def burst():
         async with httpx.AsyncClient(base_url=live_server.url, timeout=60) as client:
