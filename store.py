@@ -18,7 +18,7 @@ Beside it, the sidecar `.<file>.index` (append-only text) holds each sample's id
 and after each append the file's size, count and last upload: dedupe, `GET /speakers` and one page of
 messages read it, not the file. It is trusted only when its last line names the file's current size;
 otherwise it is rebuilt from the file, which is the source of truth. An in-process cache, keyed by
-the file's size and mtime, saves re-reading it (ids and offsets: ~10 MB per 50,000 samples).
+the file's size, inode and mtime, saves re-reading it (ids and offsets: ~10 MB per 50,000 samples).
 Every access holds the speaker's file lock (threads and processes); one that cannot have it within
 its bound raises StorageBusy (503, Retry-After).
 """
@@ -56,7 +56,7 @@ class Index:
     """What the sidecar says of a file of `size` bytes: its speaker, ids, offsets and last upload."""
     speaker: str
     size: int
-    mtime_ns: int
+    stamp: tuple[int, int]  # the file's inode and mtime when it was `size` bytes: another writer changes them
     ids: set[str]
     offsets: list[int]
     last_upload: datetime | None
@@ -207,7 +207,7 @@ def _read_index(path: Path, size: int) -> Index | None:
         if (header.get("index") != INDEX_VERSION or kind != "b" or int(end) != size or int(count) != len(offsets)
                 or len(ids) != len(offsets)):
             return None
-        return Index(header["speaker"], size, 0, ids, offsets, last)
+        return Index(header["speaker"], size, (0, 0), ids, offsets, last)
     except (OSError, ValueError, KeyError, IndexError, AttributeError, TypeError):
         return None
 
@@ -227,7 +227,7 @@ def _rebuild(path: Path, raw: bytes) -> Index:
                     "a torn tail cut after its last complete message" if not raw.endswith(TAIL) else "another layout")
         _atomic_write(path, data)
     st = path.stat()
-    index = Index(stored.speaker, st.st_size, st.st_mtime_ns, {s.id for s in stored.messages}, offsets,
+    index = Index(stored.speaker, st.st_size, (st.st_ino, st.st_mtime_ns), {s.id for s in stored.messages}, offsets,
                   max((s.added_at for s in stored.messages), default=None))
     _write_index(path, index, stored.messages)
     return index
@@ -261,13 +261,13 @@ def _current(path: Path) -> Index | None:
         f.seek(max(0, st.st_size - len(TAIL)))
         whole = f.read(len(TAIL)) == TAIL
     cached = _cache.get(path)
-    if whole and cached and (cached.size, cached.mtime_ns) == (st.st_size, st.st_mtime_ns):
+    if whole and cached and (cached.size, cached.stamp) == (st.st_size, (st.st_ino, st.st_mtime_ns)):
         return cached
     index = _read_index(path, st.st_size) if whole else None
     if index is None:
         index = _rebuild(path, path.read_bytes())
     else:
-        index.mtime_ns = st.st_mtime_ns
+        index.stamp = (st.st_ino, st.st_mtime_ns)
     _cache[path] = index
     return index
 
@@ -300,7 +300,7 @@ def _write_new(path: Path, speaker: str, samples: list[Sample]) -> None:
     data, offsets = document(speaker, samples)
     _atomic_write(path, data)
     st = path.stat()
-    index = Index(speaker, st.st_size, st.st_mtime_ns, {s.id for s in samples}, offsets,
+    index = Index(speaker, st.st_size, (st.st_ino, st.st_mtime_ns), {s.id for s in samples}, offsets,
                   max(s.added_at for s in samples))
     _write_index(path, index, samples)
     _cache[path] = index
@@ -332,7 +332,7 @@ def _append_in_place(path: Path, index: Index, new: list[Sample]) -> None:
     st = path.stat()
     index.ids.update(s.id for s in new)
     index.offsets += offsets
-    index.size, index.mtime_ns = st.st_size, st.st_mtime_ns
+    index.size, index.stamp = st.st_size, (st.st_ino, st.st_mtime_ns)
     index.last_upload = max([s.added_at for s in new] + ([index.last_upload] if index.last_upload else []))
     try:
         with open(index_file(path), "ab") as f:

@@ -174,3 +174,22 @@ def test_concurrent_uploads_to_one_speaker_wait_their_turn(live_server, env):
     assert sorted(r.json()["total"] for r in answers) == list(range(1, 16))  # each saw the ones before it
     stored = json.loads((Path(env["DATA_DIR"]) / "User1_messages.json").read_text(encoding="utf-8"))
     assert sorted(m["reply"] for m in stored["messages"]) == sorted(f"відповідь {k}" for k in range(15))
+
+
+def test_another_process_s_appends_are_seen(tmp_path):
+    """A second server process (another uvicorn worker, train.py's CLI) appends between this one's appends."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    data = tmp_path / "data"
+    assert store.append_samples(data, "Олена", samples(0, 3)).added == 3
+    child = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
+             "import store, test_store\n"
+             f"print(store.append_samples(__import__('pathlib').Path({str(data)!r}), 'Олена', test_store.samples(2, 3)).added)")
+    run = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "2", run.stderr
+    result = store.append_samples(data, "Олена", samples(0, 6))
+    assert (result.added, result.total) == (1, 6)
+    assert (data / "Олена_messages.json").read_bytes() == rewritten("Олена", samples(0, 6))
