@@ -154,7 +154,7 @@ def upload_file(file: UploadFile, form: Annotated[UploadFileForm, Form()], setti
         imported = dialog_parser.import_export(
             file.file.read(), file.filename or "", form.speaker, form.format, form.chat, form.aliases or {},
             form, settings.MAX_CONTEXT_TURNS, base_model.tokenizer_file(settings.BASE_MODEL, settings.MODELS_DIR),
-            max_unpacked=4 * settings.MAX_UPLOAD_BYTES,
+            max_unpacked=4 * settings.MAX_UPLOAD_BYTES, phone_region=settings.PHONE_REGION,
         )
     except ExportTooLarge as exc:
         raise PayloadTooLarge(str(exc)) from None

@@ -48,12 +48,14 @@ def sample_id(context: list[Turn], reply: str) -> str:
 
 _EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){1,8}")  # bounded: linear time
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
+_DIGIT_RUN = re.compile(r"\d(?:\D{0,2}\d){5}")  # six digits close together: a line worth a local phone search
 NO_SENDER = "(no sender)"  # the speaker of kept system lines that have none
 
 
-def mask_pii(text: str) -> tuple[str, int]:
-    """E-mail addresses, card numbers (13-19 digits passing the Luhn check) and phone numbers in
-    international form (libphonenumber, valid numbers only) become placeholders. Linear time: every
+def mask_pii(text: str, phone_region: str | None = None) -> tuple[str, int]:
+    """E-mail addresses, card numbers (13-19 digits passing the Luhn check) and phone numbers
+    (libphonenumber, valid numbers only) become placeholders: in international form always, and in
+    the local form of `phone_region` (e.g. "UA": 067 123 45 67) when one is given. Linear time: every
     pattern is bounded, and the phone matcher gets a number of tries proportional to the line."""
     text, emails = _EMAIL.subn("[email]", text)
     found: list[str] = []
@@ -62,10 +64,10 @@ def mask_pii(text: str) -> tuple[str, int]:
     phones = 0
     lines = text.split("\n")
     for i, line in enumerate(lines):
-        if "+" not in line:
+        if "+" not in line and not (phone_region and _DIGIT_RUN.search(line)):
             continue
         spans = [(m.start, m.end) for m in phonenumbers.PhoneNumberMatcher(
-            line, None, leniency=phonenumbers.Leniency.VALID, max_tries=100 + len(line) // 20)]
+            line, phone_region, leniency=phonenumbers.Leniency.VALID, max_tries=100 + len(line) // 20)]
         for start, end in reversed(spans):
             line = line[:start] + "[phone]" + line[end:]
         phones += len(spans)
@@ -87,7 +89,8 @@ def _isbn13(text: str) -> bool:
     return len(digits) == 13 and text[:3] in ("978", "979") and sum(d * (3 if i % 2 else 1) for i, d in enumerate(digits)) % 10 == 0
 
 
-def clean(chat: Chat, options: CleaningOptions, aliases: dict[str, str]) -> tuple[list[list[ChatMessage]], dict[str, int]]:
+def clean(chat: Chat, options: CleaningOptions, aliases: dict[str, str],
+          phone_region: str | None = None) -> tuple[list[list[ChatMessage]], dict[str, int]]:
     """Apply the cleaning steps in order; return the chat's dialogs and what each step removed."""
     report = {"messages_read": len(chat.messages), "renamed_by_alias": 0, "dropped_system": 0, "dropped_media": 0,
               "dropped_deleted": 0, "masked_pii": 0, "dropped_empty": 0, "cut_long": 0, "merged": 0,
@@ -109,7 +112,7 @@ def clean(chat: Chat, options: CleaningOptions, aliases: dict[str, str]) -> tupl
             m.text = m.text[:MAX_MESSAGE_CHARS]
             report["cut_long"] += 1
         if options.mask_pii:
-            m.text, n = mask_pii(m.text)
+            m.text, n = mask_pii(m.text, phone_region)
             m.text = m.text[:MAX_MESSAGE_CHARS]
             report["masked_pii"] += n
         if options.drop_empty and (not m.text.strip() or not m.speaker):
@@ -190,6 +193,7 @@ class ImportResult:
 def import_export(
     data: bytes, filename: str, speaker: str, fmt: str, chat: str | None, aliases: dict[str, str],
     options: CleaningOptions, max_context_turns: int, tokenizer_file: Path | None, max_unpacked: int = 256 * 1024 * 1024,
+    phone_region: str | None = None,
 ) -> ImportResult:
     """Read, clean and turn an export into the speaker's samples. ExportError for unreadable
     files; UnknownSpeaker when the speaker does not occur in the cleaned chats."""
@@ -198,7 +202,7 @@ def import_export(
     report: dict[str, int] = {}
     per_chat = []
     for one in chats:
-        dialogs, steps = clean(one, options, aliases)
+        dialogs, steps = clean(one, options, aliases, phone_region)
         per_chat.append(dialogs)
         for key, value in steps.items():
             report[key] = report.get(key, 0) + value
