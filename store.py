@@ -204,8 +204,7 @@ def _read_index(path: Path, size: int) -> Index | None:
                 offsets.append(int(fields[1]))
         kind, end, count, stamp = lines[-1].split(" ")
         last = None if stamp == "-" else datetime.fromisoformat(stamp)
-        if (header.get("index") != INDEX_VERSION or kind != "b" or int(end) != size or int(count) != len(offsets)
-                or len(ids) != len(offsets)):
+        if header.get("index") != INDEX_VERSION or kind != "b" or int(end) != size or int(count) != len(offsets):
             return None
         return Index(header["speaker"], size, (0, 0), ids, offsets, last)
     except (OSError, ValueError, KeyError, IndexError, AttributeError, TypeError):
@@ -220,11 +219,11 @@ def _write_index(path: Path, index: Index, samples: list[Sample]) -> None:
 
 def _rebuild(path: Path, raw: bytes) -> Index:
     """The index from the file itself: a torn tail is cut, another layout rewritten in this one."""
-    stored = _parse(path, raw)
+    stored, torn = _parse(path, raw)
     data, offsets = document(stored.speaker, stored.messages)
     if data != raw:
         log.warning("rewriting %s (%d bytes) as %d bytes: %s", path.name, len(raw), len(data),
-                    "a torn tail cut after its last complete message" if not raw.endswith(TAIL) else "another layout")
+                    "a torn end cut after its last whole message" if torn else "another layout")
         _atomic_write(path, data)
     st = path.stat()
     index = Index(stored.speaker, st.st_size, (st.st_ino, st.st_mtime_ns), {s.id for s in stored.messages}, offsets,
@@ -233,15 +232,16 @@ def _rebuild(path: Path, raw: bytes) -> Index:
     return index
 
 
-def _parse(path: Path, raw: bytes) -> SpeakerFile:
+def _parse(path: Path, raw: bytes) -> tuple[SpeakerFile, bool]:
+    """The stored file, and whether its torn end had to be cut (after the last whole sample)."""
     try:
-        return SpeakerFile.model_validate_json(raw)
+        return SpeakerFile.model_validate_json(raw), False
     except ValidationError as exc:
         first = exc
     end = raw.rfind(b"\n  }")  # the end of the last complete sample, when an append was torn
     if end > 0:
         try:
-            return SpeakerFile.model_validate_json(raw[: end + 4] + TAIL)
+            return SpeakerFile.model_validate_json(raw[: end + 4] + TAIL), True
         except ValidationError:
             pass
     raise StorageError(
@@ -397,7 +397,7 @@ def load_speaker(data_dir: Path, speaker: str, wait: float = LOCK_SECONDS) -> Sp
         if _current(path) is None:
             return None
         raw = path.read_bytes()
-    return _parse(path, raw)
+    return _parse(path, raw)[0]
 
 
 def delete_speaker(data_dir: Path, speaker: str, wait: float = LOCK_SECONDS) -> list[Path]:
