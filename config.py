@@ -150,6 +150,25 @@ class Settings(BaseSettings):
             "DELETE requests besides the service's own; browsers' requests from any other origin get 403."
         ),
     )
+    PHONE_REGION: str | None = Field(
+        None, description="Region (ISO 3166 code, e.g. UA) whose local phone numbers (067 123 45 67) exports mask too; "
+        "unset: only international ones (+380 ...).",
+    )
+    STORAGE_LOCK_SECONDS: float = Field(
+        10.0, gt=0, le=600,  # one append takes milliseconds: 10 s is hundreds of uploads queued on one speaker
+        description="How long a request waits for a speaker's file lock; after it, 503 with Retry-After.",
+    )
+
+    @field_validator("PHONE_REGION")
+    @classmethod
+    def _known_region(cls, value: str | None) -> str | None:
+        import phonenumbers
+
+        if value is None or not value.strip():
+            return None
+        if value.strip().upper() not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"unknown phone region {value!r}: use a two-letter ISO 3166 code such as UA, DE or US")
+        return value.strip().upper()
 
     @field_validator("ALLOWED_SPEAKERS", "REPORT_TO", "ALLOWED_ORIGINS", mode="before")
     @classmethod

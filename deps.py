@@ -31,7 +31,7 @@ BODY_ERRORS = {
 
 
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
-BUSY = ("Generation is busy (GENERATION_WORKERS running, GENERATION_QUEUE waiting), or the base model is being "
+GENERATION_BUSY = ("Generation is busy (GENERATION_WORKERS running, GENERATION_QUEUE waiting), or the base model is being "
         "provisioned: retry after Retry-After seconds.")
 
 

@@ -5,6 +5,7 @@ import re
 
 class ServiceError(Exception):
     status = 500
+    headers: dict[str, str] | None = None  # sent with the answer
 
     def __init__(self, detail: str | dict):
         super().__init__(detail if isinstance(detail, str) else str(detail))
@@ -41,6 +42,7 @@ class StorageError(ServiceError):
 
 class Unauthorized(ServiceError):
     status = 401
+    headers = {"WWW-Authenticate": "Bearer"}
 
 
 class PayloadTooLarge(ServiceError):
@@ -60,6 +62,11 @@ class ServiceUnavailable(ServiceError):
     def __init__(self, detail: str, retry_after: int):
         super().__init__(detail)
         self.headers = {"Retry-After": str(retry_after)}
+
+
+class StorageBusy(ServiceUnavailable):
+    """A speaker's messages stayed locked by other requests past the wait; nothing was changed.
+    The client retries, nothing is wrong with the data."""
 
 
 class InsufficientStorage(StorageError):

@@ -33,10 +33,10 @@ from typing import Any
 import adapters
 import chat_format
 import packing
-import parser as dialog_parser
+import store
 from config import Settings
 from infer import AdapterNotFound, Decoding, Generation, PersonaEngine, base_only, generate, persona_decoding
-from models import Sample, SpeakerFile, TrainConfig, Turn
+from models import Sample, TrainConfig, Turn
 
 EVAL_FILE, PLOT_FILE = "eval.json", "loss.png"
 OTHER_SAMPLES = 20  # per other speaker, for the specificity margin
@@ -204,8 +204,12 @@ def evaluate(model, tokenizer, template: str, speaker: str, held_out: list[Sampl
 
 def other_speakers(settings: Settings, speaker: str) -> dict[str, list[Sample]]:
     """A few samples of every other stored speaker, for the specificity margin."""
-    return {f.speaker: f.messages[:OTHER_SAMPLES] for f in dialog_parser.list_speakers(settings.DATA_DIR)
-            if f.speaker != speaker and isinstance(f, SpeakerFile)}  # a damaged file is its speaker's problem
+    others = {}
+    for f in store.list_speakers(settings.DATA_DIR):
+        if f.speaker != speaker and isinstance(f, store.SpeakerSummary):  # a damaged file is its speaker's problem
+            found = store.read_messages(settings.DATA_DIR, f.speaker, 0, OTHER_SAMPLES)
+            others[f.speaker] = found[0] if found else []
+    return others
 
 
 def after_training(settings: Settings, speaker: str, config: TrainConfig):
@@ -227,7 +231,7 @@ def evaluate_speaker(settings: Settings, speaker: str, engine: PersonaEngine) ->
     info = adapters.info(settings.OUTPUT_DIR, speaker)
     if info is None:
         return None
-    stored = dialog_parser.load_speaker(settings.DATA_DIR, speaker)
+    stored = store.load_speaker(settings.DATA_DIR, speaker)
     held_ids = set(info.get("heldout_ids", []))
     held = [s for s in (stored.messages if stored else []) if s.id in held_ids]
     with engine.session(speaker) as (model, tokenizer, template):

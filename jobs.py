@@ -24,7 +24,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import parser as dialog_parser
+import store
 from config import Settings, get_settings
 from errors import InsufficientStorage, StorageError, TrainingError
 from models import JobPublic, JobStatus, Sample
@@ -225,7 +225,7 @@ def _training_samples(settings: Settings, job: JobPublic) -> list[Sample]:
     snapshot = checkpoint_dir(settings, job.job_id) / "samples.json"
     if job.config.checkpoint_steps and snapshot.exists():
         return [Sample.model_validate(s) for s in json.loads(snapshot.read_text(encoding="utf-8"))]
-    stored = dialog_parser.load_speaker(settings.DATA_DIR, job.speaker)
+    stored = store.load_speaker(settings.DATA_DIR, job.speaker)
     samples = stored.messages if stored else []
     if job.config.checkpoint_steps:
         snapshot.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.sse import format_sse_event
 
-import parser as dialog_parser
+import store
 import train
 from deps import BODY_ERRORS, ERRORS, SettingsDep, check_allowed, error, guarded_router, registry
 from errors import Conflict, NotFound, ServiceError
@@ -38,7 +38,7 @@ router = guarded_router()
 async def train_speaker(body: TrainRequest, request: Request, settings: SettingsDep):
     """Fine-tune the speaker's LoRA adapter in the background; with `wait`, answer when done."""
     check_allowed(body.speaker, settings)
-    stored = await asyncio.to_thread(dialog_parser.load_speaker, settings.DATA_DIR, body.speaker)
+    stored = await asyncio.to_thread(store.summary, settings.DATA_DIR, body.speaker, settings.STORAGE_LOCK_SECONDS)
     if stored is None or not stored.messages:
         raise NotFound(f"no messages stored for speaker '{body.speaker}'; upload a dialog with POST /upload-text first")
     config = await asyncio.to_thread(train.resolve_config, settings, body)

@@ -21,11 +21,12 @@ import evals
 import jobs_api
 import openai_compat
 import parser as dialog_parser
+import store
 import train
 from config import Settings, get_settings
-from deps import (BODY_ERRORS, BUSY, ERRORS, RETRY_AFTER, base_ready, GenerationGate, SettingsDep, check_allowed, error, generation, guarded_router,
-                  registry, require_api_key)
-from errors import (Conflict, NotFound, PayloadTooLarge, ServiceError, Unauthorized, Unprocessable,
+from deps import (BODY_ERRORS, ERRORS, GENERATION_BUSY, RETRY_AFTER, base_ready, GenerationGate, SettingsDep, check_allowed, error,
+                  generation, guarded_router, registry, require_api_key)
+from errors import (Conflict, NotFound, PayloadTooLarge, ServiceError, Unprocessable,
                     public_errors, scrub)
 from exports import ExportError, ExportTooLarge
 from infer import AdapterNotFound, PersonaEngine, persona_decoding, sampling
@@ -50,7 +51,7 @@ async def lifespan(app: FastAPI):
     for folder in (settings.DATA_DIR, settings.OUTPUT_DIR, settings.MODELS_DIR):
         folder.mkdir(parents=True, exist_ok=True)
     adapters.clean_stale(settings.OUTPUT_DIR)
-    if stale := dialog_parser.clean_temporaries(settings.DATA_DIR):
+    if stale := store.clean_temporaries(settings.DATA_DIR):
         log.info("removed %d temporary messages files left by interrupted writes", len(stale))
     registry = JobRegistry(settings.db_path, replace_damaged=True)
     runner = JobRunner(registry, settings)
@@ -83,9 +84,8 @@ app.add_middleware(AccessLog)
 
 @app.exception_handler(ServiceError)
 async def service_error_handler(request: Request, exc: ServiceError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else getattr(exc, "headers", None)
-    return openai_compat.openai_error(request, exc, headers) or JSONResponse(
-        status_code=exc.status, content={"detail": scrub(exc.detail)}, headers=headers)
+    return openai_compat.openai_error(request, exc, exc.headers) or JSONResponse(
+        status_code=exc.status, content={"detail": scrub(exc.detail)}, headers=exc.headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -105,17 +105,20 @@ api = guarded_router()
 
 
 def _upload_response(speaker: str, samples, empty: int, settings: Settings) -> dict:
-    result = dialog_parser.append_samples(settings.DATA_DIR, speaker, samples)
+    result = store.append_samples(settings.DATA_DIR, speaker, samples, settings.STORAGE_LOCK_SECONDS)
     return dict(
         message=f"Successfully saved messages for {speaker}", filepath=display_path(result.path), speaker=speaker,
         added=result.added, duplicates=result.duplicates, skipped_empty=empty, total=result.total,
     )
 
 
+LOCKED = {503: error("The speaker's messages stayed locked by other requests (STORAGE_LOCK_SECONDS); retry after "
+                   "`Retry-After` seconds.")}
 UPLOAD_ERRORS = {
     403: error("Speaker not in ALLOWED_SPEAKERS."),
     500: error("Stored data unreadable or unwritable; nothing changed."),
     507: error("Disk full; nothing changed."),
+    **LOCKED,
     **BODY_ERRORS,
 }
 
@@ -159,7 +162,7 @@ def upload_file(file: UploadFile, form: Annotated[UploadFileForm, Form()], setti
         imported = dialog_parser.import_export(
             file.file.read(), file.filename or "", form.speaker, form.format, form.chat, form.aliases or {},
             form, settings.MAX_CONTEXT_TURNS, base_model.tokenizer_file(settings.BASE_MODEL, settings.MODELS_DIR),
-            max_unpacked=4 * settings.MAX_UPLOAD_BYTES,
+            max_unpacked=4 * settings.MAX_UPLOAD_BYTES, phone_region=settings.PHONE_REGION,
         )
     except ExportTooLarge as exc:
         raise PayloadTooLarge(str(exc)) from None
@@ -187,57 +190,60 @@ def inspect_export(file: UploadFile, form: Annotated[ExportForm, Form()], settin
         raise Unprocessable(str(exc)) from None
 
 
-@api.get("/speakers", response_model=SpeakersPublic)
+@api.get("/speakers", response_model=SpeakersPublic, responses=LOCKED)
 def list_speakers(settings: SettingsDep) -> SpeakersPublic:
     """Every speaker with stored messages: count, last upload, and their adapter if trained."""
     data = []
-    for stored in dialog_parser.list_speakers(settings.DATA_DIR):
+    for stored in store.list_speakers(settings.DATA_DIR, settings.STORAGE_LOCK_SECONDS):
         info = adapters.info(settings.OUTPUT_DIR, stored.speaker)
-        messages = getattr(stored, "messages", [])  # none from a damaged file (a DamagedFile)
-        data.append(SpeakerPublic(
-            speaker=stored.speaker, messages=len(messages), last_upload=max((m.added_at for m in messages), default=None),
+        data.append(SpeakerPublic(  # a damaged file (a DamagedFile) has no messages, only an error
+            speaker=stored.speaker, messages=getattr(stored, "messages", 0), last_upload=getattr(stored, "last_upload", None),
             adapter=info is not None, trained_at=info.get("created_at") if info else None, error=getattr(stored, "error", None),
         ))
     return SpeakersPublic(data=data, count=len(data))
 
 
-def _stored(settings: Settings, speaker: str):
-    stored = dialog_parser.load_speaker(settings.DATA_DIR, speaker)
-    if stored is None:
+def _stored(settings: Settings, speaker: str, offset: int, limit: int) -> tuple[list, int]:
+    """Samples offset..offset+limit of the speaker and their count; 404 when nothing is stored."""
+    found = store.read_messages(settings.DATA_DIR, speaker, offset, limit, settings.STORAGE_LOCK_SECONDS)
+    if found is None:
         raise NotFound(f"no messages stored for speaker '{speaker}'")
-    return stored
+    return found
 
 
-@api.get("/speakers/{speaker}/messages", response_model=SamplesPublic, responses={404: error("Nothing stored."), **ERRORS})
+@api.get("/speakers/{speaker}/messages", response_model=SamplesPublic,
+         responses={404: error("Nothing stored."), **LOCKED, **ERRORS})
 def speaker_messages(speaker: SpeakerName, settings: SettingsDep, page: Annotated[PageQuery, Query()]) -> SamplesPublic:
     """The speaker's stored messages with their context, oldest first."""
-    stored = _stored(settings, speaker)
-    return SamplesPublic(data=stored.messages[page.offset : page.offset + page.limit], count=len(stored.messages))
+    samples, count = _stored(settings, speaker, page.offset, page.limit)
+    return SamplesPublic(data=samples, count=count)
 
 
 @api.get(
     "/speakers/{speaker}/dataset",
     response_model=DatasetPublic,
     responses={404: error("Nothing stored."), 500: error("The base model could not be loaded."),
-               503: {**error("The base model is being provisioned."), "headers": RETRY_AFTER}, **ERRORS},
+               503: {**error("The speaker's messages stayed locked by other requests (STORAGE_LOCK_SECONDS), or the base "
+                             "model is being provisioned: retry after Retry-After seconds."), "headers": RETRY_AFTER},
+               **ERRORS},
 )
 def speaker_dataset(speaker: SpeakerName, request: Request, settings: SettingsDep,
                     query: Annotated[DatasetQuery, Query()]) -> DatasetPublic:
     """The first samples exactly as training renders them (chat template applied, trained span marked)."""
-    stored = _stored(settings, speaker)
+    samples, count = _stored(settings, speaker, 0, query.limit)
     warm = base_ready(request)
     try:
-        rendered = train.render_dataset(stored.messages[: query.limit], speaker, settings.BASE_MODEL, settings.MODELS_DIR,
+        rendered = train.render_dataset(samples, speaker, settings.BASE_MODEL, settings.MODELS_DIR,
                                         settings.MAX_SEQ_LENGTH, warm.tokenizer)
     except (OSError, ValueError) as exc:
         raise ServiceError(f"could not load the tokenizer of base model {settings.BASE_MODEL!r}: {exc}") from None
-    return DatasetPublic(**rendered, count=len(stored.messages))
+    return DatasetPublic(**rendered, count=count)
 
 
 @api.delete(
     "/speakers/{speaker}",
     response_model=DeletedPublic,
-    responses={404: error("Nothing stored for the speaker."), 409: error("The speaker is training."), **ERRORS},
+    responses={404: error("Nothing stored for the speaker."), 409: error("The speaker is training."), **LOCKED, **ERRORS},
 )
 def delete_speaker(
     speaker: SpeakerName, request: Request, settings: SettingsDep, query: Annotated[DeleteQuery, Query()]
@@ -247,8 +253,8 @@ def delete_speaker(
     active = registry(request).active_for(speaker)
     if active:
         raise Conflict(f"speaker '{speaker}' is training (job {active.job_id}); cancel it or wait, then delete")
-    temporaries = dialog_parser.clean_temporaries(settings.DATA_DIR, speaker)  # first: delete_speaker removes the lock
-    deleted = [dialog_parser.delete_speaker(settings.DATA_DIR, speaker), *temporaries,
+    temporaries = store.clean_temporaries(settings.DATA_DIR, speaker)  # first: delete_speaker removes the lock
+    deleted = [*store.delete_speaker(settings.DATA_DIR, speaker, settings.STORAGE_LOCK_SECONDS), *temporaries,
                adapters.delete(settings.OUTPUT_DIR, speaker) if not query.keep_adapter
                else evals.delete_report(settings, speaker)]  # eval.json quotes held-out messages
     for job in registry(request).list(speaker=speaker, limit=10_000)[0]:  # checkpoints hold a copy of the samples
@@ -265,7 +271,7 @@ def delete_speaker(
 @api.post(
     "/generate",
     response_model=GenerateResponse,
-    responses={404: error("The speaker has no trained adapter."), 503: {**error(BUSY), "headers": RETRY_AFTER}, **BODY_ERRORS},
+    responses={404: error("The speaker has no trained adapter."), 503: {**error(GENERATION_BUSY), "headers": RETRY_AFTER}, **BODY_ERRORS},
 )
 async def generate(body: GenerateRequest, request: Request, settings: SettingsDep) -> GenerateResponse:
     """The reply the speaker would write next, from their adapter on the base model."""
@@ -294,7 +300,7 @@ def speaker_evaluation(speaker: SpeakerName, settings: SettingsDep) -> dict:
 @api.post(
     "/speakers/{speaker}/evaluate",
     responses={404: error("The speaker has no adapter."), 409: error("Training, or the adapter deleted meanwhile."),
-               503: {**error(BUSY), "headers": RETRY_AFTER}},
+               503: {**error(GENERATION_BUSY), "headers": RETRY_AFTER}},
 )
 async def evaluate_speaker(speaker: SpeakerName, request: Request, settings: SettingsDep) -> dict:
     """Evaluate the speaker's adapter now on its held-out samples; returns and stores the report."""

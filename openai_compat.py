@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from config import get_settings
-from deps import BUSY, RETRY_AFTER, generation
+from deps import GENERATION_BUSY, RETRY_AFTER, generation
 from errors import NotFound, ServiceError, public_errors, scrub
 import adapters
 import chat_format
@@ -123,7 +123,7 @@ def list_models(request: Request) -> ModelList:
         200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
               "description": "A chat completion, or with `stream` its chunks as Server-Sent Events."},
         404: {"model": OpenAIError, "description": "No adapter for that model (speaker)."},
-        503: {"model": OpenAIError, "description": BUSY, "headers": RETRY_AFTER},
+        503: {"model": OpenAIError, "description": GENERATION_BUSY, "headers": RETRY_AFTER},
     },
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request):

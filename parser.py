@@ -1,40 +1,27 @@
-"""Dialogs → per-speaker training samples, and their storage in `<DATA_DIR>/<speaker>_messages.json`.
+"""Dialogs and exports → cleaned per-speaker training samples.
 
 A sample is one message of the speaker (the reply) plus up to `max_context_turns` turns before it
-(the context it answered). Knows nothing of HTTP or models: it takes turns and returns samples.
-
-Storage is append-only with dedupe: a sample's id hashes its context and reply, so uploading the same
-dialog twice stores nothing new. Every write takes a per-speaker file lock (threads and processes),
-writes a temporary file, fsyncs it and renames it over the old one: a crash leaves either the old
-file or the new one, never a torn one.
+(the context it answered); its id hashes context and reply, so store.py stores an uploaded dialog
+once however often it comes. Knows nothing of HTTP, models or storage: it takes turns or an export's
+bytes and returns samples.
 """
 
 from __future__ import annotations
 
-import errno
-import glob
 import hashlib
 import json
-import os
 import re
-import tempfile
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from filelock import FileLock
-from pydantic import ValidationError
-
 import phonenumbers
-
-from config import STORAGE_SUFFIX, storage_name
-from errors import InsufficientStorage, ServiceError, StorageError
 
 from exports import Chat, ChatMessage, naive, normalise_name, read_chats
 from models import (BIDI_CONTROLS, MAX_MESSAGE_CHARS, NAME_MAX_CHARS, CleaningOptions, ExportInspection, ParticipantStats, Sample,
-                    SpeakerFile, Turn)
+                    Turn)
 
 
 def build_samples(dialog: list[Turn], speaker: str, max_context_turns: int) -> tuple[list[Sample], int]:
@@ -57,108 +44,18 @@ def sample_id(context: list[Turn], reply: str) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-def speaker_file(data_dir: Path, speaker: str) -> Path:
-    """The speaker's file, named by storage_name; this re-checks that it lies in the folder."""
-    path = data_dir / f"{storage_name(speaker)}{STORAGE_SUFFIX}"
-    if path.resolve().parent != data_dir.resolve():
-        raise StorageError(f"speaker name {speaker!r} does not map to a file inside the data folder")
-    return path
-
-
-def _lock(path: Path) -> FileLock:
-    return FileLock(str(path.with_name(f".{path.name}.lock")), timeout=60)
-
-
-def load_speaker(data_dir: Path, speaker: str) -> SpeakerFile | None:
-    """The stored file, or None when the speaker has none. A damaged file raises StorageError."""
-    return _load(speaker_file(data_dir, speaker))
-
-
-def _load(path: Path) -> SpeakerFile | None:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    try:
-        return SpeakerFile.model_validate_json(raw)
-    except ValidationError as exc:
-        raise StorageError(
-            f"{path.name} is not a valid messages file ({exc.error_count()} problems, first: "
-            f"{exc.errors()[0]['msg']}); nothing was changed. Repair or move it, then retry."
-        ) from None
-
-
-@dataclass
-class AppendResult:
-    path: Path
-    added: int
-    duplicates: int
-    total: int
-
-
-def append_samples(data_dir: Path, speaker: str, samples: list[Sample]) -> AppendResult:
-    """Add the samples not stored yet, atomically, under the speaker's lock."""
-    path = speaker_file(data_dir, speaker)
-    try:
-        return _append_locked(data_dir, path, speaker, samples)
-    except ServiceError:
-        raise
-    except OSError as exc:
-        raise storage_error(exc, path) from exc
-
-
-def storage_error(exc: OSError, path: Path) -> StorageError:
-    """A disk problem as an error the user can act on; the stored messages are unchanged."""
-    what = f"could not write {path.name}: {exc.strerror or exc}; the stored messages are unchanged"
-    if exc.errno == errno.ENOSPC:
-        return InsufficientStorage(f"{what}. Free disk space and retry.")
-    return StorageError(f"{what}. Check that the data folder exists and is writable.")
-
-
-def _append_locked(data_dir: Path, path: Path, speaker: str, samples: list[Sample]) -> AppendResult:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with _lock(path):
-        stored = load_speaker(data_dir, speaker) or SpeakerFile(speaker=speaker)
-        known = {s.id for s in stored.messages}
-        new = []
-        for sample in samples:
-            if sample.id not in known:
-                known.add(sample.id)
-                new.append(sample)
-        if new:
-            stored.messages.extend(new)
-            _atomic_write(path, stored.model_dump_json(indent=1).encode("utf-8"))
-        return AppendResult(path, added=len(new), duplicates=len(samples) - len(new), total=len(stored.messages))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 # --- exports: cleaning and samples with reply context ---------------------------------------------
 
 _EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){1,8}")  # bounded: linear time
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
+_DIGIT_RUN = re.compile(r"\d(?:\D{0,2}\d){5}")  # six digits close together: a line worth a local phone search
 NO_SENDER = "(no sender)"  # the speaker of kept system lines that have none
 
 
-def mask_pii(text: str) -> tuple[str, int]:
-    """E-mail addresses, card numbers (13-19 digits passing the Luhn check) and phone numbers in
-    international form (libphonenumber, valid numbers only) become placeholders. Linear time: every
+def mask_pii(text: str, phone_region: str | None = None) -> tuple[str, int]:
+    """E-mail addresses, card numbers (13-19 digits passing the Luhn check) and phone numbers
+    (libphonenumber, valid numbers only) become placeholders: in international form always, and in
+    the local form of `phone_region` (e.g. "UA": 067 123 45 67) when one is given. Linear time: every
     pattern is bounded, and the phone matcher gets a number of tries proportional to the line."""
     text, emails = _EMAIL.subn("[email]", text)
     found: list[str] = []
@@ -167,10 +64,10 @@ def mask_pii(text: str) -> tuple[str, int]:
     phones = 0
     lines = text.split("\n")
     for i, line in enumerate(lines):
-        if "+" not in line:
+        if "+" not in line and not (phone_region and _DIGIT_RUN.search(line)):
             continue
         spans = [(m.start, m.end) for m in phonenumbers.PhoneNumberMatcher(
-            line, None, leniency=phonenumbers.Leniency.VALID, max_tries=100 + len(line) // 20)]
+            line, phone_region, leniency=phonenumbers.Leniency.VALID, max_tries=100 + len(line) // 20)]
         for start, end in reversed(spans):
             line = line[:start] + "[phone]" + line[end:]
         phones += len(spans)
@@ -192,7 +89,8 @@ def _isbn13(text: str) -> bool:
     return len(digits) == 13 and text[:3] in ("978", "979") and sum(d * (3 if i % 2 else 1) for i, d in enumerate(digits)) % 10 == 0
 
 
-def clean(chat: Chat, options: CleaningOptions, aliases: dict[str, str]) -> tuple[list[list[ChatMessage]], dict[str, int]]:
+def clean(chat: Chat, options: CleaningOptions, aliases: dict[str, str],
+          phone_region: str | None = None) -> tuple[list[list[ChatMessage]], dict[str, int]]:
     """Apply the cleaning steps in order; return the chat's dialogs and what each step removed."""
     report = {"messages_read": len(chat.messages), "renamed_by_alias": 0, "dropped_system": 0, "dropped_media": 0,
               "dropped_deleted": 0, "masked_pii": 0, "dropped_empty": 0, "cut_long": 0, "merged": 0,
@@ -214,7 +112,7 @@ def clean(chat: Chat, options: CleaningOptions, aliases: dict[str, str]) -> tupl
             m.text = m.text[:MAX_MESSAGE_CHARS]
             report["cut_long"] += 1
         if options.mask_pii:
-            m.text, n = mask_pii(m.text)
+            m.text, n = mask_pii(m.text, phone_region)
             m.text = m.text[:MAX_MESSAGE_CHARS]
             report["masked_pii"] += n
         if options.drop_empty and (not m.text.strip() or not m.speaker):
@@ -295,6 +193,7 @@ class ImportResult:
 def import_export(
     data: bytes, filename: str, speaker: str, fmt: str, chat: str | None, aliases: dict[str, str],
     options: CleaningOptions, max_context_turns: int, tokenizer_file: Path | None, max_unpacked: int = 256 * 1024 * 1024,
+    phone_region: str | None = None,
 ) -> ImportResult:
     """Read, clean and turn an export into the speaker's samples. ExportError for unreadable
     files; UnknownSpeaker when the speaker does not occur in the cleaned chats."""
@@ -303,7 +202,7 @@ def import_export(
     report: dict[str, int] = {}
     per_chat = []
     for one in chats:
-        dialogs, steps = clean(one, options, aliases)
+        dialogs, steps = clean(one, options, aliases, phone_region)
         per_chat.append(dialogs)
         for key, value in steps.items():
             report[key] = report.get(key, 0) + value
@@ -345,58 +244,3 @@ def _token_counter(tokenizer_file: Path | None):
 
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     return lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)
-
-
-@dataclass
-class DamagedFile:
-    """A messages file that cannot be read: the speaker as its file names them, and why."""
-    speaker: str
-    error: str
-
-
-def list_speakers(data_dir: Path) -> list[SpeakerFile | DamagedFile]:
-    """Every speaker with stored messages, by name (the one inside the file, not the file's name).
-    A damaged file is listed as a DamagedFile, so it hides no other speaker."""
-    listed: list[SpeakerFile | DamagedFile] = []
-    for path in data_dir.glob(f"*{STORAGE_SUFFIX}") if data_dir.exists() else []:
-        try:
-            if one := _load(path):
-                listed.append(one)
-        except StorageError as exc:
-            listed.append(DamagedFile(path.name[: -len(STORAGE_SUFFIX)], str(exc.detail)))
-    return sorted(listed, key=lambda one: one.speaker)
-
-
-def clean_temporaries(data_dir: Path, speaker: str | None = None) -> list[Path]:
-    """Remove the temporary files that writes killed mid-way left (`.<file>.<random>.tmp`; they may
-    hold messages): the speaker's, or every speaker's at start-up. Each is removed under its file's
-    lock, so a write in progress keeps its own. The paths removed."""
-    if not data_dir.is_dir():
-        return []
-    pattern = f".{glob.escape(speaker_file(data_dir, speaker).name)}.*.tmp" if speaker else f".*{STORAGE_SUFFIX}.*.tmp"
-    removed = []
-    for tmp in sorted(data_dir.glob(pattern)):
-        target = tmp.with_name(tmp.name[1:].rsplit(".", 2)[0])  # `.X_messages.json.k3j2.tmp` → X_messages.json
-        try:
-            with _lock(target):
-                tmp.unlink()
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            raise storage_error(exc, tmp) from exc
-        removed.append(tmp)
-    return removed
-
-
-def delete_speaker(data_dir: Path, speaker: str) -> Path | None:
-    """Remove the speaker's messages file (under its lock); the path, or None when there was none."""
-    path = speaker_file(data_dir, speaker)
-    try:
-        with _lock(path):
-            if not path.exists():
-                return None
-            path.unlink()
-        path.with_name(f".{path.name}.lock").unlink(missing_ok=True)
-    except OSError as exc:
-        raise storage_error(exc, path) from exc
-    return path

@@ -426,7 +426,7 @@ def render_dataset(samples: list[Sample], speaker: str, base: str, models_dir: P
 
 def main(argv: list[str] | None = None) -> int:
     import evals  # the CLI evaluates like the service; train_lora itself knows no evaluation
-    import parser as dialog_parser
+    import store
 
     cli = argparse.ArgumentParser(description="Train a speaker's LoRA adapter from ./data/<speaker>_messages.json.")
     cli.add_argument("--speaker", required=True)
@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    stored = dialog_parser.load_speaker(settings.DATA_DIR, request.speaker)
+    stored = store.load_speaker(settings.DATA_DIR, request.speaker)
     if stored is None or not stored.messages:
         print(f"error: no messages stored for {request.speaker!r} in {settings.DATA_DIR}; upload a dialog first", file=sys.stderr)
         return 1

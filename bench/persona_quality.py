@@ -72,6 +72,7 @@ def main() -> int:
 
     import evals
     import parser as dialog_parser
+    import store
     import train
     from config import get_settings
     from infer import PersonaEngine
@@ -82,13 +83,13 @@ def main() -> int:
     scenes = [[Turn(speaker=t["speaker"], content=t["content"]) for t in scene] for scene in play["scenes"]]
     for who in ns.characters:
         samples = [s for scene in scenes for s in dialog_parser.build_samples(scene, who, settings.MAX_CONTEXT_TURNS)[0]]
-        dialog_parser.append_samples(settings.DATA_DIR, who, samples[: ns.max_samples or None])
+        store.append_samples(settings.DATA_DIR, who, samples[: ns.max_samples or None])
 
     results: dict = {"play": play["title"], "characters": {}, "settings_overridden": overrides,
                      "command": " ".join(sys.argv)}
     held_out: dict[str, list] = {}
     for who in ns.characters:
-        stored = dialog_parser.load_speaker(settings.DATA_DIR, who)
+        stored = store.load_speaker(settings.DATA_DIR, who)
         config = train.resolve_config(settings, TrainRequest(speaker=who))
         started = time.monotonic()
         outcome = train.train_lora(stored.messages, who, config, settings.OUTPUT_DIR, settings.MODELS_DIR,

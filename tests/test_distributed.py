@@ -14,6 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 import parser as dialog_parser
+import store
 from conftest import ROOT, LiveServer, finished, training, wait_for_job
 from models import Turn
 
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.slow  # real uvicorn servers and training processes
 def stored(env):
     dialog = [Turn(speaker="A" if i % 2 else "B", content=f"повідомлення {i} " * (1 + i % 3)) for i in range(16)]
     samples, _ = dialog_parser.build_samples(dialog, "A", 4)
-    dialog_parser.append_samples(Path(env["DATA_DIR"]), "A", samples)
+    store.append_samples(Path(env["DATA_DIR"]), "A", samples)
     return len(samples)
 
 

@@ -403,6 +403,24 @@ def test_masking_is_linear(adversarial):
     assert _seconds(dialog_parser.mask_pii, adversarial) < 0.5 + 10 * _seconds(dialog_parser.mask_pii, plain)
 
 
+def test_phone_region_masks_local_numbers_too(client, env, monkeypatch):
+    text = "дзвони 067 123 45 67 або (044) 234-56-78, +44 20 7946 0958; 2024-01-01, 1 000 000 грн, 12:30"
+    assert dialog_parser.mask_pii(text) == ("дзвони 067 123 45 67 або (044) 234-56-78, [phone]; 2024-01-01, 1 000 000 грн, 12:30", 1)
+    assert dialog_parser.mask_pii(text, "UA") == ("дзвони [phone] або [phone], [phone]; 2024-01-01, 1 000 000 грн, 12:30", 3)
+    for adversarial in ("1 " * 30_000, "0" * 60_000, "067 " * 15_000):  # still linear with a region
+        assert _seconds(dialog_parser.mask_pii, adversarial, "UA") < 0.5 + 10 * _seconds(dialog_parser.mask_pii, "a" * 60_000, "UA")
+    chat = "12.01.24, 10:00 - Андрій: Привіт\n12.01.24, 10:01 - Олена: мій номер 067 123 45 67\n"
+    monkeypatch.setenv("PHONE_REGION", "ua")
+    get_settings.cache_clear()
+    assert upload_file(client, chat.encode(), "chat.txt", "Олена").json()["report"]["masked_pii"] == 1
+    replies = client.get("/speakers/Олена/messages").json()["data"]
+    assert [m["reply"] for m in replies] == ["мій номер [phone]"]
+    monkeypatch.setenv("PHONE_REGION", "Ukraine")
+    get_settings.cache_clear()
+    with pytest.raises(ValueError, match="unknown phone region 'Ukraine': use a two-letter ISO 3166 code"):
+        get_settings()
+
+
 def test_masking_keeps_dates_amounts_and_isbns():
     text = "2024-01-01, 1 000 000 грн, ISBN 978-3-16-148410-0, 4111 1111 1111 1112, 12:30, +1 (555) 123-4567 is fake"
     assert dialog_parser.mask_pii(text) == (text, 0)

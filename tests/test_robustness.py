@@ -138,7 +138,7 @@ def test_a_damaged_messages_file_affects_only_its_speaker(client, env):
 
 def test_delete_during_evaluate_is_a_409_and_a_succeeded_job_shows_no_checkpoint(client, env, monkeypatch):
     import adapters
-    import parser as dialog_parser
+    import store
 
     monkeypatch.setenv("CHECKPOINT_STEPS", "1")
     get_settings.cache_clear()
@@ -147,13 +147,13 @@ def test_delete_during_evaluate_is_a_409_and_a_succeeded_job_shows_no_checkpoint
     assert r.status_code == 200, r.text
     job = r.json()["job"]
     assert job["checkpoint"] is None and not (Path(env["OUTPUT_DIR"]) / ".checkpoints" / job["job_id"]).exists()
-    load = dialog_parser.load_speaker
+    load = store.load_speaker
 
-    def deleted_meanwhile(data_dir, speaker):  # DELETE /speakers/User1 lands after evaluate checked the adapter
+    def deleted_meanwhile(data_dir, speaker, *args):  # DELETE /speakers/User1 lands after evaluate checked the adapter
         adapters.delete(Path(env["OUTPUT_DIR"]), speaker)
-        return load(data_dir, speaker)
+        return load(data_dir, speaker, *args)
 
-    monkeypatch.setattr(dialog_parser, "load_speaker", deleted_meanwhile)
+    monkeypatch.setattr(store, "load_speaker", deleted_meanwhile)
     r = client.post("/speakers/User1/evaluate")
     assert r.status_code == 409, r.text
     assert r.json() == {"detail": "the adapter of speaker 'User1' was deleted or replaced during the evaluation; "

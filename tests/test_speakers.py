@@ -51,9 +51,10 @@ def test_delete_removes_messages_and_adapter(client, env):
     r = client.delete("/speakers/User1")
     assert r.status_code == 200
     assert r.json() == {"message": "Deleted the data of User1",
-                        "deleted": [f"{env['DATA_DIR']}/User1_messages.json", f"{env['OUTPUT_DIR']}/User1"]}
+                        "deleted": [f"{env['DATA_DIR']}/User1_messages.json", f"{env['DATA_DIR']}/.User1_messages.json.index",
+                                    f"{env['OUTPUT_DIR']}/User1"]}
     assert not (Path(env["OUTPUT_DIR"]) / "User1").exists()
-    assert list(Path(env["DATA_DIR"]).glob("*User1*")) == []
+    assert list(Path(env["DATA_DIR"]).glob("*User1*")) == []  # pathlib's * matches hidden files: no index, no lock
     assert client.get("/speakers").json()["count"] == 0
     assert client.delete("/speakers/User1").status_code == 404
 
@@ -64,8 +65,8 @@ def test_delete_can_keep_the_adapter(client, env):
     report = Path(env["OUTPUT_DIR"]) / "User1" / "eval.json"  # quotes held-out messages: deleted too
     assert report.is_file()
     r = client.delete("/speakers/User1", params={"keep_adapter": "true"})
-    assert r.json()["deleted"] == [f"{env['DATA_DIR']}/User1_messages.json", str(report),
-                                   f"{env['DATA_DIR']}/logs/{job['job_id']}.log"]
+    assert r.json()["deleted"] == [f"{env['DATA_DIR']}/User1_messages.json", f"{env['DATA_DIR']}/.User1_messages.json.index",
+                                   str(report), f"{env['DATA_DIR']}/logs/{job['job_id']}.log"]
     assert (Path(env["OUTPUT_DIR"]) / "User1" / "adapter_model.safetensors").exists()
 
 
@@ -92,8 +93,8 @@ def test_delete_removes_the_speakers_checkpoints(client, env, monkeypatch):
     assert (folder / "samples.json").is_file() and Path(stopped["checkpoint"]).is_dir()
     r = client.delete("/speakers/User1")
     assert r.status_code == 200, r.text
-    assert r.json()["deleted"] == [f"{env['DATA_DIR']}/User1_messages.json", str(folder),
-                                   f"{env['DATA_DIR']}/logs/{job['job_id']}.log"]
+    assert r.json()["deleted"] == [f"{env['DATA_DIR']}/User1_messages.json", f"{env['DATA_DIR']}/.User1_messages.json.index",
+                                   str(folder), f"{env['DATA_DIR']}/logs/{job['job_id']}.log"]
     assert not folder.exists()
 
 
@@ -130,7 +131,8 @@ def test_delete_removes_every_file_that_holds_the_speakers_messages(client, env)
     r = client.delete("/speakers/P1", params={"keep_adapter": True})
     assert r.status_code == 200, r.text
     assert sorted(r.json()["deleted"]) == sorted([
-        f"{data}/P1_messages.json", f"{tmp}", f"{output}/P1/eval.json", f"{data}/logs/{job['job_id']}.log"])
+        f"{data}/P1_messages.json", f"{data}/.P1_messages.json.index", f"{tmp}", f"{output}/P1/eval.json",
+        f"{data}/logs/{job['job_id']}.log"])
     assert (output / "P1" / "training_info.json").is_file()  # the adapter is kept
     holding = [p for root in (data, output) for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert holding == [] and other_tmp.exists()

@@ -147,7 +147,7 @@ def test_direction_marks_around_a_name_are_stripped(client, env):
 
 
 def test_safe_names_keep_their_file_names():
-    from parser import storage_name
+    from config import storage_name
 
     assert [storage_name(n) for n in ("Олена", "User 1", "a_b.c-d", "李" * 64)] == ["Олена", "User 1", "a_b.c-d", "李" * 64]
     assert storage_name("C:evil") == storage_name("C:evil") != storage_name("C;evil")  # stable, distinct
