@@ -71,8 +71,8 @@ class JobRunner:
             self._supervise(job_id)
         except Exception as exc:
             log.exception("job %s: its supervisor failed", job_id)
-            self._until_written(job_id, lambda: self.registry.mark_failed(
-                job_id, f"the job's supervisor failed ({describe_failure(exc)}); train again"))
+            reason = f"the job's supervisor failed ({describe_failure(exc)}); train again"
+            self._until_written(job_id, lambda: self.registry.mark_failed(job_id, reason))
 
     def _until_written(self, job_id: str, write):
         """`write()`'s result, retried every few seconds while the disk is full or unwritable; None if
