@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import json
 import os
 import subprocess
@@ -181,15 +183,24 @@ def live_server(env, tmp_path):
     server.stop()
 
 
+@contextmanager
+def tmpfs(mount: Path, size: str):
+    """A real filesystem of `size` (tmpfs) at `mount`, where the machine lets us mount one (root);
+    the test is skipped elsewhere."""
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root): a full disk needs a small real filesystem")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    """A real 8 MiB filesystem (tmpfs) at tmp_path/disk, where the machine lets us mount one (root)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root): the disk-full fault runs need a small real filesystem")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
+    """An 8 MiB filesystem at tmp_path/disk."""
+    with tmpfs(tmp_path / "disk", "8m") as mount:
+        yield mount
 
 
 def fill_disk(disk: Path) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SAMPLE_DIALOG
+from conftest import SAMPLE_DIALOG, tmpfs
 from config import get_settings
 from models import MAX_DIALOG_MESSAGES, MAX_MESSAGE_CHARS
 
@@ -213,13 +213,9 @@ def test_damaged_file_is_reported_and_left_alone(client, env):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A real 512 KiB filesystem (tmpfs), where the machine lets us mount one."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
+    """A 512 KiB filesystem at tmp_path/disk."""
+    with tmpfs(tmp_path / "disk", "512k") as mount:
+        yield mount
 
 
 def test_disk_full_and_read_only_disk_keep_stored_data(client, env, monkeypatch, small_disk):
