@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Form, Query, Request, UploadFile
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from fastapi.responses import FileResponse, JSONResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -20,6 +20,7 @@ import chat_format
 import evals
 import jobs_api
 import openai_compat
+import page
 import parser as dialog_parser
 import store
 import train
@@ -72,7 +73,7 @@ app = FastAPI(
     summary="Turn chat dialogs into a per-speaker LoRA adapter.",
     description=(
         "Upload dialogs with **POST /upload-text**, then train a speaker's adapter with **POST /train**. "
-        "Training runs in the background; poll **GET /jobs/{job_id}**."
+        "Training runs in the background; poll **GET /jobs/{job_id}**. A page for people is at [/](/)."
     ),
     version="0.1.0",
     lifespan=lifespan,
@@ -121,11 +122,6 @@ UPLOAD_ERRORS = {
     **LOCKED,
     **BODY_ERRORS,
 }
-
-
-@app.get("/", include_in_schema=False)
-def root() -> RedirectResponse:
-    return RedirectResponse("/docs")
 
 
 @app.get("/health", response_model=HealthPublic)
@@ -352,3 +348,5 @@ def download_adapter(speaker: SpeakerName, settings: SettingsDep) -> FileRespons
 app.include_router(api)
 app.include_router(jobs_api.router)
 app.include_router(openai_compat.router, dependencies=[Depends(require_api_key)])  # its errors: OpenAI's shape
+app.include_router(page.router)  # the page at / and its files: no data, so no key
+app.mount("/static", page.assets, name="static")

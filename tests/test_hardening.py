@@ -51,7 +51,7 @@ def test_api_key_guards_every_endpoint_but_health(client, env, monkeypatch):
 
 
 OPEN = {"/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc",
-        "/"}  # "/" only redirects to /docs
+        "/", "/static"}  # the page and its files: no data (what it shows, it asks the API for, with the key)
 
 
 def test_api_key_guards_every_route_the_app_has(client, monkeypatch):
