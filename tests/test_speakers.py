@@ -48,11 +48,12 @@ def test_dataset_shows_what_the_model_sees(client):
 def test_delete_removes_messages_and_adapter(client, env):
     upload(client)
     assert client.post("/train", json={"speaker": "User1", "wait": True}).status_code == 200
+    job = client.get("/jobs").json()["data"][0]
     r = client.delete("/speakers/User1")
     assert r.status_code == 200
     assert r.json() == {"message": "Deleted the data of User1",
                         "deleted": [f"{env['DATA_DIR']}/User1_messages.json", f"{env['DATA_DIR']}/.User1_messages.json.index",
-                                    f"{env['OUTPUT_DIR']}/User1"]}
+                                    f"{env['OUTPUT_DIR']}/User1", f"{env['DATA_DIR']}/logs/{job['job_id']}.log"]}
     assert not (Path(env["OUTPUT_DIR"]) / "User1").exists()
     assert list(Path(env["DATA_DIR"]).glob("*User1*")) == []  # pathlib's * matches hidden files: no index, no lock
     assert client.get("/speakers").json()["count"] == 0
