@@ -18,6 +18,7 @@ import adapters
 import base_model
 import chat_format
 import evals
+import exports_api
 import jobs_api
 import openai_compat
 import parser as dialog_parser
@@ -351,4 +352,5 @@ def download_adapter(speaker: SpeakerName, settings: SettingsDep) -> FileRespons
 
 app.include_router(api)
 app.include_router(jobs_api.router)
+app.include_router(exports_api.router)
 app.include_router(openai_compat.router, dependencies=[Depends(require_api_key)])  # its errors: OpenAI's shape
