@@ -16,12 +16,15 @@ torch, transformers and peft are imported inside functions.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
+import unicodedata
 import uuid
 import zipfile
 from pathlib import Path
@@ -269,9 +272,12 @@ def modelfile(base_gguf: str, adapter_gguf: str, speaker: str, chat_template: st
 
 
 def model_name(speaker: str) -> str:
-    """The name Ollama can take for the speaker's model (lowercase letters, digits, '-', '_', '.')."""
-    slug = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_.") else "-" for ch in speaker.lower()).strip("-.")
-    return f"persona-{slug or 'speaker'}"
+    """A name Ollama takes for the speaker's model (ASCII letters, digits, '-', '_', '.'): 'persona-' and
+    the name folded to ASCII ('José' → 'persona-jose'), or 8 hex digits of its sha256 where nothing is
+    left of it ('Олена')."""
+    folded = unicodedata.normalize("NFKD", speaker).encode("ascii", "ignore").decode().lower()
+    slug = re.sub(r"[^a-z0-9_.]+", "-", folded).strip("-.")
+    return f"persona-{slug or hashlib.sha256(speaker.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
 
 
 def default_base_gguf(models_dir: Path) -> Path:
