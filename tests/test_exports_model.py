@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import base_model
 import model_export
 import tiny
 import train
 from chat_format import TRANSCRIPT_TEMPLATE, encode_all
-from config import Settings
+from config import DEFAULT_BASE_MODEL, Settings
 from models import TrainRequest, Turn
 from parser import build_samples
 
@@ -199,36 +200,66 @@ def reply_loss_llama_cpp(llm, encoded) -> float:
     return total / count
 
 
-def test_llama_cpp_with_the_gguf_adapter_loses_less_on_held_out_replies_as_transformers_does(trained, llamacpp_gemma, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (requirements.txt) runs the GGUF export")
+def held_out_losses(adapter_dir: Path, base_path: Path, export: Path, base_gguf: str, held_out, threads: int = 1):
+    """The mean loss per reply token on the held-out samples without and with the adapter, in
+    transformers (float32) and in llama.cpp (the export's GGUFs), on the same token ids."""
+    import llama_cpp
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    adapter_dir, held_out, _ = trained
-    base_gguf = tiny.save_tiny_gguf(llamacpp_gemma, tmp_path / "base.gguf")
-    out = model_export.export_gguf(adapter_dir, str(llamacpp_gemma), str(llamacpp_gemma), tmp_path / "models",
-                                   tmp_path / "exports", SPEAKER, base_gguf=base_gguf)
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    encoded = encode_all(held_out, SPEAKER, tokenizer, TRANSCRIPT_TEMPLATE, 256)
-
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(llamacpp_gemma), dtype=torch.float32),
+    encoded = encode_all(held_out, SPEAKER, tokenizer, tokenizer.chat_template, 256)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32),
                                       str(adapter_dir)).eval()
     hf_adapter = reply_loss_hf(model, encoded)
     with model.disable_adapter():
         hf_base = reply_loss_hf(model, encoded)
 
     def llama(lora: Path | None):
-        return llama_cpp.Llama(model_path=str(out / "base.gguf"), lora_path=str(lora) if lora else None, n_ctx=512,
-                               logits_all=True, n_threads=1, verbose=False)
+        return llama_cpp.Llama(model_path=str(export / base_gguf), lora_path=str(lora) if lora else None, n_ctx=512,
+                               logits_all=True, n_threads=threads, verbose=False)
 
     cpp_base = reply_loss_llama_cpp(llama(None), encoded)
-    cpp_adapter = reply_loss_llama_cpp(llama(out / model_export.ADAPTER_GGUF), encoded)
-    print(f"held-out reply loss: transformers {hf_base:.4f} -> {hf_adapter:.4f} (ratio {hf_adapter / hf_base:.4f}); "
-          f"llama.cpp {cpp_base:.4f} -> {cpp_adapter:.4f} (ratio {cpp_adapter / cpp_base:.4f})")
+    cpp_adapter = reply_loss_llama_cpp(llama(export / model_export.ADAPTER_GGUF), encoded)
+    print(f"held-out reply loss: transformers {hf_base:.5f} -> {hf_adapter:.5f} (ratio {hf_adapter / hf_base:.5f}); "
+          f"llama.cpp {cpp_base:.5f} -> {cpp_adapter:.5f} (ratio {cpp_adapter / cpp_base:.5f})")
+    return hf_base, hf_adapter, cpp_base, cpp_adapter
+
+
+def test_llama_cpp_with_the_gguf_adapter_loses_less_on_held_out_replies_as_transformers_does(trained, llamacpp_gemma, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (requirements.txt) runs the GGUF export")
+    adapter_dir, held_out, _ = trained
+    base_gguf = tiny.save_tiny_gguf(llamacpp_gemma, tmp_path / "base.gguf")
+    out = model_export.export_gguf(adapter_dir, str(llamacpp_gemma), str(llamacpp_gemma), tmp_path / "models",
+                                   tmp_path / "exports", SPEAKER, base_gguf=base_gguf)
+    hf_base, hf_adapter, cpp_base, cpp_adapter = held_out_losses(adapter_dir, llamacpp_gemma, out, "base.gguf", held_out)
     assert hf_adapter < 0.95 * hf_base  # the adapter learnt something of Олена's replies (a random 64-wide base: 0.90)
     assert cpp_adapter < cpp_base
     assert math.isclose(cpp_adapter / cpp_base, hf_adapter / hf_base, rel_tol=0.2)
-    assert math.isclose(cpp_base, hf_base, rel_tol=0.01)  # the same base, computed by each
+    assert math.isclose(cpp_base, hf_base, rel_tol=0.01)  # the same float32 base, computed by each (measured: 4 digits)
+
+
+@pytest.mark.real_model
+def test_default_model_gguf_export_runs_on_the_packaged_gguf_in_llama_cpp(tmp_path):
+    """The default base: its adapter, trained a few steps, on the Q4_K_M GGUF its package ships."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (requirements.txt) runs the GGUF export")
+    models_dir = tmp_path / "models"
+    base_path = base_model.provision_default_model(models_dir)
+    samples, _ = build_samples(dialog(), SPEAKER, 2)
+    settings = Settings(DEVICE="cpu", LOAD_IN_8BIT=False, MODELS_DIR=models_dir)
+    config = train.resolve_config(settings, TrainRequest(speaker=SPEAKER, max_steps=3, learning_rate=1e-3))
+    adapter_dir = train.train_lora(samples, SPEAKER, config, tmp_path / "output_lora", models_dir).model_path
+    held = set(json.loads((adapter_dir / "training_info.json").read_text(encoding="utf-8"))["heldout_ids"])
+
+    out = model_export.export_gguf(adapter_dir, str(base_path), DEFAULT_BASE_MODEL, models_dir, tmp_path / "exports", SPEAKER)
+    packaged = model_export.default_base_gguf(models_dir)
+    assert (out / packaged.name).stat().st_ino == packaged.stat().st_ino  # linked, not copied
+    assert f"FROM ./{packaged.name}" in (out / model_export.MODELFILE).read_text(encoding="utf-8")
+    hf_base, hf_adapter, cpp_base, cpp_adapter = held_out_losses(
+        adapter_dir, base_path, out, packaged.name, [s for s in samples if s.id in held], threads=2)
+    assert hf_adapter < 0.9 * hf_base and cpp_adapter < cpp_base
+    assert math.isclose(cpp_adapter / cpp_base, hf_adapter / hf_base, rel_tol=0.2)
+    assert math.isclose(cpp_base, hf_base, rel_tol=0.05)  # Q4_K_M against its own dequantized copy
 
 
 # --- the routes ----------------------------------------------------------------------------------
