@@ -44,7 +44,7 @@ async def run_export(settings: Settings, speaker: str, kind: str) -> None:
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     try:
         output, _ = await proc.communicate()
-    except asyncio.CancelledError:  # the client went away: so does the export
+    except asyncio.CancelledError:  # the server is stopping: no export outlives it half-written
         proc.kill()
         raise
     if proc.returncode:
