@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     DATA_DIR: Path = Field(Path("./data"), description="Per-speaker message files and the job database.")
     OUTPUT_DIR: Path = Field(Path("./output_lora"), description="Trained adapters, one folder per speaker.")
     MODELS_DIR: Path = Field(Path("./models"), description="Where the default base model is provisioned.")
+    EXPORTS_DIR: Path = Field(
+        Path("./exports"), description="Exports of adapters for other servers (merged model, GGUF), one folder per speaker."
+    )
     LOAD_IN_8BIT: bool = Field(True, description="Load the base model in 8-bit (bitsandbytes LLM.int8).")
     QUANT: Literal["8bit", "4bit", "none"] | None = Field(
         None,

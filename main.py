@@ -18,6 +18,7 @@ import adapters
 import base_model
 import chat_format
 import evals
+import exports_api
 import jobs_api
 import openai_compat
 import page
@@ -347,6 +348,7 @@ def download_adapter(speaker: SpeakerName, settings: SettingsDep) -> FileRespons
 
 app.include_router(api)
 app.include_router(jobs_api.router)
+app.include_router(exports_api.router)
 app.include_router(openai_compat.router, dependencies=[Depends(require_api_key)])  # its errors: OpenAI's shape
 app.include_router(page.router)  # the page at / and its files: no data, so no key
 app.mount("/static", page.assets, name="static")

@@ -221,6 +221,20 @@ class SpeakersPublic(BaseModel):
     count: int
 
 
+ExportKind = Literal["merged", "gguf"]
+
+
+# Answered by POST /speakers/{s}/exports/{kind}: where the export is and how to download it.
+class ExportPublic(BaseModel):
+    speaker: str
+    kind: ExportKind = Field(description="'merged': a transformers folder with the adapter merged in (vLLM, TGI, "
+                             "transformers); 'gguf': the adapter as a llama.cpp GGUF LoRA, the base GGUF and an Ollama Modelfile.")
+    files: dict[str, int] = Field(description="The export's files and their sizes in bytes.")
+    created_at: datetime
+    seconds: float = Field(description="How long the export took.")
+    url: str = Field(description="GET it for the export as a zip.")
+
+
 class SamplesPublic(BaseModel):
     data: list[Sample]
     count: int

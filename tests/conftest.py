@@ -111,6 +111,7 @@ def server_env(root: Path, base_model: Path) -> dict[str, str]:
         "DATA_DIR": str(root / "data"),
         "OUTPUT_DIR": str(root / "output_lora"),
         "MODELS_DIR": str(root / "models"),
+        "EXPORTS_DIR": str(root / "exports"),
         "BASE_MODEL": str(base_model),
         "DEVICE": "cpu",
     }
