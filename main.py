@@ -99,8 +99,23 @@ async def validation_error_handler(request: Request, exc: RequestValidationError
 
 @app.exception_handler(StarletteHTTPException)
 async def http_error_handler(request: Request, exc: StarletteHTTPException):
-    """Unknown paths, wrong methods, the body limit: FastAPI's own answer (OpenAI's shape under /v1)."""
+    """Unknown paths, wrong methods, the body limit: FastAPI's own answer (OpenAI's shape under /v1).
+    A 405's Allow lists every method of the path: Starlette names only the first route's (one path
+    may have a GET route and a POST route)."""
+    if exc.status_code == 405:
+        exc.headers = {**(exc.headers or {}), "Allow": ", ".join(_allowed_methods(request))}
     return openai_compat.openai_error(request, exc, exc.headers) or await http_exception_handler(request, exc)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    from starlette.routing import Match
+
+    def served(method: str) -> bool:
+        scope = {**request.scope, "method": method}
+        return any(route.matches(scope)[0] == Match.FULL for route in request.app.routes)
+
+    allowed = [m for m in ("GET", "POST", "PUT", "PATCH", "DELETE") if served(m)]
+    return allowed + ["HEAD"] * ("GET" in allowed)
 
 
 api = guarded_router()
@@ -275,6 +290,8 @@ async def generate(body: GenerateRequest, request: Request, settings: SettingsDe
     turns = body.messages if body.messages is not None else [Turn(speaker="user", content=body.prompt)]
     decoding = persona_decoding(settings, [*turns, Turn(speaker=body.speaker, content="")], **sampling(body),
                                 max_new_tokens=body.max_new_tokens)
+    if adapters.info(settings.OUTPUT_DIR, body.speaker) is None:  # a 404 before any 503 of a busy or warming base
+        raise NotFound(f"no adapter for speaker '{body.speaker}'; train one with POST /train")
     try:
         async with generation(request).slot() as gate:
             out = await gate.run(request.app.state.engine.generate, body.speaker, chat_format.to_messages(turns, body.speaker),
@@ -304,6 +321,8 @@ async def evaluate_speaker(speaker: SpeakerName, request: Request, settings: Set
     active = registry(request).active_for(speaker)
     if active:
         raise Conflict(f"speaker '{speaker}' is training (job {active.job_id}); evaluate when it has finished")
+    if adapters.info(settings.OUTPUT_DIR, speaker) is None:  # a 404 before any 503 of a busy or warming base
+        raise NotFound(f"no adapter for speaker '{speaker}'; train one with POST /train")
     try:
         async with generation(request).slot() as gate:
             report = await gate.run(evals.evaluate_speaker, settings, speaker, request.app.state.engine)

@@ -87,9 +87,12 @@ def _target(request: Request, model: str) -> str | None:
     if model == settings.BASE_MODEL:
         return None
     try:  # the name as /upload-text stored it (NFC, trimmed): one name, one persona
-        return Turn(speaker=model, content="").speaker
+        speaker = Turn(speaker=model, content="").speaker
     except ValidationError:  # no speaker can have that name (too long, control characters)
         raise _no_adapter(model) from None
+    if adapters.info(settings.OUTPUT_DIR, speaker) is None:  # a 404 before any 503 of a busy or warming base
+        raise _no_adapter(model)
+    return speaker
 
 
 def _turns(body: ChatCompletionRequest, persona: str) -> list[Turn]:

@@ -21,6 +21,7 @@ QUEUE = 6
 def slow_client(env, monkeypatch):
     from fastapi.testclient import TestClient
 
+    import adapters
     import evals
     from main import app
 
@@ -37,6 +38,7 @@ def slow_client(env, monkeypatch):
         yield "hi"
         yield Generation("hi", 3, 1, "stop")
 
+    monkeypatch.setattr(adapters, "info", lambda output_root, speaker: {"speaker": speaker})  # Ann has an adapter
     monkeypatch.setattr(PersonaEngine, "generate", slow_generate)
     monkeypatch.setattr(PersonaEngine, "stream", slow_stream)
     monkeypatch.setattr(evals, "evaluate_speaker", lambda settings, speaker, engine: time.sleep(GEN_S) or {"speaker": speaker})

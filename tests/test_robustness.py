@@ -158,3 +158,21 @@ def test_delete_during_evaluate_is_a_409_and_a_succeeded_job_shows_no_checkpoint
     assert r.status_code == 409, r.text
     assert r.json() == {"detail": "the adapter of speaker 'User1' was deleted or replaced during the evaluation; "
                                   "evaluate again (train first if it was deleted)"}
+
+
+def test_a_wrong_method_lists_every_method_of_the_path(client):
+    """One path, two routes (GET downloads an export, POST makes it): a 405's Allow names both, as
+    Schemathesis' stateful run found Starlette's did not (it named the first route's only)."""
+    r = client.request("OPTIONS", "/speakers/User1/exports/merged")
+    assert (r.status_code, r.headers["allow"]) == (405, "GET, POST, HEAD")
+    r = client.put("/jobs/abc")
+    assert (r.status_code, r.headers["allow"]) == (405, "GET, HEAD")
+
+
+def test_generating_for_a_speaker_without_an_adapter_is_404_while_the_base_warms(client, monkeypatch):
+    """No adapter is the user's to fix, whatever the base model is doing: 404, never a 503 to retry."""
+    monkeypatch.setattr(client.app.state.warmup, "state", "provisioning")
+    assert client.post("/generate", json={"speaker": "Nobody", "prompt": "hi"}).status_code == 404
+    assert client.post("/speakers/Nobody/evaluate").status_code == 404
+    r = client.post("/v1/chat/completions", json={"model": "Nobody", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
