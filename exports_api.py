@@ -1,29 +1,29 @@
-"""The model export routes: make a speaker's merged model or GGUF export (model_export.py, run as its CLI
+"""The model export routes: queue a speaker's merged-model or GGUF export as a job (run by jobs.JobRunner
 in a child process, so the API process never imports torch), and download either as a zip. Knows
-nothing of how an export is made."""
+nothing of how an export is made (model_export.py) or how a job runs."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import tempfile
 from datetime import datetime
 from pathlib import Path
+from typing import Annotated
 
-from fastapi.responses import FileResponse
+from fastapi import Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import FileResponse, JSONResponse
 from starlette.background import BackgroundTask
 
 import adapters
 import model_export
 from config import Settings
-from deps import ERRORS, SettingsDep, check_allowed, error, guarded_router
-from errors import NotFound, ServiceError
-from models import ExportKind, ExportPublic, SpeakerName
+from deps import ERRORS, SettingsDep, check_allowed, error, guarded_router, registry
+from errors import Conflict, NotFound, ServiceError
+from models import ExportConfig, ExportKind, ExportPublic, ExportQuery, JobPublic, JobStatus, SpeakerName
 
 router = guarded_router()
-ROOT = Path(__file__).resolve().parent
-ERROR_TAIL_CHARS = 2000  # the end of a failed export's log, for the answer's detail
 
 
 def public(settings: Settings, speaker: str, kind: str) -> ExportPublic | None:
@@ -36,34 +36,36 @@ def public(settings: Settings, speaker: str, kind: str) -> ExportPublic | None:
                         seconds=found["seconds"], url=f"/speakers/{speaker}/exports/{kind}")
 
 
-async def run_export(settings: Settings, speaker: str, kind: str) -> None:
-    """`python model_export.py KIND SPEAKER` with this server's folders; ServiceError with its log's end on failure."""
-    env = {**os.environ, "BASE_MODEL": settings.BASE_MODEL, "OUTPUT_DIR": str(settings.OUTPUT_DIR),
-           "MODELS_DIR": str(settings.MODELS_DIR), "EXPORTS_DIR": str(settings.EXPORTS_DIR)}
-    proc = await asyncio.create_subprocess_exec(sys.executable, str(ROOT / "model_export.py"), kind, speaker, cwd=ROOT, env=env,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    try:
-        output, _ = await proc.communicate()
-    except asyncio.CancelledError:  # the server is stopping: no export outlives it half-written
-        proc.kill()
-        raise
-    if proc.returncode:
-        raise ServiceError(f"the {kind} export of '{speaker}' failed (exit {proc.returncode}): "
-                           f"{output.decode(errors='replace')[-ERROR_TAIL_CHARS:]}")
-
-
 @router.post(
     "/speakers/{speaker}/exports/{kind}",
     response_model=ExportPublic,
-    responses={403: error("Speaker not in ALLOWED_SPEAKERS."), 404: error("The speaker has no adapter."),
-               500: error("The export failed; `detail` ends with its log."), **ERRORS},
+    responses={
+        202: {"model": JobPublic, "description": "Queued (without `wait`): the export job; follow its `url` or its events."},
+        403: error("Speaker not in ALLOWED_SPEAKERS."), 404: error("The speaker has no adapter."),
+        409: error("The speaker already has a queued or running job (a training or an export); or, with `wait`, "
+                   "the export was cancelled."),
+        429: error("MAX_QUEUED_JOBS jobs are already queued."),
+        500: error("With `wait`: the export failed; `detail` says why."), **ERRORS,
+    },
 )
-async def make_export(speaker: SpeakerName, kind: ExportKind, settings: SettingsDep) -> ExportPublic:
-    """Export the speaker's adapter as a merged transformers model or as GGUF for llama.cpp and Ollama (minutes)."""
+async def make_export(speaker: SpeakerName, kind: ExportKind, request: Request, settings: SettingsDep,
+                      query: Annotated[ExportQuery, Query()]):
+    """Export the speaker's adapter as a merged transformers model or as GGUF for llama.cpp and Ollama: a job
+    (progress, events, cancel as for training) that takes minutes; with `wait`, answer when it is done."""
     check_allowed(speaker, settings)
     if adapters.info(settings.OUTPUT_DIR, speaker) is None:
         raise NotFound(f"no adapter for speaker '{speaker}'; train one with POST /train")
-    await run_export(settings, speaker, kind)
+    config = ExportConfig(export=kind, dtype=query.dtype)
+    job = registry(request).create(speaker, config, settings.MAX_QUEUED_JOBS, kind=f"export_{kind}")
+    future = request.app.state.runner.submit(job.job_id)
+    if not query.wait:
+        return JSONResponse(status_code=202, content=jsonable_encoder(job), headers={"Location": job.url})
+    await asyncio.wrap_future(future)
+    job = registry(request).get(job.job_id)
+    if job.status == JobStatus.cancelled:
+        raise Conflict(f"the {kind} export of '{speaker}' was cancelled (job {job.job_id})")
+    if job.status != JobStatus.succeeded:
+        raise ServiceError(f"{job.error} (job {job.job_id})")
     return await asyncio.to_thread(public, settings, speaker, kind)
 
 

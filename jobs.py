@@ -1,8 +1,8 @@
-"""The job runner: executes queued trainings in submission order, each in a supervised child
-process, off the event loop; and the child's side (`python jobs.py run JOB_ID`), which trains,
-evaluates and records the outcome.
+"""The job runner: executes queued jobs (trainings and exports) in submission order, each in a
+supervised child process, off the event loop; and the child's side (`python jobs.py run JOB_ID`),
+which trains and evaluates, or makes an export (model_export.py), and records the outcome.
 
-`run_job` (the child) is the one place where training exceptions are caught and turned into a
+`run_job` (the child) is the one place where a job's exceptions are caught and turned into a
 message stored with the job; the supervising thread records a child that died without one. Knows
 nothing of HTTP; job state lives in the registry.
 """
@@ -24,10 +24,11 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import model_export
 import store
 from config import Settings, get_settings
 from errors import InsufficientStorage, StorageError, TrainingError
-from models import JobPublic, JobStatus, Sample
+from models import JobProgress, JobPublic, JobStatus, Sample
 from registry import INTERRUPTED, JobRegistry
 
 log = logging.getLogger("persona_lora.jobs")
@@ -91,12 +92,14 @@ class JobRunner:
     def _supervise(self, job_id: str) -> None:
         if self.stop.is_set() or not self._until_written(job_id, lambda: self.registry.mark_running(job_id)):
             return  # shutting down, or cancelled while queued
+        job = self.registry.get(job_id)
         log_path = job_log_path(self.settings, job_id)
         env = {
             **os.environ,
             "DATA_DIR": str(self.settings.DATA_DIR),
             "OUTPUT_DIR": str(self.settings.OUTPUT_DIR),
             "MODELS_DIR": str(self.settings.MODELS_DIR),
+            "EXPORTS_DIR": str(self.settings.EXPORTS_DIR),
             "PYTHONUNBUFFERED": "1",
             "PERSONA_LORA_SERVER_PID": str(os.getpid()),
         }
@@ -108,7 +111,7 @@ class JobRunner:
             log_file = subprocess.DEVNULL
         try:
             child = subprocess.Popen(
-                job_command(job_id, self.settings.TRAIN_PROCESSES),
+                job_command(job_id, self.settings.TRAIN_PROCESSES if job.kind == "train" else 1),
                 env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
             )
             try:
@@ -128,6 +131,8 @@ class JobRunner:
             if log_file is not subprocess.DEVNULL:
                 log_file.close()
         self._until_written(job_id, lambda: self._record_exit(job_id, child.returncode, cancelled, log_path))
+        if job.kind != "train" and self.registry.get(job_id).status != JobStatus.succeeded:
+            model_export.discard_partial(self.settings.EXPORTS_DIR, job.speaker, job.config.export)
 
     def _cancel_requested(self, job_id: str) -> bool:
         try:
@@ -149,7 +154,7 @@ class JobRunner:
             self.registry.mark_failed(job_id, DISK_FULL)
         else:
             self.registry.mark_failed(
-                job_id, f"the training process exited with status {returncode}; last log lines:\n{_tail(log_path)}")
+                job_id, f"the job's process exited with status {returncode}; last log lines:\n{_tail(log_path)}")
 
 
 def job_command(job_id: str, processes: int) -> list[str]:
@@ -234,14 +239,18 @@ def _training_samples(settings: Settings, job: JobPublic) -> list[Sample]:
 
 
 def run_job(job_id: str) -> int:
-    """The child process: train one job, evaluate the trained model, and record the outcome."""
+    """The child process: train one job, evaluate the trained model, and record the outcome; or make
+    an export job's export."""
+    settings = get_settings()
+    registry = JobRegistry(settings.db_path)
+    job = registry.get(job_id)
+    if job.kind != "train":
+        return run_export(job, registry, settings)
+
     import evals
     import train
     from base_model import is_main_process
 
-    settings = get_settings()
-    registry = JobRegistry(settings.db_path)
-    job = registry.get(job_id)
     stop, training = threading.Event(), threading.Event()
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     main_process = is_main_process()
@@ -296,6 +305,35 @@ def run_job(job_id: str) -> int:
     if outcome.evaluation_error is not None:
         summary["evaluation_error"] = outcome.evaluation_error
     registry.mark_succeeded(job_id, {"model_path": display_path(outcome.model_path), **summary})
+    return 0
+
+
+def run_export(job: JobPublic, registry: JobRegistry, settings: Settings) -> int:
+    """The child process of an export job: make the export, reporting each stage as progress, and
+    record the outcome. SIGTERM (cancel) ends it at once; the supervisor removes what it left."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(128 + signum))
+    _die_with_server()
+    if settings.TRAIN_NICE:
+        os.nice(settings.TRAIN_NICE)
+    logging.getLogger("persona_lora").addHandler(_EventLogHandler(registry, job.job_id))
+    kind = job.config.export
+
+    def progress(step: int, stages: int, name: str) -> None:
+        registry.update_progress(job.job_id, JobProgress(step=step, total_steps=stages, stage=name))
+
+    try:
+        folder = model_export.export(settings, job.speaker, kind, job.config.dtype, progress)
+    except Exception as exc:
+        log.exception("job %s failed", job.job_id)
+        reason = str(exc) if isinstance(exc, (FileNotFoundError, ValueError)) else describe_failure(exc)
+        try:
+            registry.mark_failed(job.job_id, f"the {kind} export failed: {reason}")
+        except InsufficientStorage:
+            return DISK_FULL_EXIT
+        return 1
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    registry.mark_succeeded(job.job_id, {"export": kind, "path": display_path(folder), "files": files,
+                                         "url": f"/speakers/{job.speaker}/exports/{kind}"})
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The training job routes: /train, /jobs, a job's events (JSON or Server-Sent Events), cancel and resume.
+"""The job routes: /train, /jobs (trainings and exports), a job's events (JSON or Server-Sent Events),
+cancel and resume.
 Knows nothing of how a job runs (jobs.JobRunner) or is stored (registry.JobRegistry)."""
 
 from __future__ import annotations
@@ -59,14 +60,14 @@ async def train_speaker(body: TrainRequest, request: Request, settings: Settings
 
 @router.get("/jobs", response_model=JobsPublic, responses=ERRORS)
 def list_jobs(request: Request, query: Annotated[JobsQuery, Query()]) -> JobsPublic:
-    """Training jobs, newest first, optionally filtered by speaker and status."""
-    data, count = registry(request).list(query.speaker, query.status, query.limit, query.offset)
+    """Jobs (trainings and exports), newest first, optionally filtered by speaker, status and kind."""
+    data, count = registry(request).list(query.speaker, query.status, query.limit, query.offset, query.kind)
     return JobsPublic(data=data, count=count)
 
 
 @router.get("/jobs/{job_id}", response_model=JobPublic, responses={404: error("No such job.")})
 def get_job(job_id: str, request: Request) -> JobPublic:
-    """One training job: its state, and its result or error."""
+    """One job (a training or an export): its state, progress, and its result or error."""
     return registry(request).get(job_id)
 
 
@@ -129,7 +130,8 @@ async def job_events(job_id: str, request: Request, query: Annotated[EventsQuery
     responses={404: error("No such job."), 409: error("The job has already finished.")},
 )
 def cancel_job(job_id: str, request: Request) -> JobPublic:
-    """Cancel a job: a queued one at once, a running one at its next step (the old adapter stays)."""
+    """Cancel a job: a queued one at once, a running training at its next step (the old adapter stays), a
+    running export at once (the previous export stays)."""
     return registry(request).cancel(job_id)
 
 

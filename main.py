@@ -20,6 +20,7 @@ import chat_format
 import evals
 import exports_api
 import jobs_api
+import model_export
 import openai_compat
 import page
 import parser as dialog_parser
@@ -33,7 +34,7 @@ from errors import (Conflict, NotFound, PayloadTooLarge, ServiceError, Unprocess
 from exports import ExportError, ExportTooLarge
 from infer import AdapterNotFound, PersonaEngine, persona_decoding, sampling
 from jobs import JobRunner, delete_job_files, display_path
-from registry import JobRegistry
+from registry import KIND_NAMES, JobRegistry
 from middleware import AccessLog, BodyLimit, CrossSiteGuard, UnexpectedErrors
 from models import (
     DatasetPublic, DatasetQuery, DeletedPublic, DeleteQuery, ExportForm, ExportInspection, GenerateRequest,
@@ -255,20 +256,21 @@ def speaker_dataset(speaker: SpeakerName, request: Request, settings: SettingsDe
 @api.delete(
     "/speakers/{speaker}",
     response_model=DeletedPublic,
-    responses={404: error("Nothing stored for the speaker."), 409: error("The speaker is training."), **LOCKED, **ERRORS},
+    responses={404: error("Nothing stored for the speaker."), 409: error("The speaker has a training or export job queued or running."), **LOCKED, **ERRORS},
 )
 def delete_speaker(
     speaker: SpeakerName, request: Request, settings: SettingsDep, query: Annotated[DeleteQuery, Query()]
 ) -> DeletedPublic:
     """Delete every file that holds the speaker's messages (their file and its temporaries, the evaluation,
-    job checkpoints and logs) and, unless keep_adapter, their adapter; says what it removed."""
+    job checkpoints and logs) and, unless keep_adapter, their adapter and its exports; says what it removed."""
     active = registry(request).active_for(speaker)
     if active:
-        raise Conflict(f"speaker '{speaker}' is training (job {active.job_id}); cancel it or wait, then delete")
+        raise Conflict(f"speaker '{speaker}' has a {KIND_NAMES[active.kind]} job running or queued ({active.job_id}); "
+                       "cancel it or wait, then delete")
     temporaries = store.clean_temporaries(settings.DATA_DIR, speaker)  # first: delete_speaker removes the lock
     deleted = [*store.delete_speaker(settings.DATA_DIR, speaker, settings.STORAGE_LOCK_SECONDS), *temporaries,
-               adapters.delete(settings.OUTPUT_DIR, speaker) if not query.keep_adapter
-               else evals.delete_report(settings, speaker)]  # eval.json quotes held-out messages
+               *([adapters.delete(settings.OUTPUT_DIR, speaker), model_export.delete(settings.EXPORTS_DIR, speaker)]
+                 if not query.keep_adapter else [evals.delete_report(settings, speaker)])]  # eval.json quotes held-out messages
     for job in registry(request).list(speaker=speaker, limit=10_000)[0]:  # checkpoints hold a copy of the samples
         removed = delete_job_files(settings, job.job_id)
         if removed or job.checkpoint:

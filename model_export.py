@@ -10,8 +10,9 @@ by a temporary folder renamed into place, its `export_info.json` written last:
 
 And `vllm_problems`: what in an adapter folder breaks vLLM's documented LoRA constraints.
 
-Knows nothing of HTTP, jobs or training: it reads an adapter folder and a base, and writes files.
-torch, transformers and peft are imported inside functions.
+Each export reports its stages to an optional `progress(stage_number, stages, name)`. Knows nothing of
+HTTP, jobs or training: it reads an adapter folder and a base, and writes files. torch, transformers
+and peft are imported inside functions.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import time
 import unicodedata
 import uuid
 import zipfile
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from filelock import FileLock
 
@@ -113,14 +115,23 @@ def info(exports_root: Path, speaker: str, kind: str) -> dict[str, Any] | None:
         return None
 
 
+Progress = Callable[[int, int, str], None]
+
+
+def _no_progress(step: int, stages: int, name: str) -> None:
+    pass
+
+
 def _install(tmp: Path, final: Path, info: dict[str, Any]) -> Path:
-    """The marker last, then the folder into place (an older export goes once the new one is there)."""
+    """The marker last, then the folder into place (an older export goes once the new one is there),
+    under the swap lock, so a download never sees the folder missing or half-replaced."""
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
     old = final.parent / f"{TMP_PREFIX}{final.name}-old-{uuid.uuid4().hex[:8]}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    with _swap_lock(final):
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)  # a download that opened its files still reads them
     return final
 
 
@@ -128,6 +139,12 @@ def _lock(final: Path) -> FileLock:
     """One export of a kind per speaker at a time (a second waits), across processes."""
     final.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(final.parent / f".{final.name}.lock"))
+
+
+def _swap_lock(final: Path) -> FileLock:
+    """Held for a moment: while an export swaps its folder in, or a download opens the folder's files."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(final.parent / f".{final.name}.swap.lock"))
 
 
 def _new_tmp(final: Path) -> Path:
@@ -142,42 +159,77 @@ def _new_tmp(final: Path) -> Path:
 
 def archive(exports_root: Path, speaker: str, kind: str, into: Path) -> Path | None:
     """The complete export as a zip at `into` (stored, not deflated: safetensors and GGUF do not
-    compress); None when there is none."""
+    compress); None when there is none. Every file is opened under the swap lock and read from its
+    open handle, so an export replaced meanwhile still gives the zip of one whole export."""
     place = export_dir(exports_root, speaker, kind)
-    if not (place / INFO_FILE).is_file():
+    if not place.parent.is_dir():
         return None
-    with zipfile.ZipFile(into, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for path in sorted(place.iterdir()):
-            if path.is_file():
-                zf.write(path, path.name)
+    with ExitStack() as files:
+        with _swap_lock(place):
+            if not (place / INFO_FILE).is_file():
+                return None
+            opened = [(path.name, files.enter_context(open(path, "rb"))) for path in sorted(place.iterdir()) if path.is_file()]
+        with zipfile.ZipFile(into, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, handle in opened:
+                with zf.open(zipfile.ZipInfo(name, time.gmtime(os.fstat(handle.fileno()).st_mtime)[:6]), "w",
+                             force_zip64=True) as out:
+                    shutil.copyfileobj(handle, out, 1 << 20)
     return into
+
+
+def discard_partial(exports_root: Path, speaker: str, kind: str) -> list[Path]:
+    """Remove what an export killed half-way left (its temporary folder); the paths removed. Call
+    only when no export of this kind for the speaker runs (the job registry sees to that)."""
+    final = export_dir(exports_root, speaker, kind)
+    removed = sorted(final.parent.glob(f"{TMP_PREFIX}{final.name}-*")) if final.parent.is_dir() else []
+    for stale in removed:
+        shutil.rmtree(stale, ignore_errors=True)
+    return removed
+
+
+def delete(exports_root: Path, speaker: str) -> Path | None:
+    """Remove every export of the speaker (EXPORTS_DIR/<speaker>/); the folder, or None when there was none."""
+    folder = path_in(exports_root, storage_name(speaker))
+    if not folder.is_dir():
+        return None
+    shutil.rmtree(folder)
+    return folder
 
 
 # --- merged --------------------------------------------------------------------------------------
 
 
-def merge(adapter_dir: Path, base_path: str, out: Path, dtype: str = "float32") -> Path:
+MERGE_STAGES = ("loading the base in float32", "merging the adapter into the base", "saving the merged model",
+                "putting the export in place")
+
+
+def merge(adapter_dir: Path, base_path: str, out: Path, dtype: str = "float32", progress: Progress = _no_progress) -> Path:
     """The adapter merged into a dense copy of the base at `base_path`, saved to `out` (safetensors) with
     the adapter's tokenizer and chat template. Merged in float32, then saved in `dtype`."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    progress(0, len(MERGE_STAGES), MERGE_STAGES[0])
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)  # dense: never the 8-bit base
+    progress(1, len(MERGE_STAGES), MERGE_STAGES[1])
     model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    progress(2, len(MERGE_STAGES), MERGE_STAGES[2])
     model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(out)
     return out
 
 
-def export_merged(adapter_dir: Path, base_path: str, exports_root: Path, speaker: str, dtype: str = "float32") -> Path:
+def export_merged(adapter_dir: Path, base_path: str, exports_root: Path, speaker: str, dtype: str = "float32",
+                  progress: Progress = _no_progress) -> Path:
     """The `merged` export of the speaker's adapter (see merge) into EXPORTS_DIR/<speaker>/merged/."""
     final = export_dir(exports_root, speaker, "merged")
     with _lock(final):
         tmp = _new_tmp(final)
         try:
             started = time.monotonic()
-            merge(adapter_dir, base_path, tmp, dtype)
+            merge(adapter_dir, base_path, tmp, dtype, progress)
+            progress(3, len(MERGE_STAGES), MERGE_STAGES[3])
             return _install(tmp, final, _info(adapter_dir, speaker, "merged", started, dtype=dtype))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -300,8 +352,12 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
+GGUF_STAGES = ("writing the GGUF LoRA adapter", "adding the base GGUF", "writing the Modelfile",
+               "putting the export in place")
+
+
 def export_gguf(adapter_dir: Path, base_path: str, base_name_or_id: str, models_dir: Path, exports_root: Path,
-                speaker: str, base_gguf: Path | None = None) -> Path:
+                speaker: str, base_gguf: Path | None = None, progress: Progress = _no_progress) -> Path:
     """The GGUF export: the LoRA adapter, the base GGUF (`base_gguf`, or the default base's packaged
     one; for another base, convert it with llama.cpp's convert_hf_to_gguf.py to base.gguf beside
     the Modelfile), and the Modelfile."""
@@ -312,17 +368,21 @@ def export_gguf(adapter_dir: Path, base_path: str, base_name_or_id: str, models_
         tmp = _new_tmp(final)
         try:
             started = time.monotonic()
+            progress(0, len(GGUF_STAGES), GGUF_STAGES[0])
             write_gguf_adapter(adapter_dir, base_config, tmp / ADAPTER_GGUF)
+            progress(1, len(GGUF_STAGES), GGUF_STAGES[1])
             if base_gguf is None and base_name_or_id == DEFAULT_BASE_MODEL:
                 base_gguf = default_base_gguf(models_dir)
             base_name = base_gguf.name if base_gguf else "base.gguf"
             if base_gguf:
                 _link_or_copy(base_gguf, tmp / base_name)
+            progress(2, len(GGUF_STAGES), GGUF_STAGES[2])
             text = modelfile(base_name, ADAPTER_GGUF, speaker, _chat_template(adapter_dir))
             if not base_gguf:
                 text = (f"# {base_name}: {base_name_or_id} converted by llama.cpp's convert_hf_to_gguf.py "
                         f"(python convert_hf_to_gguf.py {base_path} --outfile {base_name})\n{text}")
             (tmp / MODELFILE).write_text(text, encoding="utf-8")
+            progress(3, len(GGUF_STAGES), GGUF_STAGES[3])
             return _install(tmp, final, _info(adapter_dir, speaker, "gguf", started, arch=arch, base_gguf=base_name,
                                               base_included=base_gguf is not None))
         finally:
@@ -343,6 +403,21 @@ def _chat_template(adapter_dir: Path) -> str | None:
 # --- CLI -----------------------------------------------------------------------------------------
 
 
+def export(settings, speaker: str, kind: str, dtype: str = "float32", progress: Progress = _no_progress) -> Path:
+    """Make the speaker's export of `kind` from their current adapter with the service's settings
+    (OUTPUT_DIR, MODELS_DIR, EXPORTS_DIR; the base the adapter was trained on); its folder.
+    FileNotFoundError when the speaker has no adapter, ValueError for a base it cannot export."""
+    trained = adapters.info(settings.OUTPUT_DIR, speaker)
+    if trained is None:
+        raise FileNotFoundError(f"no adapter for speaker '{speaker}'; train one with POST /train")
+    adapter_dir = adapters.folder(settings.OUTPUT_DIR, speaker)
+    base_path = base_model.resolve_base_model(trained["base_model"], settings.MODELS_DIR)
+    if kind == "merged":
+        return export_merged(adapter_dir, base_path, settings.EXPORTS_DIR, speaker, dtype, progress)
+    return export_gguf(adapter_dir, base_path, trained["base_model"], settings.MODELS_DIR, settings.EXPORTS_DIR, speaker,
+                       progress=progress)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python model_export.py merged|gguf SPEAKER`: export a trained speaker's adapter with the
     service's settings (BASE_MODEL, OUTPUT_DIR, MODELS_DIR, EXPORTS_DIR)."""
@@ -354,16 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="merged weights")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    settings = get_settings()
-    trained = adapters.info(settings.OUTPUT_DIR, args.speaker)
-    if trained is None:
-        parser.error(f"no adapter for speaker {args.speaker!r} in {settings.OUTPUT_DIR}; train one first")
-    adapter_dir = adapters.folder(settings.OUTPUT_DIR, args.speaker)
-    base_path = base_model.resolve_base_model(trained["base_model"], settings.MODELS_DIR)
-    if args.kind == "merged":
-        out = export_merged(adapter_dir, base_path, settings.EXPORTS_DIR, args.speaker, args.dtype)
-    else:
-        out = export_gguf(adapter_dir, base_path, trained["base_model"], settings.MODELS_DIR, settings.EXPORTS_DIR, args.speaker)
+    try:
+        out = export(get_settings(), args.speaker, args.kind, args.dtype,
+                     lambda step, stages, name: log.info("%d/%d %s", step + 1, stages, name))
+    except (FileNotFoundError, ValueError) as exc:
+        parser.error(str(exc))
     print(out)
     return 0
 

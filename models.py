@@ -222,6 +222,25 @@ class SpeakersPublic(BaseModel):
 
 
 ExportKind = Literal["merged", "gguf"]
+JobKind = Literal["train", "export_merged", "export_gguf"]
+
+
+class ExportConfig(BaseModel):
+    """What an export job makes (stored with the job, as a training's TrainConfig is)."""
+
+    export: ExportKind
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="The merged weights' type.")
+
+
+class ExportQuery(BaseModel):
+    """Query of POST /speakers/{speaker}/exports/{kind}."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    wait: bool = Field(False, description="Answer only when the export is done (200 with the export), not at once "
+                       "(202 with the job).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="merged: the weights' type (bfloat16 halves the files; the merge itself is float32).")
 
 
 # Answered by POST /speakers/{s}/exports/{kind}: where the export is and how to download it.
@@ -324,27 +343,30 @@ class JobStatus(str, Enum):
 
 
 class JobProgress(BaseModel):
-    """Live progress of a running job, written by its training at a bounded rate."""
+    """Live progress of a running job, written by its training at a bounded rate; an export counts its
+    stages as steps and names the current one."""
 
     step: int
     total_steps: int
-    epoch: float
+    epoch: float = 0.0
+    stage: str | None = Field(None, description="An export's current stage, e.g. 'merging the adapter into the base'.")
     loss: float | None = None
     tokens_per_second: float | None = Field(None, description="Non-padding tokens processed per second.")
     eta_s: float | None = Field(None, description="Estimated seconds to the end of training.")
 
 
 class JobPublic(BaseModel):
-    """A training job, as /train, /jobs and /jobs/{job_id} report it."""
+    """A training or export job, as /train, the exports, /jobs and /jobs/{job_id} report it."""
 
     job_id: str
     speaker: str
+    kind: JobKind = Field("train", description="'train', or the export it makes: 'export_merged', 'export_gguf'.")
     status: JobStatus
     url: str = Field(description="Where to poll this job.", examples=["/jobs/3f2c9a..."])
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
-    config: TrainConfig
+    config: TrainConfig | ExportConfig
     progress: JobProgress | None = None
     result: dict[str, Any] | None = Field(None, description="Metrics and paths of a succeeded job.")
     error: str | None = Field(None, description="Why a failed job failed.")
@@ -359,6 +381,7 @@ class JobsQuery(BaseModel):
 
     speaker: SpeakerName | None = None
     status: JobStatus | None = None
+    kind: JobKind | None = None
     limit: int = Field(50, ge=1, le=500)
     offset: int = Field(0, ge=0, le=MAX_OFFSET)
 

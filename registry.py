@@ -1,5 +1,5 @@
-"""The job registry: training jobs and their events in one SQLite file, the single source of truth
-for job state, progress and events (WAL: readers never wait for the writer).
+"""The job registry: training and export jobs and their events in one SQLite file, the single source
+of truth for job state, progress and events (WAL: readers never wait for the writer).
 
 Statuses: queued → running → succeeded | failed | cancelled; each transition records a status
 event in the same transaction. Knows nothing of HTTP, processes or training: any thread or process
@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from errors import Conflict, InsufficientStorage, NotFound, StorageError, TooManyRequests
-from models import JobEvent, JobProgress, JobPublic, JobStatus, TrainConfig
+from models import ExportConfig, JobEvent, JobKind, JobProgress, JobPublic, JobStatus, TrainConfig
 
 log = logging.getLogger("persona_lora.jobs")
 
 ACTIVE = (JobStatus.queued.value, JobStatus.running.value)
 FINISHED = (JobStatus.succeeded.value, JobStatus.failed.value, JobStatus.cancelled.value)
-INTERRUPTED = "interrupted: the server stopped during training"
+INTERRUPTED = "interrupted: the server stopped while the job ran"
 
 
 _SCHEMA = """
@@ -41,9 +41,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     result TEXT,
     error TEXT,
     checkpoint TEXT,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    kind TEXT NOT NULL DEFAULT 'train'
 );
--- At most one queued or running job per speaker, enforced by the database itself.
+-- At most one queued or running job per speaker (a training and an export of the same adapter never overlap), enforced by the database itself.
 CREATE UNIQUE INDEX IF NOT EXISTS one_active_job_per_speaker ON jobs(speaker) WHERE status IN ('queued', 'running');
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
 CREATE TABLE IF NOT EXISTS events (
@@ -56,7 +57,10 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, id);
 """
 # Columns added after the first release, with their declarations, for upgrading old databases.
-_ADDED_COLUMNS = {"progress": "TEXT", "checkpoint": "TEXT", "cancel_requested": "INTEGER NOT NULL DEFAULT 0"}
+_ADDED_COLUMNS = {"progress": "TEXT", "checkpoint": "TEXT", "cancel_requested": "INTEGER NOT NULL DEFAULT 0",
+                  "kind": "TEXT NOT NULL DEFAULT 'train'"}
+# What each kind of job is called in messages.
+KIND_NAMES = {"train": "training", "export_merged": "merged-model export", "export_gguf": "GGUF export"}
 
 
 def _now() -> str:
@@ -191,7 +195,8 @@ class JobRegistry:
                             type(exc).__name__)
         return events
 
-    def create(self, speaker: str, config: TrainConfig, max_queued: int | None = None) -> JobPublic:
+    def create(self, speaker: str, config: TrainConfig | ExportConfig, max_queued: int | None = None,
+               kind: JobKind = "train") -> JobPublic:
         job_id = uuid.uuid4().hex
         try:
             with self._db() as db:
@@ -203,8 +208,8 @@ class JobRegistry:
                         f"{queued} jobs are already queued (MAX_QUEUED_JOBS={max_queued}); retry when some have finished"
                     )
                 db.execute(
-                    "INSERT INTO jobs (id, speaker, status, created_at, config) VALUES (?, ?, ?, ?, ?)",
-                    (job_id, speaker, JobStatus.queued.value, _now(), config.model_dump_json()),
+                    "INSERT INTO jobs (id, speaker, status, created_at, config, kind) VALUES (?, ?, ?, ?, ?, ?)",
+                    (job_id, speaker, JobStatus.queued.value, _now(), config.model_dump_json(), kind),
                 )
                 _insert_event(db, job_id, "status", {"status": "queued"})
                 db.execute("COMMIT")
@@ -216,9 +221,9 @@ class JobRegistry:
     def _busy(self, speaker: str) -> Conflict:
         active = self.active_for(speaker)
         if active is None:
-            return Conflict(f"speaker '{speaker}' already has a training job; retry in a moment")
+            return Conflict(f"speaker '{speaker}' already has a job; retry in a moment")
         return Conflict(
-            f"speaker '{speaker}' already has a training job ({active.job_id}, {active.status.value}); "
+            f"speaker '{speaker}' already has a {KIND_NAMES[active.kind]} job ({active.job_id}, {active.status.value}); "
             f"wait for it or cancel it: GET /jobs/{active.job_id}"
         )
 
@@ -240,9 +245,13 @@ class JobRegistry:
         return self._readable(row) if row else None
 
     def list(
-        self, speaker: str | None = None, status: JobStatus | None = None, limit: int = 50, offset: int = 0
+        self, speaker: str | None = None, status: JobStatus | None = None, limit: int = 50, offset: int = 0,
+        kind: JobKind | None = None,
     ) -> tuple[list[JobPublic], int]:
         where, params = [], []
+        if kind is not None:
+            where.append("kind = ?")
+            params.append(kind)
         if speaker is not None:
             where.append("speaker = ?")
             params.append(speaker)
@@ -306,6 +315,9 @@ class JobRegistry:
     def resume(self, job_id: str) -> JobPublic:
         """Queue a failed or cancelled job again, to continue from its last checkpoint."""
         job = self.get(job_id)
+        if job.kind != "train":
+            raise Conflict(f"job '{job_id}' is a {KIND_NAMES[job.kind]}, which starts over rather than resumes: "
+                           f"POST /speakers/{job.speaker}/exports/{job.config.export} again")
         if job.status.value not in ("failed", "cancelled"):
             raise Conflict(f"job '{job_id}' is {job.status.value}; only failed or cancelled jobs can be resumed")
         if not job.checkpoint or not Path(job.checkpoint).is_dir():
@@ -352,15 +364,17 @@ def _damaged(exc: sqlite3.DatabaseError) -> bool:
 
 
 def _to_public(row: sqlite3.Row) -> JobPublic:
+    kind = row["kind"]
     return JobPublic(
         job_id=row["id"],
         speaker=row["speaker"],
+        kind=kind,
         status=row["status"],
         url=f"/jobs/{row['id']}",
         created_at=row["created_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
-        config=TrainConfig.model_validate_json(row["config"]),
+        config=(TrainConfig if kind == "train" else ExportConfig).model_validate_json(row["config"]),
         progress=JobProgress.model_validate_json(row["progress"]) if row["progress"] else None,
         result=json.loads(row["result"]) if row["result"] else None,
         error=row["error"],

@@ -457,7 +457,7 @@ $("job-resume").addEventListener("click", async () => {
 async function attachToActiveJob() {
   for (const status of ["running", "queued"]) {
     try {
-      const list = await api("GET", `/jobs?status=${status}&limit=1`);
+      const list = await api("GET", `/jobs?status=${status}&kind=train&limit=1`);
       if (list.data.length) return watch(list.data[0]);
     } catch { return; }
   }

@@ -277,18 +277,26 @@ def test_default_model_gguf_export_runs_on_the_packaged_gguf_in_llama_cpp(tmp_pa
 # --- the routes ----------------------------------------------------------------------------------
 
 
-def test_export_routes_make_and_download_each_export(client, env, tmp_path, trained, llamacpp_gemma):
-    """POST makes the export in a child process, GET downloads it as a zip; 404 before either exists."""
+def install_adapter(env, trained) -> Path:
+    """Олена's trained adapter, put where the test server looks for it."""
     import shutil
 
     adapter_dir, _, _ = trained
-    shutil.copytree(adapter_dir, Path(env["OUTPUT_DIR"]) / SPEAKER)
+    return Path(shutil.copytree(adapter_dir, Path(env["OUTPUT_DIR"]) / SPEAKER))
+
+
+def test_export_routes_make_and_download_each_export(client, env, tmp_path, trained, llamacpp_gemma):
+    """POST ?wait=true makes the export in a job's child process and answers with it, GET downloads it
+    as a zip; 404 before either exists."""
+    install_adapter(env, trained)
     assert client.get(f"/speakers/{SPEAKER}/exports/merged").status_code == 404
     assert client.post("/speakers/Nobody/exports/merged").json() == {
         "detail": "no adapter for speaker 'Nobody'; train one with POST /train"}
     assert client.post(f"/speakers/{SPEAKER}/exports/onnx").status_code == 422
+    assert client.post(f"/speakers/{SPEAKER}/exports/merged?wait=true&dtype=int3").status_code == 422
+    assert client.post(f"/speakers/{SPEAKER}/exports/merged?wiat=true").status_code == 422  # a typo is refused
 
-    r = client.post(f"/speakers/{SPEAKER}/exports/merged")
+    r = client.post(f"/speakers/{SPEAKER}/exports/merged?wait=true")
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["kind"] == "merged" and body["url"] == f"/speakers/{SPEAKER}/exports/merged"
@@ -298,8 +306,135 @@ def test_export_routes_make_and_download_each_export(client, env, tmp_path, trai
     (tmp_path / "m.zip").write_bytes(r.content)
     with zipfile.ZipFile(tmp_path / "m.zip") as zf:
         assert set(body["files"]) == set(zf.namelist())
+        assert zf.testzip() is None
+        assert json.loads(zf.read(model_export.INFO_FILE))["seconds"] == body["seconds"]
 
     # the tiny base is a local folder: a gguf export of it has no base GGUF to include, but works
-    r = client.post(f"/speakers/{SPEAKER}/exports/gguf")
+    r = client.post(f"/speakers/{SPEAKER}/exports/gguf?wait=true")
     assert r.status_code == 200, r.text
     assert set(r.json()["files"]) == {model_export.ADAPTER_GGUF, model_export.MODELFILE, model_export.INFO_FILE}
+    gemma = model_export.modelfile("b.gguf", "a.gguf", SPEAKER, "{{ bos_token }}<start_of_turn>user ...")
+    assert 'PARAMETER stop "<end_of_turn>"' in gemma and "<start_of_turn>model\n" in gemma
+
+
+def test_an_export_is_a_job_with_progress_events_and_a_result(client, env, trained, llamacpp_gemma):
+    """Without `wait` the export answers 202 with its job at once; the job reports each stage as progress,
+    ends with the export's files in its result, is listed by kind, and cannot be resumed; deleting the
+    speaker deletes their exports unless the adapter is kept."""
+    from conftest import finished, wait_for_job
+
+    install_adapter(env, trained)
+    r = client.post(f"/speakers/{SPEAKER}/exports/merged")
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert r.headers["location"] == job["url"] == f"/jobs/{job['job_id']}"
+    assert (job["kind"], job["speaker"], job["config"]) == ("export_merged", SPEAKER, {"export": "merged", "dtype": "float32"})
+    done = wait_for_job(client, job["job_id"], finished)
+    assert done["status"] == "succeeded", done
+    exports_dir = Path(env["EXPORTS_DIR"]) / SPEAKER / "merged"
+    assert done["result"]["url"] == f"/speakers/{SPEAKER}/exports/merged"
+    assert done["result"]["files"] == {p.name: p.stat().st_size for p in exports_dir.iterdir()}
+    events = client.get(f"{job['url']}/events?stream=false").json()["data"]
+    stages = [e["data"]["stage"] for e in events if e["type"] == "progress"]
+    assert stages == list(model_export.MERGE_STAGES)
+    statuses = [e["data"]["status"] for e in events if e["type"] == "status"]
+    assert statuses == ["queued", "running", "succeeded"]
+
+    assert [j["job_id"] for j in client.get("/jobs?kind=export_merged").json()["data"]] == [job["job_id"]]
+    assert client.get("/jobs?kind=train").json()["count"] == 0
+    r = client.post(f"{job['url']}/resume")
+    assert r.status_code == 409 and "POST /speakers/Олена/exports/merged again" in r.json()["detail"]
+
+    r = client.delete(f"/speakers/{SPEAKER}?keep_adapter=true")  # the job's log goes; the adapter and exports stay
+    assert r.status_code == 200 and not any("exports" in p for p in r.json()["deleted"]), r.text
+    assert exports_dir.is_dir()
+    deleted = client.delete(f"/speakers/{SPEAKER}").json()["deleted"]
+    assert str(Path(env["EXPORTS_DIR"]) / SPEAKER) in deleted and not exports_dir.parent.exists()
+    assert client.get(f"/speakers/{SPEAKER}/exports/merged").status_code == 404
+
+
+def test_a_running_export_is_cancelled_and_the_previous_export_stays(client, env, trained, llamacpp_gemma):
+    """An export job cancelled while it runs (here: its files written, waiting to swap them in) ends
+    cancelled at once, its half-made folder is removed and the previous export is still served; while
+    it runs, training or deleting the speaker is a 409 that names it."""
+    from conftest import finished, wait_for_job
+
+    install_adapter(env, trained)
+    before = client.post(f"/speakers/{SPEAKER}/exports/gguf?wait=true").json()
+    final = Path(env["EXPORTS_DIR"]) / SPEAKER / "gguf"
+    with model_export._swap_lock(final):  # the export below does all its work, then waits here
+        job = client.post(f"/speakers/{SPEAKER}/exports/gguf").json()
+        wait_for_job(client, job["job_id"], lambda j: (j["progress"] or {}).get("stage") == model_export.GGUF_STAGES[-1],
+                     what="the export's last stage")
+        assert list(final.parent.glob(".tmp-gguf-*")), "the running export has its temporary folder"
+        client.post("/upload-text", json={"speaker": SPEAKER, "dialog": [
+            {"speaker": "Петро", "content": "Привіт"}, {"speaker": SPEAKER, "content": "ага"}]})
+        for r in (client.post("/train", json={"speaker": SPEAKER}), client.delete(f"/speakers/{SPEAKER}")):
+            assert r.status_code == 409 and "GGUF export job" in r.json()["detail"] and job["job_id"] in r.json()["detail"], r.text
+        assert client.post(f"/jobs/{job['job_id']}/cancel").status_code == 200
+        cancelled = wait_for_job(client, job["job_id"], finished, timeout=30)
+    assert cancelled["status"] == "cancelled", cancelled
+    assert not list(final.parent.glob(".tmp-gguf-*"))
+    assert client.get(f"/speakers/{SPEAKER}/exports/gguf").status_code == 200
+    assert json.loads((final / model_export.INFO_FILE).read_text(encoding="utf-8"))["seconds"] == before["seconds"]
+    assert model_export.info(Path(env["EXPORTS_DIR"]), SPEAKER, "gguf")["created_at"].startswith(before["created_at"][:19])
+
+
+def test_a_failed_export_job_says_why(client, env, trained, tiny_llama):
+    """A GGUF export of a family whose names are not mapped to llama.cpp's fails as a job, with the reason;
+    with `wait`, a 500 that says it; nothing is left in the exports folder."""
+    from conftest import finished, wait_for_job
+
+    adapter = install_adapter(env, trained)
+    info = json.loads((adapter / "training_info.json").read_text(encoding="utf-8"))
+    (adapter / "training_info.json").write_text(json.dumps({**info, "base_model": str(tiny_llama)}), encoding="utf-8")
+    job = client.post(f"/speakers/{SPEAKER}/exports/gguf").json()
+    failed = wait_for_job(client, job["job_id"], finished)
+    assert failed["status"] == "failed"
+    assert failed["error"].startswith("the gguf export failed: no GGUF adapter export for 'llama' models yet"), failed
+    r = client.post(f"/speakers/{SPEAKER}/exports/gguf?wait=true")
+    assert r.status_code == 500 and "no GGUF adapter export for 'llama' models yet" in r.json()["detail"]
+    assert not list((Path(env["EXPORTS_DIR"]) / SPEAKER).glob("*gguf*"))
+
+
+def test_a_download_is_one_whole_export_while_exports_replace_it(tmp_path):
+    """Downloads taken while new exports are swapped in, again and again, are each one whole export:
+    never a missing file, never files of two exports."""
+    import threading
+
+    root, final = tmp_path / "exports", model_export.export_dir(tmp_path / "exports", SPEAKER, "gguf")
+    names = [f"part-{i}.bin" for i in range(8)]
+
+    def install(version: int) -> None:  # as export_merged and export_gguf do
+        with model_export._lock(final):
+            tmp = model_export._new_tmp(final)
+            for name in names:
+                (tmp / name).write_bytes(f"{version}".encode() * 4096)
+            model_export._install(tmp, final, {"version": version, "created_at": "x", "seconds": 0})
+
+    install(0)
+    stop, problems = threading.Event(), []
+
+    def keep_exporting() -> None:
+        version = 1
+        while not stop.is_set():
+            install(version)
+            version += 1
+
+    exporter = threading.Thread(target=keep_exporting)
+    exporter.start()
+    try:
+        for i in range(150):
+            into = tmp_path / f"d{i % 2}.zip"
+            try:
+                assert model_export.archive(root, SPEAKER, "gguf", into) == into
+                with zipfile.ZipFile(into) as zf:
+                    version = json.loads(zf.read(model_export.INFO_FILE))["version"]
+                    assert sorted(zf.namelist()) == sorted([*names, model_export.INFO_FILE])
+                    assert {zf.read(n) for n in names} == {f"{version}".encode() * 4096}
+            except (OSError, AssertionError, KeyError) as exc:
+                problems.append(repr(exc))
+    finally:
+        stop.set()
+        exporter.join()
+    assert not problems, problems[:3]

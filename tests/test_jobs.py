@@ -177,6 +177,7 @@ def test_database_of_the_first_release_is_upgraded(tmp_path):
     registry = JobRegistry(tmp_path / "jobs.sqlite3")
     old = registry.get("old")
     assert (old.status, old.progress, old.checkpoint, old.cancel_requested) == (JobStatus.succeeded, None, None, False)
+    assert old.kind == "train"  # every job before exports became jobs was a training
     assert registry.create("A", _config()).status == JobStatus.queued
 
 

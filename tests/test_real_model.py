@@ -114,7 +114,7 @@ def test_sigkill_during_provisioning_then_provision_cleanly(env, tmp_path):
     try:
         http = httpx.Client(base_url=server.url, timeout=900)
         dead = http.get(job["url"]).json()
-        assert (dead["status"], dead["error"]) == ("failed", "interrupted: the server stopped during training")
+        assert (dead["status"], dead["error"]) == ("failed", "interrupted: the server stopped while the job ran")
         r = http.post("/train", json={"speaker": "User1", "wait": True})
         assert r.status_code == 200, r.text
     finally:
