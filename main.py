@@ -56,6 +56,8 @@ async def lifespan(app: FastAPI):
     adapters.clean_stale(settings.OUTPUT_DIR)
     if stale := store.clean_temporaries(settings.DATA_DIR):
         log.info("removed %d temporary messages files left by interrupted writes", len(stale))
+    if stale := model_export.discard_partial(settings.EXPORTS_DIR):
+        log.info("removed %d half-made exports left by an interrupted server", len(stale))
     registry = JobRegistry(settings.db_path, replace_damaged=True)
     runner = JobRunner(registry, settings)
     for job_id in registry.recover():
@@ -321,7 +323,7 @@ def speaker_evaluation(speaker: SpeakerName, settings: SettingsDep) -> dict:
 async def evaluate_speaker(speaker: SpeakerName, request: Request, settings: SettingsDep) -> dict:
     """Evaluate the speaker's adapter now on its held-out samples; returns and stores the report."""
     active = registry(request).active_for(speaker)
-    if active:
+    if active and active.kind == "train":  # an export only reads the adapter, as the evaluation does
         raise Conflict(f"speaker '{speaker}' is training (job {active.job_id}); evaluate when it has finished")
     if adapters.info(settings.OUTPUT_DIR, speaker) is None:  # a 404 before any 503 of a busy or warming base
         raise NotFound(f"no adapter for speaker '{speaker}'; train one with POST /train")

@@ -177,11 +177,16 @@ def archive(exports_root: Path, speaker: str, kind: str, into: Path) -> Path | N
     return into
 
 
-def discard_partial(exports_root: Path, speaker: str, kind: str) -> list[Path]:
-    """Remove what an export killed half-way left (its temporary folder); the paths removed. Call
-    only when no export of this kind for the speaker runs (the job registry sees to that)."""
-    final = export_dir(exports_root, speaker, kind)
-    removed = sorted(final.parent.glob(f"{TMP_PREFIX}{final.name}-*")) if final.parent.is_dir() else []
+def discard_partial(exports_root: Path, speaker: str | None = None, kind: str | None = None) -> list[Path]:
+    """Remove what exports killed half-way left (their temporary folders): of the speaker's export of
+    `kind`, or of every speaker and kind at start-up; the paths removed. Call only when no such export
+    runs (the job registry sees to that)."""
+    if speaker is not None:
+        folders = [export_dir(exports_root, speaker, kind).parent]
+    else:
+        folders = [p for p in exports_root.iterdir() if p.is_dir()] if exports_root.is_dir() else []
+    removed = sorted(stale for folder in folders if folder.is_dir()
+                     for stale in folder.glob(f"{TMP_PREFIX}{kind or ''}*") if stale.is_dir())
     for stale in removed:
         shutil.rmtree(stale, ignore_errors=True)
     return removed
@@ -206,11 +211,11 @@ MERGE_STAGES = ("loading the base in float32", "merging the adapter into the bas
 def merge(adapter_dir: Path, base_path: str, out: Path, dtype: str = "float32", progress: Progress = _no_progress) -> Path:
     """The adapter merged into a dense copy of the base at `base_path`, saved to `out` (safetensors) with
     the adapter's tokenizer and chat template. Merged in float32, then saved in `dtype`."""
+    progress(0, len(MERGE_STAGES), MERGE_STAGES[0])
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    progress(0, len(MERGE_STAGES), MERGE_STAGES[0])
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)  # dense: never the 8-bit base
     progress(1, len(MERGE_STAGES), MERGE_STAGES[1])
     model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

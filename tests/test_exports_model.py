@@ -397,6 +397,20 @@ def test_a_failed_export_job_says_why(client, env, trained, tiny_llama):
     assert not list((Path(env["EXPORTS_DIR"]) / SPEAKER).glob("*gguf*"))
 
 
+def test_half_made_exports_a_killed_server_left_are_removed_at_start(env, trained):
+    """An export killed with its server leaves a temporary folder (possibly gigabytes); the next start removes it."""
+    from fastapi.testclient import TestClient
+
+    from main import app
+
+    left = Path(env["EXPORTS_DIR"]) / SPEAKER / ".tmp-merged-1a2b3c4d"
+    (left / "model.safetensors").parent.mkdir(parents=True)
+    (left / "model.safetensors").write_bytes(b"half")
+    (Path(env["EXPORTS_DIR"]) / "loose-file").write_text("not a speaker's folder")
+    with TestClient(app):
+        assert not left.exists() and left.parent.is_dir()
+
+
 def test_a_download_is_one_whole_export_while_exports_replace_it(tmp_path):
     """Downloads taken while new exports are swapped in, again and again, are each one whole export:
     never a missing file, never files of two exports."""
