@@ -87,11 +87,11 @@ class Settings(BaseSettings):
     )
     EVALUATE_AFTER_TRAINING: bool = Field(True, description="Evaluate each adapter when its training succeeds.")
     GENERATION_TEMPERATURE: float = Field(
-        0.7, ge=0, le=2, description="Default sampling temperature of persona replies (0: greedy, which loops on small models)."
+        0.9, ge=0, le=2, description="Default sampling temperature of persona replies (0: greedy, which loops on small models)."
     )
-    GENERATION_TOP_P: float = Field(0.9, gt=0, le=1, description="Default nucleus (top-p) of persona replies.")
+    GENERATION_TOP_P: float = Field(0.95, gt=0, le=1, description="Default nucleus (top-p) of persona replies.")
     GENERATION_REPETITION_PENALTY: float = Field(
-        1.15, ge=1, le=2, description="Default repetition penalty of persona replies, over the reply's own tokens (1: none); a guard against loops."
+        1.1, ge=1, le=2, description="Default repetition penalty of persona replies, over the reply's own tokens (1: none); a guard against loops."
     )
     GENERATION_MAX_NEW_TOKENS: int = Field(64, ge=1, le=1024, description="Default longest persona reply, in tokens.")
     GENERATION_WORKERS: int = Field(

@@ -223,28 +223,22 @@ class SpeakersPublic(BaseModel):
 
 ExportKind = Literal["merged", "gguf"]
 JobKind = Literal["train", "export_merged", "export_gguf"]
+Dtype = Literal["float32", "bfloat16", "float16"]
 
 
 class ExportConfig(BaseModel):
     """What an export job makes (stored with the job, as a training's TrainConfig is)."""
-
     export: ExportKind
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="The merged weights' type.")
+    dtype: Dtype = Field("float32", description="merged: the weights' type (bfloat16 halves the files; the merge is float32).")
 
 
 class ExportQuery(BaseModel):
-    """Query of POST /speakers/{speaker}/exports/{kind}."""
-
     model_config = ConfigDict(extra="forbid")
-
-    wait: bool = Field(False, description="Answer only when the export is done (200 with the export), not at once "
-                       "(202 with the job).")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="merged: the weights' type (bfloat16 halves the files; the merge itself is float32).")
+    wait: bool = Field(False, description="Answer when the export is done (200 with it), not at once (202 with its job).")
+    dtype: Dtype = ExportConfig.model_fields["dtype"]
 
 
-# Answered by POST /speakers/{s}/exports/{kind}: where the export is and how to download it.
-class ExportPublic(BaseModel):
+class ExportPublic(BaseModel):  # where an export is and how to download it
     speaker: str
     kind: ExportKind = Field(description="'merged': a transformers folder with the adapter merged in (vLLM, TGI, "
                              "transformers); 'gguf': the adapter as a llama.cpp GGUF LoRA, the base GGUF and an Ollama Modelfile.")
@@ -343,8 +337,7 @@ class JobStatus(str, Enum):
 
 
 class JobProgress(BaseModel):
-    """Live progress of a running job, written by its training at a bounded rate; an export counts its
-    stages as steps and names the current one."""
+    """Live progress of a running job at a bounded rate; an export's steps are its stages."""
 
     step: int
     total_steps: int
@@ -451,10 +444,10 @@ class Sampling(BaseModel):
     """How to sample a persona's reply; each field left out takes the service's default (the
     GENERATION_* settings), chosen so that replies end their turn and do not loop."""
 
-    temperature: float | None = Field(None, ge=0, le=2, description="Default GENERATION_TEMPERATURE (0.7); 0: greedy.")
-    top_p: float | None = Field(None, gt=0, le=1, description="Default GENERATION_TOP_P (0.9).")
+    temperature: float | None = Field(None, ge=0, le=2, description="Default GENERATION_TEMPERATURE (0.9); 0: greedy.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Default GENERATION_TOP_P (0.95).")
     repetition_penalty: float | None = Field(
-        None, ge=1, le=2, description="Default GENERATION_REPETITION_PENALTY (1.15); 1: none."
+        None, ge=1, le=2, description="Default GENERATION_REPETITION_PENALTY (1.1); 1: none."
     )
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Same seed, same request: the same reply.")
     stop: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
