@@ -130,7 +130,7 @@ class JobRunner:
         finally:
             if log_file is not subprocess.DEVNULL:
                 log_file.close()
-        self._until_written(job_id, lambda: self._record_exit(job_id, child.returncode, cancelled, log_path))
+        self._until_written(job_id, lambda: self._record_exit(job_id, child.returncode, cancelled, log_path, job.kind))
         if job.kind != "train" and self.registry.get(job_id).status != JobStatus.succeeded:
             model_export.discard_partial(self.settings.EXPORTS_DIR, job.speaker, job.config.export)
 
@@ -141,7 +141,7 @@ class JobRunner:
             return False  # asked again in half a second
         return bool(state and state[1])
 
-    def _record_exit(self, job_id: str, returncode: int, cancelled: bool, log_path: Path) -> None:
+    def _record_exit(self, job_id: str, returncode: int, cancelled: bool, log_path: Path, kind: str) -> None:
         """The outcome of a child that recorded none itself."""
         state = self.registry.state(job_id)
         if not state or state[0] != JobStatus.running.value:
@@ -154,7 +154,8 @@ class JobRunner:
             self.registry.mark_failed(job_id, DISK_FULL)
         else:
             self.registry.mark_failed(
-                job_id, f"the job's process exited with status {returncode}; last log lines:\n{_tail(log_path)}")
+                job_id, f"the {'training' if kind == 'train' else 'export'} process exited with status {returncode}; "
+                        f"last log lines:\n{_tail(log_path)}")
 
 
 def job_command(job_id: str, processes: int) -> list[str]:
