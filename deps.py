@@ -14,6 +14,8 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Security
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from config import Settings, get_settings
@@ -64,6 +66,17 @@ def guarded_router() -> APIRouter:
 
 def registry(request: Request) -> JobRegistry:
     return request.app.state.registry
+
+
+async def queue_job(request: Request, speaker: str, config, max_queued: int, wait: bool, kind: str = "train"):
+    """Queue a job and hand it to the runner: without `wait`, a 202 answer with the job and its Location;
+    with `wait`, the job as it finished (any status: the route says what a failure means)."""
+    job = registry(request).create(speaker, config, max_queued, kind=kind)
+    future = request.app.state.runner.submit(job.job_id)
+    if not wait:
+        return JSONResponse(status_code=202, content=jsonable_encoder(job), headers={"Location": job.url})
+    await asyncio.wrap_future(future)
+    return registry(request).get(job.job_id)
 
 
 def check_allowed(speaker: str, settings: Settings) -> None:

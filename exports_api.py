@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import Query, Request
-from fastapi.encoders import jsonable_encoder
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
 import adapters
 import model_export
 from config import Settings
-from deps import ERRORS, SettingsDep, check_allowed, error, guarded_router, registry
+from deps import ERRORS, SettingsDep, check_allowed, error, guarded_router, queue_job
 from errors import Conflict, NotFound, ServiceError
 from models import ExportConfig, ExportKind, ExportPublic, ExportQuery, JobPublic, JobStatus, SpeakerName
 
@@ -56,12 +55,9 @@ async def make_export(speaker: SpeakerName, kind: ExportKind, request: Request, 
     if adapters.info(settings.OUTPUT_DIR, speaker) is None:
         raise NotFound(f"no adapter for speaker '{speaker}'; train one with POST /train")
     config = ExportConfig(export=kind, dtype=query.dtype)
-    job = registry(request).create(speaker, config, settings.MAX_QUEUED_JOBS, kind=f"export_{kind}")
-    future = request.app.state.runner.submit(job.job_id)
+    job = await queue_job(request, speaker, config, settings.MAX_QUEUED_JOBS, query.wait, kind=f"export_{kind}")
     if not query.wait:
-        return JSONResponse(status_code=202, content=jsonable_encoder(job), headers={"Location": job.url})
-    await asyncio.wrap_future(future)
-    job = registry(request).get(job.job_id)
+        return job
     if job.status == JobStatus.cancelled:
         raise Conflict(f"the {kind} export of '{speaker}' was cancelled (job {job.job_id})")
     if job.status != JobStatus.succeeded:

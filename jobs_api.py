@@ -9,13 +9,12 @@ import json
 from typing import Annotated
 
 from fastapi import Query, Request
-from fastapi.encoders import jsonable_encoder
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from fastapi.sse import format_sse_event
 
 import store
 import train
-from deps import BODY_ERRORS, ERRORS, SettingsDep, check_allowed, error, guarded_router, registry
+from deps import BODY_ERRORS, ERRORS, SettingsDep, check_allowed, error, guarded_router, queue_job, registry
 from errors import Conflict, NotFound, ServiceError
 from models import EventsQuery, JobEventsPublic, JobPublic, JobsPublic, JobsQuery, JobStatus, TrainCompleted, TrainRequest
 from registry import FINISHED
@@ -43,12 +42,9 @@ async def train_speaker(body: TrainRequest, request: Request, settings: Settings
     if stored is None or not stored.messages:
         raise NotFound(f"no messages stored for speaker '{body.speaker}'; upload a dialog with POST /upload-text first")
     config = await asyncio.to_thread(train.resolve_config, settings, body)
-    job = registry(request).create(body.speaker, config, settings.MAX_QUEUED_JOBS)
-    future = request.app.state.runner.submit(job.job_id)
+    job = await queue_job(request, body.speaker, config, settings.MAX_QUEUED_JOBS, body.wait)
     if not body.wait:
-        return JSONResponse(status_code=202, content=jsonable_encoder(job), headers={"Location": job.url})
-    await asyncio.wrap_future(future)
-    job = registry(request).get(job.job_id)
+        return job
     if job.status == JobStatus.cancelled:
         raise Conflict(f"training for {body.speaker} was cancelled (job {job.job_id})")
     if job.status != JobStatus.succeeded:
