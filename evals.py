@@ -188,12 +188,13 @@ def evaluate(model, tokenizer, template: str, speaker: str, held_out: list[Sampl
         report["specificity"] = {"adapter_loss_own": adapter["loss"], "adapter_loss_others": round(other, 4),
                                  "others": sorted({name for name, _ in other_samples}),
                                  "margin": round(other - adapter["loss"], 4)}
-    outputs = {"base": [g.text for g in base_replies], "adapter": [g.text for g in adapter_replies]}
-    report["style"] = {
-        "true": style(true),
-        **{label: {**style(texts), "vocabulary_overlap": vocabulary_overlap(texts, true),
-                   "distance": style_distance(texts, true)} for label, texts in outputs.items()},
-    }
+    if picked:  # no generations (EVAL_GENERATIONS=0): no style to compare, rather than a distance of nothing
+        outputs = {"base": [g.text for g in base_replies], "adapter": [g.text for g in adapter_replies]}
+        report["style"] = {
+            "true": style(true),
+            **{label: {**style(texts), "vocabulary_overlap": vocabulary_overlap(texts, true),
+                       "distance": style_distance(texts, true)} for label, texts in outputs.items()},
+        }
     report["samples"] = [
         {"context": [t.model_dump() for t in s.context], "true": s.reply, "base": b.text, "adapter": a.text,
          "base_finish": b.finish_reason, "adapter_finish": a.finish_reason}

@@ -11,7 +11,8 @@ the replies generated for held-out contexts (share that end their turn, share ca
 median length against the person's, distinct-2, style distance against the base's) and the
 held-out loss against the base's; and for all characters together the **attribution accuracy**:
 for every held-out line, the character whose adapter lowers its loss most below the base's,
-against the true one (chance = 1/characters).
+against the true one (chance = 1/characters), and each adapter's mean gain on each character's
+lines (an adapter that learnt its person gains most on that person's lines).
 
 Writes bench/results/persona_quality.json and prints a table. Minutes per character on a CPU.
 """
@@ -56,6 +57,9 @@ def main() -> int:
     cli.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "persona_quality.json")
     cli.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
                      help="settings to override (an experiment, e.g. LEARNING_RATE=5e-4); none for the defaults")
+    cli.add_argument("--reuse", action="store_true",
+                     help="keep --work and do not retrain a character whose adapter and eval.json are there "
+                          "(an interrupted run goes on; attribution of adapters already trained)")
     ns = cli.parse_args()
 
     import logging
@@ -64,7 +68,8 @@ def main() -> int:
 
     logging.basicConfig(level=logging.WARNING)
     work = ns.work
-    shutil.rmtree(work, ignore_errors=True)
+    if not ns.reuse:
+        shutil.rmtree(work, ignore_errors=True)
     overrides = dict(item.split("=", 1) for item in ns.set)
     os.environ.update({"DATA_DIR": str(work / "data"), "OUTPUT_DIR": str(work / "output_lora"),
                        "MODELS_DIR": str(ns.models_dir), "DEVICE": "cpu", **overrides})
@@ -82,6 +87,8 @@ def main() -> int:
     play = json.loads(ns.play.read_text(encoding="utf-8"))
     scenes = [[Turn(speaker=t["speaker"], content=t["content"]) for t in scene] for scene in play["scenes"]]
     for who in ns.characters:
+        if ns.reuse and store.speaker_file(settings.DATA_DIR, who).exists():
+            continue
         samples = [s for scene in scenes for s in dialog_parser.build_samples(scene, who, settings.MAX_CONTEXT_TURNS)[0]]
         store.append_samples(settings.DATA_DIR, who, samples[: ns.max_samples or None])
 
@@ -92,9 +99,13 @@ def main() -> int:
         stored = store.load_speaker(settings.DATA_DIR, who)
         config = train.resolve_config(settings, TrainRequest(speaker=who))
         started = time.monotonic()
-        outcome = train.train_lora(stored.messages, who, config, settings.OUTPUT_DIR, settings.MODELS_DIR,
-                                   evaluate=evals.after_training(settings, who, config))
-        report, info = outcome.evaluation, outcome.info
+        done = settings.OUTPUT_DIR / who
+        if ns.reuse and (done / "eval.json").exists() and (done / "training_info.json").exists():
+            report, info = (json.loads((done / name).read_text(encoding="utf-8")) for name in ("eval.json", "training_info.json"))
+        else:
+            outcome = train.train_lora(stored.messages, who, config, settings.OUTPUT_DIR, settings.MODELS_DIR,
+                                       evaluate=evals.after_training(settings, who, config))
+            report, info = outcome.evaluation, outcome.info
         held_ids = set(info["heldout_ids"])
         held_out[who] = [s for s in stored.messages if s.id in held_ids]
         held = report["held_out"]
@@ -102,14 +113,15 @@ def main() -> int:
             "samples": info["num_samples"], "held_out": info["num_heldout"], "steps": info["steps"],
             "epochs": info["config"]["epochs"], "train_runtime_s": info["train_runtime_s"],
             "wall_s": round(time.monotonic() - started, 1),
-            "generation": report["generation"],
+            "generation": report.get("generation"),
             "held_out_loss": {"base": held["base"]["loss"], "adapter": held["adapter"]["loss"],
                               "ratio": round(held["adapter"]["loss"] / held["base"]["loss"], 3)},
             "end_of_turn_probability": report.get("end_of_turn"),
             "specificity_margin": (report.get("specificity") or {}).get("margin"),
             "examples": report["samples"][:3],
         }
-        print(f"{who}: trained {info['steps']} steps in {info['train_runtime_s']:.0f} s; "
+        print(f"{who}: trained {info['steps']} steps in {info['train_runtime_s']:.0f} s; held-out loss "
+              f"{json.dumps(results['characters'][who]['held_out_loss'])}; "
               f"{json.dumps(results['characters'][who]['generation'])}", flush=True)
 
     # Attribution: which adapter explains each held-out line best, relative to the base.
@@ -123,14 +135,21 @@ def main() -> int:
     right = [max(ns.characters, key=lambda c: gains[c][s.id]) == who for who, s in lines if s.id in base]
     per_character = {c: round(sum(r for (who, _), r in zip(lines, right) if who == c) /
                               max(1, sum(1 for who, _ in lines if who == c)), 3) for c in ns.characters}
+    # Whether an adapter learnt its person or the play: its mean gain on each character's lines.
+    mean_gain = {c: {w: round(sum(gains[c][s.id] for who, s in lines if who == w and s.id in gains[c]) /
+                              max(1, sum(1 for who, s in lines if who == w and s.id in gains[c])), 3)
+                     for w in ns.characters} for c in ns.characters}
     results["attribution"] = {"accuracy": round(sum(right) / len(right), 3), "chance": round(1 / len(ns.characters), 3),
-                              "lines": len(right), "per_character": per_character}
+                              "lines": len(right), "per_character": per_character, "mean_gain": mean_gain}
 
     ns.out.parent.mkdir(parents=True, exist_ok=True)
     ns.out.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
     print(f"\n{'character':<12} {'ends turn':>9} {'loops':>6} {'len/person':>10} {'distinct-2':>10} "
           f"{'style a/b':>10} {'loss a/b':>8} {'train s':>8}")
     for who, r in results["characters"].items():
+        if not r["generation"]:  # EVAL_GENERATIONS=0
+            print(f"{who:<12} {'':>49} {r['held_out_loss']['ratio']:>8.2f} {r['train_runtime_s']:>8.0f}")
+            continue
         g = r["generation"]["adapter"]
         print(f"{who:<12} {g['ends_turn']:>9.0%} {g['loops']:>6.0%} {g['length_ratio']:>10.2f} {g['distinct_2']:>10.2f} "
               f"{g['style_distance']:>4.2f}/{r['generation']['base']['style_distance']:<4.2f} "
@@ -138,6 +157,8 @@ def main() -> int:
     a = results["attribution"]
     print(f"attribution accuracy {a['accuracy']:.0%} over {a['lines']} held-out lines (chance {a['chance']:.0%}); "
           f"per character {a['per_character']}")
+    for c, row in a["mean_gain"].items():
+        print(f"  {c}'s adapter, mean gain over the base (nats/token) on the lines of {row}")
     print(f"wrote {ns.out}")
     return 0
 

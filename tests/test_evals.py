@@ -110,3 +110,18 @@ def test_report_leads_with_generation_figures_and_end_of_turn(tiny_gemma, tmp_pa
     # Written into the adapter folder with it, from the model still in memory.
     assert json.loads((out.model_path / "eval.json").read_text())["generation"] == generation
     assert {s["adapter_finish"] for s in report["samples"]} <= {"stop", "length"}
+
+
+def test_no_generations_means_no_generation_or_style_figures(tiny_gemma, tmp_path):
+    """EVAL_GENERATIONS=0 skips generating: the report has losses but no style distance of zero replies
+    (it said 1.0, as if the replies were as far from the person as can be)."""
+    samples, _ = build_samples(styled_dialog(20), "Ann", 2)
+    settings = Settings(BASE_MODEL=str(tiny_gemma), DEVICE="cpu", LOAD_IN_8BIT=False, EVAL_GENERATIONS=0)
+    config = train.resolve_config(settings, TrainRequest(speaker="Ann", max_steps=1))
+    out = train.train_lora(samples, "Ann", config, tmp_path / "out", tmp_path / "models",
+                           evaluate=evals.after_training(settings, "Ann", config))
+    report = out.evaluation
+    assert report["held_out"]["adapter"]["loss"] > 0 and report["samples"] == []
+    assert "generation" not in report and "style" not in report
+    evals.write_report(out.model_path, report, out.info)  # the plot and summary do without them
+    assert "style" not in json.loads((out.model_path / "eval.json").read_text())
