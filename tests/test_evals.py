@@ -94,12 +94,18 @@ def test_generation_figures_are_what_a_user_sees():
     assert 0 < figures["distinct_2"] < 1 and figures["style_distance"] > 0
 
 
-def test_report_leads_with_generation_figures_and_end_of_turn(tiny_gemma, tmp_path):
+def trained_and_evaluated(tiny_gemma, tmp_path, generations: int, steps: int):
+    """Ann's adapter of the tiny model after `steps` steps, evaluated as a job evaluates it."""
     samples, _ = build_samples(styled_dialog(20), "Ann", 2)
-    settings = Settings(BASE_MODEL=str(tiny_gemma), DEVICE="cpu", LOAD_IN_8BIT=False, EVAL_GENERATIONS=3)
-    config = train.resolve_config(settings, TrainRequest(speaker="Ann", max_steps=2))
+    settings = Settings(BASE_MODEL=str(tiny_gemma), DEVICE="cpu", LOAD_IN_8BIT=False, EVAL_GENERATIONS=generations)
+    config = train.resolve_config(settings, TrainRequest(speaker="Ann", max_steps=steps))
     out = train.train_lora(samples, "Ann", config, tmp_path / "out", tmp_path / "models",
                            evaluate=evals.after_training(settings, "Ann", config))
+    return settings, out
+
+
+def test_report_leads_with_generation_figures_and_end_of_turn(tiny_gemma, tmp_path):
+    settings, out = trained_and_evaluated(tiny_gemma, tmp_path, generations=3, steps=2)
     report = out.evaluation
     assert list(report)[:5] == ["speaker", "created_at", "base_weights", "held_out_samples", "generation"]
     generation = report["generation"]
@@ -115,11 +121,7 @@ def test_report_leads_with_generation_figures_and_end_of_turn(tiny_gemma, tmp_pa
 def test_no_generations_means_no_generation_or_style_figures(tiny_gemma, tmp_path):
     """EVAL_GENERATIONS=0 skips generating: the report has losses but no style distance of zero replies
     (it said 1.0, as if the replies were as far from the person as can be)."""
-    samples, _ = build_samples(styled_dialog(20), "Ann", 2)
-    settings = Settings(BASE_MODEL=str(tiny_gemma), DEVICE="cpu", LOAD_IN_8BIT=False, EVAL_GENERATIONS=0)
-    config = train.resolve_config(settings, TrainRequest(speaker="Ann", max_steps=1))
-    out = train.train_lora(samples, "Ann", config, tmp_path / "out", tmp_path / "models",
-                           evaluate=evals.after_training(settings, "Ann", config))
+    _, out = trained_and_evaluated(tiny_gemma, tmp_path, generations=0, steps=1)
     report = out.evaluation
     assert report["held_out"]["adapter"]["loss"] > 0 and report["samples"] == []
     assert "generation" not in report and "style" not in report
