@@ -19,9 +19,18 @@ from pathlib import Path
 
 import phonenumbers
 
-from exports import Chat, ChatMessage, naive, normalise_name, read_chats
-from models import (BIDI_CONTROLS, MAX_MESSAGE_CHARS, NAME_MAX_CHARS, CleaningOptions, ExportInspection, ParticipantStats, Sample,
-                    Turn)
+from importers import Chat, ChatMessage, naive, read_chats
+from models import (
+    BIDI_CONTROLS,
+    MAX_MESSAGE_CHARS,
+    NAME_MAX_CHARS,
+    CleaningOptions,
+    ExportInspection,
+    ParticipantStats,
+    Sample,
+    Turn,
+    normalise_name,
+)
 
 
 def build_samples(dialog: list[Turn], speaker: str, max_context_turns: int) -> tuple[list[Sample], int]:

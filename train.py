@@ -26,12 +26,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-import adapters
-import base_model
-import chat_format
-import packing
 from config import DEFAULT_BASE_MODEL, Settings, get_settings
 from errors import TrainingError
+from lm import adapters, base_model, chat_format, packing
 from models import JobProgress, Sample, TrainConfig, TrainRequest
 
 log = logging.getLogger("persona_lora.train")
@@ -425,8 +422,10 @@ def render_dataset(samples: list[Sample], speaker: str, base: str, models_dir: P
 
 
 def main(argv: list[str] | None = None) -> int:
-    import evals  # the CLI evaluates like the service; train_lora itself knows no evaluation
     import store
+    from lm import (
+        evals,  # the CLI evaluates like the service; train_lora itself knows no evaluation
+    )
 
     cli = argparse.ArgumentParser(description="Train a speaker's LoRA adapter from ./data/<speaker>_messages.json.")
     cli.add_argument("--speaker", required=True)

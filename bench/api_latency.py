@@ -30,7 +30,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from jobs import free_port  # noqa: E402
+from jobs.runner import free_port  # noqa: E402
 
 
 def dialog(i: int, speaker: str = "User1") -> list[dict[str, str]]:

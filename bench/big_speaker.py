@@ -36,8 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from jobs import free_port  # noqa: E402
 from parse_exports import whatsapp  # noqa: E402
+
+from jobs.runner import free_port  # noqa: E402
 
 SPEAKER = "Big"
 PER_UPLOAD = 2500  # samples per /upload-text: 5,000 turns, the MAX_DIALOG_MESSAGES bound

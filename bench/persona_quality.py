@@ -34,8 +34,7 @@ PLAY = ROOT / "bench" / "data" / "importance_of_being_earnest.json"
 def per_sample_losses(engine, speaker, samples, who_of, max_len):
     """{sample id: mean NLL per reply token} under `speaker`'s adapter (None: the base), each sample
     formatted from its true speaker's side (`who_of[id]`), so every model scores the same tokens."""
-    import chat_format
-    import packing
+    from lm import chat_format, packing
 
     out = {}
     with engine.session(speaker) as (model, tokenizer, template):
@@ -75,12 +74,12 @@ def main() -> int:
                        "MODELS_DIR": str(ns.models_dir), "DEVICE": "cpu", **overrides})
     os.environ.pop("BASE_MODEL", None)  # the offline default
 
-    import evals
     import parser as dialog_parser
     import store
     import train
     from config import get_settings
-    from infer import PersonaEngine
+    from lm import evals
+    from lm.infer import PersonaEngine
     from models import TrainRequest, Turn
 
     settings = get_settings()

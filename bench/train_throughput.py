@@ -219,7 +219,7 @@ def meter(held_out, result: dict, warmup: int = 0, profile: Path | None = None, 
     import torch
     from transformers import TrainerCallback
 
-    import packing
+    from lm import packing
 
     cuda = torch.cuda.is_available()
 
@@ -291,8 +291,7 @@ def _use_attention(name: str, batch_tokens: int) -> None:
     """The project's base model with attention `name` (sdpa, flex_attention, eager, ...): loaded as
     usual, then switched; flex_attention also gets rows padded to the whole pack, so its compiled
     kernel sees one shape."""
-    import base_model
-    import packing
+    from lm import base_model, packing
 
     load = base_model.load_base_model
 
@@ -326,9 +325,8 @@ def run_method(ns) -> dict:
     import torch
     from transformers import set_seed
 
-    import base_model
-    import chat_format
     import train
+    from lm import base_model, chat_format
     from models import Sample, TrainConfig
 
     data = json.loads(Path(ns.corpus).read_text())
@@ -354,7 +352,7 @@ def run_method(ns) -> dict:
                        target_modules=config.target_modules, task_type="CAUSAL_LM")
     cb = meter(held_enc, result, ns.warmup, Path(ns.profile) if ns.profile else None)
     set_seed(ns.seed)
-    import packing
+    from lm import packing
 
     if ns.worker == "project-plain":  # as before issue 16: CPU rows, full logits at supervised positions
         packing.FUSED_LOSS = False
@@ -372,7 +370,11 @@ def run_method(ns) -> dict:
     elif ns.worker == "seed":
         from datasets import Dataset
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-        from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+        from transformers import (
+            DataCollatorForLanguageModeling,
+            Trainer,
+            TrainingArguments,
+        )
 
         model = base_model.load_base_model(ns.model_path, ns.quant, base_model.process_device(ns.device))
         if ns.quant != "none":
@@ -540,7 +542,7 @@ def main() -> int:
 
         ns.model_path = str(save_tiny_model(work / "tiny-model"))
     elif ns.model == "default":
-        import base_model
+        from lm import base_model
 
         ns.model_path = base_model.resolve_base_model(DEFAULT_BASE_MODEL, ROOT / "models")
     else:

@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import json
 import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -17,8 +16,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny  # noqa: E402
+
 from config import get_settings  # noqa: E402
-from jobs import free_port  # noqa: E402
+from jobs.runner import free_port  # noqa: E402
 from models import SAMPLE_DIALOG  # noqa: E402,F401  (tests import it from here)
 
 TERMINAL = ("succeeded", "failed", "cancelled")

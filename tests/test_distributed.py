@@ -11,11 +11,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import ROOT, LiveServer, finished, training, wait_for_job
 from safetensors.torch import load_file
 
 import parser as dialog_parser
 import store
-from conftest import ROOT, LiveServer, finished, training, wait_for_job
 from models import Turn
 
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -89,7 +89,7 @@ def test_a_killed_training_process_fails_the_job_with_status_and_log(env, stored
         http = httpx.Client(base_url=server.url, timeout=600)
         job = http.post("/train", json={"speaker": "A", "max_steps": 10**6}).json()
         wait_for_job(http, job["job_id"], training, timeout=120)
-        children = [c for c in psutil.Process(server.proc.pid).children() if "jobs.py" in " ".join(c.cmdline())]
+        children = [c for c in psutil.Process(server.proc.pid).children() if "jobs.runner" in " ".join(c.cmdline())]
         assert len(children) == 1, psutil.Process(server.proc.pid).children()  # the job's process (or its launcher)
         children[0].kill()
         failed = wait_for_job(http, job["job_id"], finished, timeout=120)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-import evals
 import train
 from config import Settings
-from infer import Decoding, PersonaEngine
+from lm import evals
+from lm.infer import Decoding, PersonaEngine
 from models import TrainRequest, Turn
 from parser import build_samples
 
@@ -82,7 +82,7 @@ def test_loops_are_caught_and_ordinary_replies_are_not():
 
 
 def test_generation_figures_are_what_a_user_sees():
-    from infer import Generation
+    from lm.infer import Generation
 
     replies = [Generation("Yes, of course.", 5, 4, "stop"), Generation("no no no no no no no no", 5, 64, "length"),
                Generation("Quite so.", 5, 3, "stop"), Generation("I am sorry. I am sorry. I am sorry.", 5, 12, "stop")]

@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-
 from conftest import LiveServer, fill_disk, finished, training, upload, wait_for_job
-from jobs import DISK_FULL
+
+from jobs.runner import DISK_FULL
 
 
 @pytest.mark.slow

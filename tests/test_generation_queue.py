@@ -8,10 +8,10 @@ import threading
 import time
 
 import pytest
-
 from conftest import wait_until
+
 from config import get_settings
-from infer import Generation, PersonaEngine
+from lm.infer import Generation, PersonaEngine
 
 GEN_S = 1.5
 QUEUE = 6
@@ -21,8 +21,7 @@ QUEUE = 6
 def slow_client(env, monkeypatch):
     from fastapi.testclient import TestClient
 
-    import adapters
-    import evals
+    from lm import adapters, evals
     from main import app
 
     monkeypatch.setenv("GENERATION_WORKERS", "1")

@@ -8,8 +8,8 @@ import pytest
 
 import train
 from config import Settings
-from chat_format import to_messages
-from infer import AdapterNotFound, Decoding, PersonaEngine
+from lm.chat_format import to_messages
+from lm.infer import AdapterNotFound, Decoding, PersonaEngine
 from models import TrainRequest, Turn
 from parser import build_samples
 
@@ -89,7 +89,7 @@ def test_unknown_speaker(tiny_gemma, adapters):
 
 
 def test_stop_strings_end_the_reply_and_never_reach_the_client():
-    from infer import _StopCutter
+    from lm.infer import _StopCutter
 
     cutter = _StopCutter(["\nBob:", "###"])
     pieces = [" Hello", " there", "\nB", "ob: hi", " more"]
@@ -101,7 +101,7 @@ def test_stop_strings_end_the_reply_and_never_reach_the_client():
 
 
 def test_persona_decoding_stops_at_anyone_elses_turn():
-    from infer import persona_decoding
+    from lm.infer import persona_decoding
 
     settings = Settings()
     decoding = persona_decoding(settings, [Turn(speaker="Bob", content="hi"), Turn(speaker="Ann", content="yo")],
@@ -127,7 +127,7 @@ def test_the_repetition_penalty_counts_the_reply_not_the_prompt(tiny_gemma, adap
     without). The first token's scores are the unpenalised ones; later tokens are penalised."""
     import torch
 
-    import infer
+    from lm import infer
 
     e = engine(tiny_gemma, adapters)
     with e.session("Ann") as (model, tokenizer, template):

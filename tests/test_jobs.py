@@ -9,10 +9,10 @@ import re
 from pathlib import Path
 
 import pytest
-
 from conftest import finished, read_sse, upload, wait_for_job
+
 from config import get_settings
-from registry import INTERRUPTED, JobRegistry
+from jobs.registry import INTERRUPTED, JobRegistry
 from models import JobStatus, TrainConfig
 
 
@@ -154,8 +154,8 @@ def test_queued_job_left_by_a_dead_server_runs_at_start(env):
     with TestClient(app) as client:
         upload(client)
     registry = JobRegistry(get_settings().db_path)
-    from train import resolve_config
     from models import TrainRequest
+    from train import resolve_config
 
     job = registry.create("User1", resolve_config(get_settings(), TrainRequest(speaker="User1")))
     with TestClient(app) as client:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import ROOT, LiveServer, training, upload, wait_for_job, wait_until
-from registry import INTERRUPTED
+
+from jobs.registry import INTERRUPTED
 
 
 @pytest.mark.slow

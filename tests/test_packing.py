@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-import packing
-from chat_format import Encoded
+from lm import packing
+from lm.chat_format import Encoded
 
 
 def _encoded(lengths, reply=3, vocab=300, seed=0):
@@ -154,9 +154,8 @@ def test_packed_training_gives_the_adapter_of_padded_batches(tiny_gemma, tmp_pat
     from safetensors.torch import load_file
 
     import train
-    from models import TrainConfig
+    from models import TrainConfig, Turn
     from parser import build_samples
-    from models import Turn
 
     dialog = [Turn(speaker="A" if i % 2 else "B", content=f"повідомлення {i} " * (1 + i % 4)) for i in range(24)]
     samples, _ = build_samples(dialog, "A", 3)

@@ -9,13 +9,11 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, LiveServer
 
-import chat_format
-
-import base_model
 import train
 from config import DEFAULT_BASE_MODEL
-from conftest import ROOT, LiveServer
+from lm import base_model, chat_format
 
 pytestmark = pytest.mark.real_model
 
@@ -67,8 +65,8 @@ def test_default_model_adapter_loads_with_peft(provisioned, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from models import TrainRequest, Turn
     from config import Settings
+    from models import TrainRequest, Turn
     from parser import build_samples
 
     dialog = [Turn(speaker="A", content="Як тебе звати?"), Turn(speaker="B", content="Мене звати Олена.")] * 3
@@ -88,7 +86,6 @@ def test_sigkill_during_provisioning_then_provision_cleanly(env, tmp_path):
     import time
 
     import httpx
-
     from conftest import SAMPLE_DIALOG
 
     models_dir = tmp_path / "fresh-models"

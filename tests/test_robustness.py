@@ -9,10 +9,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import read_sse, upload, wait_until
-from config import get_settings
 
+from config import get_settings
 
 CUT_EMOJI = rb"x\ud83d"  # the first half of 😀, as JavaScript sends a string cut in the middle of an emoji
 SURROGATE_BODIES = [
@@ -73,7 +72,7 @@ def in_process_server(env):
     own loggers left to propagate (log_config=None), so caplog sees what it would write."""
     import uvicorn
 
-    from jobs import free_port
+    from jobs.runner import free_port
     from main import app
 
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_config=None, lifespan="on"))
@@ -137,8 +136,8 @@ def test_a_damaged_messages_file_affects_only_its_speaker(client, env):
 
 
 def test_delete_during_evaluate_is_a_409_and_a_succeeded_job_shows_no_checkpoint(client, env, monkeypatch):
-    import adapters
     import store
+    from lm import adapters
 
     monkeypatch.setenv("CHECKPOINT_STEPS", "1")
     get_settings.cache_clear()

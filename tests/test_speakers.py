@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import chat_format
-
 from conftest import finished, training, upload, wait_for_job
+
 from config import get_settings
+from lm import chat_format
 
 
 def test_speakers_listing_with_adapter_state(client):

@@ -11,12 +11,10 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-import adapters
-import base_model
-import chat_format
 import train
-from errors import TrainingError
 from config import Settings
+from errors import TrainingError
+from lm import adapters, base_model, chat_format
 from models import Sample, TrainRequest, Turn
 from parser import build_samples
 
@@ -226,7 +224,7 @@ def test_training_changes_only_lora_weights_and_reloads(tiny_gemma, tmp_path, qu
     ({"QUANT": "none"}, "float32"),  # QUANT wins over LOAD_IN_8BIT (true by default)
 ])
 def test_quantized_base_is_dequantized_before_evaluating_on_the_cpu(tiny_gemma, tmp_path, settings, weights):
-    import evals
+    from lm import evals
 
     samples, _ = build_samples(DIALOG * 4, "User1", 6)
     seen = []

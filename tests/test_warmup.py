@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import shutil
 import threading
-from pathlib import Path
 import time
+from pathlib import Path
 
 import pytest
-
-import base_model
 from conftest import SAMPLE_DIALOG, upload, wait_until
+
 from config import DEFAULT_BASE_MODEL, get_settings
+from lm import base_model
 
 HELD_S = 20  # the double holds provisioning at most this long: a request that waited for it takes as long
 

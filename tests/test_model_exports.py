@@ -1,26 +1,25 @@
-"""Exports of a trained adapter for other servers (model_export.py, exports_api.py): the merged model
+"""Exports of a trained adapter for other servers (lm/export.py, api/model_exports.py): the merged model
 loads without peft and computes what base+adapter computes; the GGUF LoRA is what llama.cpp loads,
 and with it llama.cpp's loss on the speaker's held-out replies falls as transformers' does; every
 adapter written meets vLLM's LoRA constraints."""
 
 from __future__ import annotations
 
-import os
-
 import json
 import math
+import os
 import zipfile
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 
-import base_model
-import model_export
-import tiny
 import train
-from chat_format import TRANSCRIPT_TEMPLATE, encode_all
 from config import DEFAULT_BASE_MODEL, Settings
+from lm import base_model
+from lm import export as model_export
+from lm.chat_format import TRANSCRIPT_TEMPLATE, encode_all
 from models import TrainRequest, Turn
 from parser import build_samples
 

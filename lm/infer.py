@@ -19,10 +19,8 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import adapters
-import base_model
-import chat_format
 from config import Settings
+from lm import adapters, base_model, chat_format
 from models import Turn
 
 log = logging.getLogger("persona_lora.infer")
@@ -80,7 +78,11 @@ def _stops(template: str, decoding: Decoding) -> list[str]:
 def _generate_kwargs(tokenizer, template: str, decoding: Decoding, prompt_tokens: int) -> dict:
     """generate()'s arguments. The repetition penalty counts the reply's own tokens only: over the prompt
     it also lowered the line end, the speakers' names and every common word the conversation used."""
-    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, StoppingCriteriaList
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        StoppingCriteriaList,
+    )
 
     kwargs = dict(max_new_tokens=decoding.max_new_tokens, eos_token_id=chat_format.stop_token_ids(tokenizer),
                   pad_token_id=tokenizer.pad_token_id)

@@ -34,10 +34,9 @@ from typing import Any, Callable
 
 from filelock import FileLock
 
-import adapters
-import base_model
-from chat_format import TRANSCRIPT_TEMPLATE
 from config import DEFAULT_BASE_MODEL, get_settings, path_in, storage_name
+from lm import adapters, base_model
+from lm.chat_format import TRANSCRIPT_TEMPLATE
 
 log = logging.getLogger("persona_lora.model_export")
 
@@ -424,7 +423,7 @@ def export(settings, speaker: str, kind: str, dtype: str = "float32", progress: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python model_export.py merged|gguf SPEAKER`: export a trained speaker's adapter with the
+    """`python -m lm.export merged|gguf SPEAKER`: export a trained speaker's adapter with the
     service's settings (BASE_MODEL, OUTPUT_DIR, MODELS_DIR, EXPORTS_DIR)."""
     import argparse
 

@@ -1,6 +1,6 @@
-"""The model export routes: queue a speaker's merged-model or GGUF export as a job (run by jobs.JobRunner
+"""The model export routes: queue a speaker's merged-model or GGUF export as a job (run by jobs.runner
 in a child process, so the API process never imports torch), and download either as a zip. Knows
-nothing of how an export is made (model_export.py) or how a job runs."""
+nothing of how an export is made (lm/export.py) or how a job runs."""
 
 from __future__ import annotations
 
@@ -15,12 +15,27 @@ from fastapi import Query, Request
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
-import adapters
-import model_export
+from api.deps import (
+    ERRORS,
+    SettingsDep,
+    check_allowed,
+    error,
+    guarded_router,
+    queue_job,
+)
 from config import Settings
-from deps import ERRORS, SettingsDep, check_allowed, error, guarded_router, queue_job
 from errors import Conflict, NotFound, ServiceError
-from models import ExportConfig, ExportKind, ExportPublic, ExportQuery, JobPublic, JobStatus, SpeakerName
+from lm import adapters
+from lm import export as model_export
+from models import (
+    ExportConfig,
+    ExportKind,
+    ExportPublic,
+    ExportQuery,
+    JobPublic,
+    JobStatus,
+    SpeakerName,
+)
 
 router = guarded_router()
 

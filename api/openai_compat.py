@@ -22,15 +22,30 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.deps import GENERATION_BUSY, RETRY_AFTER, generation
+from api.openai_models import (
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatMessageOut,
+    ModelCard,
+    ModelList,
+    OpenAIError,
+    OpenAIErrorBody,
+    Usage,
+)
 from config import get_settings
-from deps import GENERATION_BUSY, RETRY_AFTER, generation
 from errors import NotFound, ServiceError, public_errors, scrub
-import adapters
-import chat_format
-from infer import AdapterNotFound, Decoding, Generation, created, persona_decoding, sampling
+from lm import adapters, chat_format
+from lm.infer import (
+    AdapterNotFound,
+    Decoding,
+    Generation,
+    created,
+    persona_decoding,
+    sampling,
+)
 from models import Turn
-from openai_models import (ChatChoice, ChatCompletion, ChatCompletionRequest, ChatMessageOut, ModelCard, ModelList,
-                           OpenAIError, OpenAIErrorBody, Usage)
 
 log = logging.getLogger("persona_lora.openai")
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], responses={

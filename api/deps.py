@@ -1,10 +1,12 @@
-"""What every router shares: the settings and registry dependencies, the API key check, the documented
-error answers, the speaker allow-list, and the generation queue. Knows nothing of the routes that use
-them."""
+"""What every router shares: the services on `app.state` (opened at start-up, closed at shutdown: the
+job registry and runner, the persona engine, the generation queue, the base model's warm-up), the
+settings and registry dependencies, the API key check, the documented error answers and the speaker
+allow-list. Knows nothing of the routes that use them."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import secrets
 import time
@@ -18,10 +20,17 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+import store
 from config import Settings, get_settings
 from errors import Forbidden, ServiceUnavailable, Unauthorized
+from jobs.registry import JobRegistry
+from jobs.runner import JobRunner
+from lm import adapters, base_model
+from lm import export as model_export
+from lm.infer import PersonaEngine
 from models import ErrorPublic
-from registry import JobRegistry
+
+log = logging.getLogger("persona_lora")
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ERRORS = {422: {"description": "Invalid request: `detail` lists each problem with its location."}}
@@ -152,3 +161,30 @@ def generation(request: Request) -> GenerationGate:
     """The generation queue, once the base model is there to generate with."""
     base_ready(request)
     return request.app.state.generation
+
+
+def open_services(app, settings: Settings) -> None:
+    """Start-up: the folders, what interrupted runs left removed, the registry with its interrupted jobs
+    queued again, the runner, the persona engine, the generation queue and the base model's warm-up."""
+    for folder in (settings.DATA_DIR, settings.OUTPUT_DIR, settings.MODELS_DIR):
+        folder.mkdir(parents=True, exist_ok=True)
+    adapters.clean_stale(settings.OUTPUT_DIR)
+    if stale := store.clean_temporaries(settings.DATA_DIR):
+        log.info("removed %d temporary messages files left by interrupted writes", len(stale))
+    if stale := model_export.discard_partial(settings.EXPORTS_DIR):
+        log.info("removed %d half-made exports left by an interrupted server", len(stale))
+    jobs = JobRegistry(settings.db_path, replace_damaged=True)
+    runner = JobRunner(jobs, settings)
+    for job_id in jobs.recover():
+        runner.submit(job_id)
+    app.state.registry, app.state.runner = jobs, runner
+    app.state.engine = PersonaEngine(settings.BASE_MODEL, settings.MODELS_DIR, settings.OUTPUT_DIR, settings.DEVICE,
+                                     settings.LOAD_IN_8BIT, settings.ADAPTER_CACHE_SIZE)
+    app.state.generation = GenerationGate(settings.GENERATION_WORKERS, settings.GENERATION_QUEUE)
+    app.state.warmup = base_model.Warmup(settings.BASE_MODEL, settings.MODELS_DIR).start()
+
+
+async def close_services(app) -> None:
+    """Shutdown: no new generation; running jobs' children are stopped (their jobs resume at the next start)."""
+    app.state.generation.shutdown()
+    await asyncio.to_thread(app.state.runner.shutdown)

@@ -1,6 +1,6 @@
 """The job routes: /train, /jobs (trainings and exports), a job's events (JSON or Server-Sent Events),
 cancel and resume.
-Knows nothing of how a job runs (jobs.JobRunner) or is stored (registry.JobRegistry)."""
+Knows nothing of how a job runs (jobs.runner) or is stored (jobs.registry)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,28 @@ from fastapi.sse import format_sse_event
 
 import store
 import train
-from deps import BODY_ERRORS, ERRORS, SettingsDep, check_allowed, error, guarded_router, queue_job, registry
+from api.deps import (
+    BODY_ERRORS,
+    ERRORS,
+    SettingsDep,
+    check_allowed,
+    error,
+    guarded_router,
+    queue_job,
+    registry,
+)
 from errors import Conflict, NotFound, ServiceError
-from models import EventsQuery, JobEventsPublic, JobPublic, JobsPublic, JobsQuery, JobStatus, TrainCompleted, TrainRequest
-from registry import FINISHED
+from jobs.registry import FINISHED
+from models import (
+    EventsQuery,
+    JobEventsPublic,
+    JobPublic,
+    JobsPublic,
+    JobsQuery,
+    JobStatus,
+    TrainCompleted,
+    TrainRequest,
+)
 
 router = guarded_router()
 

@@ -18,8 +18,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from errors import Conflict, InsufficientStorage, NotFound, StorageError, TooManyRequests
-from models import ExportConfig, JobEvent, JobKind, JobProgress, JobPublic, JobStatus, TrainConfig
+from errors import (
+    Conflict,
+    InsufficientStorage,
+    NotFound,
+    StorageError,
+    TooManyRequests,
+)
+from models import (
+    ExportConfig,
+    JobEvent,
+    JobKind,
+    JobProgress,
+    JobPublic,
+    JobStatus,
+    TrainConfig,
+)
 
 log = logging.getLogger("persona_lora.jobs")
 

@@ -1,6 +1,6 @@
 """The job runner: executes queued jobs (trainings and exports) in submission order, each in a
-supervised child process, off the event loop; and the child's side (`python jobs.py run JOB_ID`),
-which trains and evaluates, or makes an export (model_export.py), and records the outcome.
+supervised child process, off the event loop; and the child's side (`python -m jobs.runner run JOB_ID`),
+which trains and evaluates, or makes an export (lm/export.py), and records the outcome.
 
 `run_job` (the child) is the one place where a job's exceptions are caught and turned into a
 message stored with the job; the supervising thread records a child that died without one. Knows
@@ -24,15 +24,16 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import model_export
 import store
 from config import Settings, get_settings
 from errors import InsufficientStorage, StorageError, TrainingError
+from jobs.registry import INTERRUPTED, JobRegistry
+from lm import export as model_export
 from models import JobProgress, JobPublic, JobStatus, Sample
-from registry import INTERRUPTED, JobRegistry
 
 log = logging.getLogger("persona_lora.jobs")
 
+ROOT = Path(__file__).resolve().parents[1]  # the project: the child imports its modules from here
 STOP_GRACE_S = 60  # a step of a large model on a CPU can take this long
 CHECKPOINTS = ".checkpoints"  # under OUTPUT_DIR, one folder per job
 RETRY_S = 2.0  # how often a supervisor retries recording an outcome the registry could not take
@@ -43,7 +44,7 @@ DISK_FULL = "disk full: training stopped because DATA_DIR or OUTPUT_DIR had no s
 class JobRunner:
     """Runs queued jobs in submission order, TRAIN_WORKERS at once.
 
-    Each job trains in a child process (`python jobs.py run JOB_ID`) supervised by a thread of this
+    Each job trains in a child process (`python -m jobs.runner run JOB_ID`) supervised by a thread of this
     pool: model loading and training then never hold the server's GIL (a thread-only design stalled
     /health for over a second while the base model loaded), a crash or the OOM killer takes the child
     and not the server, and all memory goes back to the OS when the job ends. The child writes its
@@ -102,6 +103,7 @@ class JobRunner:
             "EXPORTS_DIR": str(self.settings.EXPORTS_DIR),
             "PYTHONUNBUFFERED": "1",
             "PERSONA_LORA_SERVER_PID": str(os.getpid()),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),  # for `-m jobs.runner`
         }
         cancelled = False
         try:
@@ -159,14 +161,15 @@ class JobRunner:
 
 
 def job_command(job_id: str, processes: int) -> list[str]:
-    """The child's command line: this file, or several copies of it under `accelerate launch`
-    (data parallel: one process per GPU, or gloo between CPU processes)."""
-    script = [str(Path(__file__).resolve()), "run", job_id]
+    """The child's command line: this module, or several copies of it under `accelerate launch`
+    (data parallel: one process per GPU, or gloo between CPU processes). It runs as a module
+    (`-m`), with the project's root on PYTHONPATH (`child_env`), in the server's working directory,
+    so that relative DATA_DIR and OUTPUT_DIR mean the same folders."""
     if processes <= 1:
-        return [sys.executable, *script]
+        return [sys.executable, "-m", "jobs.runner", "run", job_id]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port()), *script]  # a free rendezvous port: two launches never collide
+            "--main_process_port", str(free_port()), "--module", "jobs.runner", "run", job_id]  # a free rendezvous port: two launches never collide
 
 
 def free_port() -> int:
@@ -248,9 +251,9 @@ def run_job(job_id: str) -> int:
     if job.kind != "train":
         return run_export(job, registry, settings)
 
-    import evals
     import train
-    from base_model import is_main_process
+    from lm import evals
+    from lm.base_model import is_main_process
 
     stop, training = threading.Event(), threading.Event()
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
@@ -382,5 +385,5 @@ def display_path(path: Path) -> str:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if len(sys.argv) != 3 or sys.argv[1] != "run":
-        sys.exit("usage: python jobs.py run JOB_ID   (started by the server for each training job)")
+        sys.exit("usage: python -m jobs.runner run JOB_ID   (started by the server for each training job)")
     sys.exit(run_job(sys.argv[2]))

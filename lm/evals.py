@@ -30,12 +30,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import adapters
-import chat_format
-import packing
 import store
 from config import Settings
-from infer import AdapterNotFound, Decoding, Generation, PersonaEngine, base_only, generate, persona_decoding
+from lm import adapters, chat_format, packing
+from lm.infer import (
+    AdapterNotFound,
+    Decoding,
+    Generation,
+    PersonaEngine,
+    base_only,
+    generate,
+    persona_decoding,
+)
 from models import Sample, TrainConfig, Turn
 
 EVAL_FILE, PLOT_FILE = "eval.json", "loss.png"

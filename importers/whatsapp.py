@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 
-from chats import Chat, ChatMessage, ExportError, Kind
+from importers.record import Chat, ChatMessage, ExportError, Kind
 
 # One pattern for every locale seen in public exports (tests/exports_fixtures.py has one of each): Android
 # "31/12/2023, 9:05 p. m. - Name: text", "2023. 12. 31. 오후 9:05 - …"; iOS "[31.12.23, 21.05.09] Name: text";

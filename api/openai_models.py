@@ -10,7 +10,6 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from models import MAX_MESSAGE_CHARS, Sampling
 
-
 MAX_CHOICES = 4  # n: each choice is a generation of its own on one serialised model
 MAX_TOKENS = 1024  # the longest reply generated; OpenAI clients send their own model's limits (4096, ...): clamped
 

@@ -10,11 +10,23 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from exports_fixtures import (
+    WHATSAPP_ANDROID,
+    WHATSAPP_IOS,
+    WHATSAPP_LOCALISED,
+    WHATSAPP_VARIANTS,
+    discord_bytes,
+    encoded,
+    messenger_bytes,
+    telegram_account_bytes,
+    telegram_bytes,
+    telegram_chat,
+    whatsapp_variant,
+    zipped,
+)
 
-import exports
+import importers as exports
 import parser as dialog_parser
-from exports_fixtures import (WHATSAPP_ANDROID, WHATSAPP_IOS, WHATSAPP_LOCALISED, WHATSAPP_VARIANTS, discord_bytes, encoded,
-                              messenger_bytes, telegram_account_bytes, telegram_bytes, telegram_chat, whatsapp_variant, zipped)
 from config import get_settings
 from models import MAX_MESSAGE_CHARS, CleaningOptions
 

@@ -1,0 +1,63 @@
+"""The record every messenger reader produces: a `Chat` of `ChatMessage`s, each marked as a message, a
+system notice, a media placeholder or a deleted message; the errors of an unreadable export; and the
+readers' shared time helpers (ISO dates and Unix epochs as naive UTC).
+
+Knows nothing of formats, files, cleaning or HTTP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+Kind = Literal["message", "system", "media", "deleted"]
+
+
+class ExportError(ValueError):
+    """The file is not a readable export of the given (or any) format; the message says why."""
+
+
+class ExportTooLarge(ExportError):
+    """The archive unpacks to more than the budget (a zip bomb, or simply too much)."""
+
+
+@dataclass
+class ChatMessage:
+    speaker: str
+    text: str
+    kind: Kind = "message"
+    id: int | None = None
+    time: datetime | None = None
+    reply_to: int | None = None
+    merged_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Chat:
+    name: str
+    id: str | None
+    messages: list[ChatMessage]
+
+
+def parse_time(value: Any) -> datetime | None:
+    """An ISO date, as naive UTC when it carries an offset, so aware and naive dates compare."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return naive(datetime.fromisoformat(value))
+    except ValueError:
+        return None
+
+
+def naive(time: datetime | None) -> datetime | None:
+    if time is None or time.tzinfo is None:
+        return time
+    return time.astimezone(timezone.utc).replace(tzinfo=None)
+
+
+def epoch(seconds: float) -> datetime | None:
+    try:
+        return datetime.fromtimestamp(seconds, timezone.utc).replace(tzinfo=None)
+    except (OverflowError, OSError, ValueError):  # beyond year 9999
+        return None
