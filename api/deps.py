@@ -20,6 +20,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+import memory
 import store
 from config import Settings, get_settings
 from errors import Forbidden, ServiceUnavailable, Unauthorized
@@ -171,6 +172,8 @@ def open_services(app, settings: Settings) -> None:
     adapters.clean_stale(settings.OUTPUT_DIR)
     if stale := store.clean_temporaries(settings.DATA_DIR):
         log.info("removed %d temporary messages files left by interrupted writes", len(stale))
+    if stale := memory.clean_orphans(settings.DATA_DIR):
+        log.info("removed %d memory indexes whose messages were deleted", len(stale))
     if stale := model_export.discard_partial(settings.EXPORTS_DIR):
         log.info("removed %d half-made exports left by an interrupted server", len(stale))
     jobs = JobRegistry(settings.db_path, replace_damaged=True)

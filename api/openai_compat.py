@@ -19,6 +19,7 @@ from dataclasses import replace
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -36,6 +37,7 @@ from api.openai_models import (
 )
 from config import get_settings
 from errors import NotFound, ServiceError, public_errors, scrub
+import memory
 from lm import adapters, chat_format
 from lm.infer import (
     AdapterNotFound,
@@ -45,7 +47,7 @@ from lm.infer import (
     persona_decoding,
     sampling,
 )
-from models import Turn
+from models import RecalledPublic, Turn
 
 log = logging.getLogger("persona_lora.openai")
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], responses={
@@ -150,7 +152,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     speaker = _target(request, body.model)
     persona = speaker or ASSISTANT
     turns = _turns(body, persona)
-    messages = chat_format.to_messages(turns, persona)
+    settings = get_settings()
+    recalled = await run_in_threadpool(memory.recall, settings.DATA_DIR, speaker, turns,
+                                       memory.k_for(body.memory, settings.MEMORY_K), settings.STORAGE_LOCK_SECONDS) if speaker else []
+    recalled_public = [RecalledPublic(**vars(r)) for r in recalled]
+    messages = chat_format.to_messages(memory.recalled_turns(recalled, persona) + turns, persona)
     decoding = persona_decoding(get_settings(), [*turns, Turn(speaker=persona, content="")], **sampling(body),
                                 max_new_tokens=body.max_tokens)
     # Choice i samples with seed + i: n choices differ, and each is the answer of a request for n=1 with its seed.
@@ -167,7 +173,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         release = _once(lambda: gate.leave(started))
         events = _events(completion_id, body.model, include_usage, opened,
-                         lambda d: _open(gate, engine, speaker, messages, d, body.model), decodings, gate, release)
+                         lambda d: _open(gate, engine, speaker, messages, d, body.model), decodings, gate, release,
+                         [r.model_dump() for r in recalled_public])
         return _SlotStream(release, events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     outs = []
     async with gate.slot():
@@ -177,7 +184,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             except AdapterNotFound:
                 raise _no_adapter(body.model) from None
     return ChatCompletion(
-        id=completion_id, created=created(), model=body.model, usage=_usage(outs),
+        id=completion_id, created=created(), model=body.model, usage=_usage(outs), memory=recalled_public,
         choices=[ChatChoice(index=i, message=ChatMessageOut(role="assistant", content=out.text), finish_reason=out.finish_reason)
                  for i, out in enumerate(outs)],
     )
@@ -201,8 +208,9 @@ async def _open(gate, engine, speaker: str | None, messages: list[dict], decodin
 
 
 async def _events(completion_id: str, model: str, include_usage: bool, opened, open_next, decodings: list[Decoding],
-                  gate, release):
-    """The chunks of every choice in turn (its role, its text in pieces, its finish reason), then with
+                  gate, release, recalled: list[dict]):
+    """The chunks of every choice in turn (its role, its text in pieces, its finish reason; the first
+    chunk also carries `memory`, the recalled messages, an extension OpenAI's clients ignore), then with
     `include_usage` one chunk with `usage` and no choices, then `[DONE]`. A failure after the 200 is sent
     as an `error` event, which OpenAI's clients raise. Gives back the generation slot (`release`) when
     it ends, or when the client goes away."""
@@ -218,7 +226,8 @@ async def _events(completion_id: str, model: str, include_usage: bool, opened, o
     try:
         for index, decoding in enumerate(decodings):
             item, pieces = opened if index == 0 else await open_next(decoding)
-            yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+                        **({"memory": recalled} if index == 0 else {}))
             while item is not None:
                 if isinstance(item, Generation):
                     outs.append(item)

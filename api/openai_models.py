@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
-from models import MAX_MESSAGE_CHARS, Sampling
+from models import MAX_MESSAGE_CHARS, RecalledPublic, Sampling
 
 MAX_CHOICES = 4  # n: each choice is a generation of its own on one serialised model
 MAX_TOKENS = 1024  # the longest reply generated; OpenAI clients send their own model's limits (4096, ...): clamped
@@ -97,6 +97,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    memory: list[RecalledPublic] = Field([], description="Extension: the person's messages recalled into the prompt.")
 
 
 class ModelCard(BaseModel):

@@ -14,7 +14,9 @@ from fastapi import Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 
+import memory
 import parser as dialog_parser
 import store
 import train
@@ -48,7 +50,10 @@ from models import (
     ExportInspection,
     GenerateRequest,
     GenerateResponse,
+    MemoryPublic,
+    MemoryQuery,
     PageQuery,
+    RecalledPublic,
     SamplesPublic,
     SpeakerName,
     SpeakerPublic,
@@ -65,6 +70,7 @@ router = guarded_router()
 
 def _upload_response(speaker: str, samples, empty: int, settings: Settings) -> dict:
     result = store.append_samples(settings.DATA_DIR, speaker, samples, settings.STORAGE_LOCK_SECONDS)
+    memory.add_samples(settings.DATA_DIR, speaker, samples)
     return dict(
         message=f"Successfully saved messages for {speaker}", filepath=display_path(result.path), speaker=speaker,
         added=result.added, duplicates=result.duplicates, skipped_empty=empty, total=result.total,
@@ -178,9 +184,11 @@ def speaker_dataset(speaker: SpeakerName, request: Request, settings: SettingsDe
     """The first samples exactly as training renders them (chat template applied, trained span marked)."""
     samples, count = _stored(settings, speaker, 0, query.limit)
     warm = base_ready(request)
+    stored = store.load_speaker(settings.DATA_DIR, speaker, settings.STORAGE_LOCK_SECONDS) if settings.MEMORY_K else None
+    pool = train.holdout_split(stored.messages, settings.EVAL_FRACTION, settings.EVAL_MIN_SAMPLES)[0] if stored else []
     try:
         rendered = train.render_dataset(samples, speaker, settings.BASE_MODEL, settings.MODELS_DIR,
-                                        settings.MAX_SEQ_LENGTH, warm.tokenizer)
+                                        settings.MAX_SEQ_LENGTH, warm.tokenizer, pool, settings.MEMORY_K)
     except (OSError, ValueError) as exc:
         raise ServiceError(f"could not load the tokenizer of base model {settings.BASE_MODEL!r}: {exc}") from None
     return DatasetPublic(**rendered, count=count)
@@ -202,6 +210,7 @@ def delete_speaker(
                        "cancel it or wait, then delete")
     temporaries = store.clean_temporaries(settings.DATA_DIR, speaker)  # first: delete_speaker removes the lock
     deleted = [*store.delete_speaker(settings.DATA_DIR, speaker, settings.STORAGE_LOCK_SECONDS), *temporaries,
+               *memory.delete(settings.DATA_DIR, speaker),
                *([adapters.delete(settings.OUTPUT_DIR, speaker), model_export.delete(settings.EXPORTS_DIR, speaker)]
                  if not query.keep_adapter else [evals.delete_report(settings, speaker)])]  # eval.json quotes held-out messages
     for job in registry(request).list(speaker=speaker, limit=10_000)[0]:  # checkpoints hold a copy of the samples
@@ -227,14 +236,28 @@ async def generate(body: GenerateRequest, request: Request, settings: SettingsDe
                                 max_new_tokens=body.max_new_tokens)
     if adapters.info(settings.OUTPUT_DIR, body.speaker) is None:  # a 404 before any 503 of a busy or warming base
         raise NotFound(f"no adapter for speaker '{body.speaker}'; train one with POST /train")
+    recalled = await run_in_threadpool(memory.recall, settings.DATA_DIR, body.speaker, turns,
+                                       memory.k_for(body.memory, settings.MEMORY_K), settings.STORAGE_LOCK_SECONDS)
+    messages = chat_format.to_messages(memory.recalled_turns(recalled, body.speaker) + list(turns), body.speaker)
     try:
         async with generation(request).slot() as gate:
-            out = await gate.run(request.app.state.engine.generate, body.speaker, chat_format.to_messages(turns, body.speaker),
-                                 decoding)
+            out = await gate.run(request.app.state.engine.generate, body.speaker, messages, decoding)
     except AdapterNotFound:
         raise NotFound(f"no adapter for speaker '{body.speaker}'; train one with POST /train") from None
     return GenerateResponse(speaker=body.speaker, reply=out.text, prompt_tokens=out.prompt_tokens,
-                            completion_tokens=out.completion_tokens, finish_reason=out.finish_reason)
+                            completion_tokens=out.completion_tokens, finish_reason=out.finish_reason,
+                            memory=[RecalledPublic(**vars(r)) for r in recalled])
+
+
+@router.get("/speakers/{speaker}/memory", response_model=MemoryPublic,
+            responses={404: error("Nothing stored for the speaker."), **LOCKED, **ERRORS})
+def speaker_memory(speaker: SpeakerName, settings: SettingsDep, query: Annotated[MemoryQuery, Query()]) -> MemoryPublic:
+    """What the persona would recall for a text: the person's most relevant earlier messages, and how many the memory holds."""
+    found = memory.search(settings.DATA_DIR, speaker, query.q, query.limit, settings.STORAGE_LOCK_SECONDS)
+    if found is None:
+        raise NotFound(f"no messages stored for speaker '{speaker}'")
+    recalled, count = found
+    return MemoryPublic(data=[RecalledPublic(**vars(r)) for r in recalled], count=count)
 
 
 @router.get("/speakers/{speaker}/evaluation", responses={404: error("No evaluation for the speaker.")})

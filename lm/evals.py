@@ -32,6 +32,7 @@ from typing import Any
 
 import store
 from config import Settings
+import memory
 from lm import adapters, chat_format, packing
 from lm.infer import (
     AdapterNotFound,
@@ -150,8 +151,11 @@ def end_of_turn_probability(model, tokenizer, encoded: list[chat_format.Encoded]
 
 
 def evaluate(model, tokenizer, template: str, speaker: str, held_out: list[Sample], others: dict[str, list[Sample]],
-             max_len: int, generations: int = 16, decoding: Decoding | None = None) -> dict[str, Any]:
+             max_len: int, generations: int = 16, decoding: Decoding | None = None, pool: list[Sample] = (),
+             memory_k: int = 0) -> dict[str, Any]:
     """The report for the adapter active in `model`; `held_out` are samples it never trained on.
+    With `memory_k`, each held-out context is led by the messages recalled from `pool` (the training
+    split), as at generation, and the report's `memory` compares the held-out loss without them.
     Replies are generated with `decoding` (greedy, 48 tokens, if not given), seeded per context, and
     stop where the model starts the turn of anyone in the context."""
     decoding = decoding or Decoding(max_new_tokens=48)
@@ -160,6 +164,8 @@ def evaluate(model, tokenizer, template: str, speaker: str, held_out: list[Sampl
     if not held_out:
         report["note"] = "too few samples to hold any out; train on more to get an evaluation"
         return report
+    plain = held_out
+    held_out = memory.with_memory(plain, list(pool), speaker, memory_k)
     picked = held_out[:generations]
     true = [s.reply for s in picked]
 
@@ -186,6 +192,11 @@ def evaluate(model, tokenizer, template: str, speaker: str, held_out: list[Sampl
     report["end_of_turn"] = {"base": base_eot, "adapter": end_of_turn_probability(model, tokenizer, encoded)}
     report["held_out"] = {"base": base, "adapter": adapter,
                           "loss_reduction": round(base["loss"] - adapter["loss"], 4) if base["loss"] and adapter["loss"] else None}
+    if memory_k:
+        without = _loss(model, tokenizer, template, plain, speaker, max_len)
+        recalled = [len(m.context) - len(s.context) for s, m in zip(plain, held_out)]
+        report["memory"] = {"k": memory_k, "recalled_per_context": round(sum(recalled) / len(recalled), 2),
+                            "adapter_loss_with": adapter["loss"], "adapter_loss_without": without["loss"]}
     other_samples = [(name, s) for name, samples in others.items() if name != speaker for s in samples]
     if other_samples:
         other_losses = [_loss(model, tokenizer, template, [s], name, max_len) for name, s in other_samples]
@@ -223,9 +234,10 @@ def after_training(settings: Settings, speaker: str, config: TrainConfig):
     """The evaluator train.train_lora runs on the model it has just trained (a train.Evaluator)."""
     others = other_speakers(settings, speaker)
 
-    def run(model, tokenizer, template: str, held_out: list[Sample], folder: Path, info: dict[str, Any]) -> dict[str, Any]:
+    def run(model, tokenizer, template: str, held_out: list[Sample], folder: Path, info: dict[str, Any],
+            pool: list[Sample] = ()) -> dict[str, Any]:
         report = evaluate(model, tokenizer, template, speaker, held_out, others, config.max_seq_length,
-                          settings.EVAL_GENERATIONS, persona_decoding(settings))
+                          settings.EVAL_GENERATIONS, persona_decoding(settings), pool, config.memory_k)
         write_report(folder, report, info)
         return report
 
@@ -241,9 +253,11 @@ def evaluate_speaker(settings: Settings, speaker: str, engine: PersonaEngine) ->
     stored = store.load_speaker(settings.DATA_DIR, speaker)
     held_ids = set(info.get("heldout_ids", []))
     held = [s for s in (stored.messages if stored else []) if s.id in held_ids]
+    pool = [s for s in (stored.messages if stored else []) if s.id not in held_ids]
     with engine.session(speaker) as (model, tokenizer, template):
         report = evaluate(model, tokenizer, template, speaker, held, other_speakers(settings, speaker),
-                          info["config"]["max_seq_length"], settings.EVAL_GENERATIONS, persona_decoding(settings))
+                          info["config"]["max_seq_length"], settings.EVAL_GENERATIONS, persona_decoding(settings),
+                          pool, info["config"].get("memory_k", 0))
     current = adapters.info(settings.OUTPUT_DIR, speaker)
     if current is None or current.get("created_at") != info.get("created_at"):
         raise AdapterNotFound(speaker)  # deleted or replaced while it was evaluated: its report would be wrong

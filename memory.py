@@ -1,0 +1,300 @@
+"""Memory: each speaker's own messages in a full-text index, and recall of the ones most relevant to
+a conversation, so a persona can say again what the person actually said.
+
+The engine is SQLite's FTS5 (Python's own `sqlite3`; BM25 ranking; the `unicode61` tokenizer with
+diacritics folded, so it works for every script the importers read). Why not an embedding model:
+offline, no second model in memory, and on 100,000 messages indexing and a query cost what
+bench/README.md ("Memory") measures. One index file per speaker beside their messages file,
+`.<storage_name>_messages.json.fts`, rebuilt from the stored messages (the source of truth) when it is
+missing, stale (its count differs from the store's) or damaged. `Memory(":memory:")` is the same
+index held in memory, as training builds it from the training split.
+
+A query is the conversation so far, newest turn first: its words, less those that occur in more than
+COMMON_SHARE of the messages (a stop-word list for any language, from the index's own counts), OR-ed
+and ranked by BM25. Knows nothing of models, prompts or HTTP: `Memory` takes texts and sample ids
+and gives texts back; the speaker-level functions read the stored messages through store.py. To
+plug in an embedding model instead, replace `Memory.recall` (keep its signature); everything else
+stays.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sqlite3
+import threading
+import unicodedata
+from collections.abc import Iterable
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+import store
+from models import Sample, Turn
+
+log = logging.getLogger("persona_lora.memory")
+
+SUFFIX = ".fts"  # `.<messages file>.fts`, beside the store's `.<messages file>.index`
+QUERY_TERMS = 24  # the newest distinct words of the conversation; more only slows the query down
+COMMON_SHARE = 0.2  # a word in more than a fifth of the messages says nothing about which to recall
+COMMON_MIN_DOCS = 5  # ...but in a small memory every word is rare: never drop one found in fewer
+RECALL_CHARS = 300  # one recalled message at most this long in a prompt (a chat line is ~60)
+NEAR_DUPLICATE = 0.8  # word-set overlap at or above which two messages say the same thing
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+@dataclass
+class Recalled:
+    sample_id: str
+    text: str
+    score: float  # BM25, higher is more relevant (SQLite's bm25() negated)
+
+
+def words(text: str) -> list[str]:
+    """The text's words as the index's tokenizer sees them: lower case, diacritics removed."""
+    folded = "".join(ch for ch in unicodedata.normalize("NFKD", text.casefold()) if not unicodedata.combining(ch))
+    return _WORD.findall(folded)
+
+
+def near_duplicate(a: str, b: str) -> bool:
+    """Whether two messages say the same thing: the same words, or nearly (Jaccard ≥ NEAR_DUPLICATE,
+    or one's words all within the other's)."""
+    x, y = set(words(a)), set(words(b))
+    if not x or not y:
+        return a.strip() == b.strip()
+    return len(x & y) / len(x | y) >= NEAR_DUPLICATE or x <= y or y <= x
+
+
+class Memory:
+    """One speaker's messages in an FTS5 index (a file, or ":memory:")."""
+
+    def __init__(self, path: str | Path):
+        self.db = sqlite3.connect(str(path), timeout=10, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=DELETE")  # no -wal/-shm files beside it: one file to delete
+        self.db.executescript(
+            "CREATE VIRTUAL TABLE IF NOT EXISTS lines USING fts5(text, sample_id UNINDEXED,"
+            " tokenize='unicode61 remove_diacritics 2');"
+            "CREATE VIRTUAL TABLE IF NOT EXISTS vocab USING fts5vocab(lines, row);"
+            "CREATE TABLE IF NOT EXISTS ids (sample_id TEXT PRIMARY KEY);"
+        )
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Memory:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def count(self) -> int:
+        return self.db.execute("SELECT count(*) FROM ids").fetchone()[0]
+
+    def add(self, items: Iterable[tuple[str, str]]) -> int:
+        """Index (sample_id, text) pairs not indexed yet; the number added."""
+        added = 0
+        with self.db:
+            for sample_id, text in items:
+                if not text.strip():
+                    continue
+                if self.db.execute("INSERT OR IGNORE INTO ids VALUES (?)", (sample_id,)).rowcount:
+                    self.db.execute("INSERT INTO lines (text, sample_id) VALUES (?, ?)", (text, sample_id))
+                    added += 1
+        return added
+
+    def query_terms(self, texts: list[str]) -> list[str]:
+        """The words to look for: the newest distinct words of `texts` (newest text first), less the common ones."""
+        terms: list[str] = []
+        for text in texts:
+            for word in reversed(words(text)):
+                if len(word) > 1 and word not in terms:
+                    terms.append(word)
+        terms = terms[: QUERY_TERMS * 2]
+        if not terms:
+            return []
+        total = self.count()
+        limit = max(COMMON_MIN_DOCS, COMMON_SHARE * total)
+        marks = ",".join("?" * len(terms))
+        common = {t for t, docs in self.db.execute(f"SELECT term, doc FROM vocab WHERE term IN ({marks})", terms) if docs > limit}
+        return [t for t in terms if t not in common][:QUERY_TERMS]
+
+    def recall(self, texts: list[str], k: int, exclude_ids: set[str] = frozenset(),
+               exclude_texts: list[str] = ()) -> list[Recalled]:
+        """The k messages most relevant to `texts` (the conversation, newest first), best first; none
+        whose id is in `exclude_ids` or that nearly duplicates one of `exclude_texts`."""
+        terms = self.query_terms(texts) if k > 0 else []
+        if not terms:
+            return []
+        query = " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
+        found, seen = [], []
+        rows = self.db.execute("SELECT sample_id, text, bm25(lines) FROM lines WHERE lines MATCH ? ORDER BY bm25(lines) LIMIT ?",
+                               (query, 4 * k + len(exclude_ids) + 8))
+        for sample_id, text, rank in rows:
+            if sample_id in exclude_ids or any(near_duplicate(text, other) for other in [*exclude_texts, *seen]):
+                continue
+            found.append(Recalled(sample_id, text[:RECALL_CHARS], -rank))
+            seen.append(text)
+            if len(found) == k:
+                break
+        return found
+
+
+# --- one speaker's index file beside their messages ---------------------------------------------
+
+
+def index_path(messages_file: Path) -> Path:
+    return messages_file.with_name(f".{messages_file.name}{SUFFIX}")
+
+
+_rebuilding = threading.Lock()  # one rebuild at a time in this process; SQLite's own lock between processes
+
+
+def open_index(messages_file: Path, items: callable, expected: int) -> Memory:
+    """The speaker's index, rebuilt from `items()` ((sample_id, text) pairs of every stored message)
+    when it is missing, stale (holds other than `expected` messages) or damaged."""
+    path = index_path(messages_file)
+    with _rebuilding:
+        return _open_or_rebuild(path, items, expected)
+
+
+def _open_or_rebuild(path: Path, items: callable, expected: int) -> Memory:
+    try:
+        memory = Memory(path)
+        if memory.count() == expected:
+            return memory
+        memory.close()
+        reason = "stale"
+    except sqlite3.DatabaseError as exc:
+        reason = f"damaged ({exc})"
+    log.info("memory index %s is %s; rebuilding it from the stored messages", path.name, reason)
+    path.unlink(missing_ok=True)
+    memory = Memory(path)
+    memory.add(items())
+    return memory
+
+
+def add_to_index(messages_file: Path, items: list[tuple[str, str]]) -> None:
+    """Index new messages in the speaker's index if it exists; a missing one is built when first used."""
+    path = index_path(messages_file)
+    if not path.exists():
+        return
+    try:
+        with closing(Memory(path)) as memory:
+            memory.add(items)
+    except sqlite3.DatabaseError as exc:  # rebuilt at the next recall
+        log.warning("memory index %s could not be updated (%s); it will be rebuilt", path.name, exc)
+        path.unlink(missing_ok=True)
+
+
+def delete_index(messages_file: Path) -> list[Path]:
+    """Remove the speaker's index and its journal; the paths removed."""
+    removed = []
+    for path in (index_path(messages_file), index_path(messages_file).with_name(index_path(messages_file).name + "-journal")):
+        if path.exists():
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+# --- a speaker's memory, from the store -----------------------------------------------------------
+
+
+def pairs(samples: Iterable[Sample]) -> list[tuple[str, str]]:
+    """What memory holds of samples: each one's id and the speaker's reply."""
+    return [(s.id, s.reply) for s in samples]
+
+
+def speaker_memory(data_dir: Path, speaker: str, wait: float = store.LOCK_SECONDS) -> Memory | None:
+    """The speaker's index, in step with their stored messages; None when nothing is stored."""
+    summary = store.summary(data_dir, speaker, wait)
+    if summary is None:
+        return None
+
+    def stored() -> list[tuple[str, str]]:
+        found = store.load_speaker(data_dir, speaker, wait)
+        return pairs(found.messages) if found else []
+
+    return open_index(store.speaker_file(data_dir, speaker), stored, summary.messages)
+
+
+def conversation_texts(turns: list[Turn]) -> list[str]:
+    """A conversation as a memory query: its texts, newest first."""
+    return [t.content for t in reversed(turns)]
+
+
+def k_for(option: bool | int | None, default: int) -> int:
+    """How many messages a request recalls: its `memory` (false: none, a number: that many), else the default."""
+    if option is None or option is True:
+        return default
+    return int(option)
+
+
+def recall(data_dir: Path, speaker: str, turns: list[Turn], k: int, wait: float = store.LOCK_SECONDS) -> list[Recalled]:
+    """The speaker's k earlier messages most relevant to the conversation, never one already in it."""
+    if k <= 0:
+        return []
+    memory = speaker_memory(data_dir, speaker, wait)
+    if memory is None:
+        return []
+    with memory:
+        return memory.recall(conversation_texts(turns), k, exclude_texts=[t.content for t in turns])
+
+
+def search(data_dir: Path, speaker: str, text: str, limit: int,
+           wait: float = store.LOCK_SECONDS) -> tuple[list[Recalled], int] | None:
+    """What would be recalled for `text`, and how many messages the memory holds; None when nothing is stored."""
+    memory = speaker_memory(data_dir, speaker, wait)
+    if memory is None:
+        return None
+    with memory:
+        return memory.recall([text], limit), memory.count()
+
+
+def size(data_dir: Path, speaker: str, wait: float = store.LOCK_SECONDS) -> int:
+    """How many messages the speaker's memory holds (built if missing)."""
+    memory = speaker_memory(data_dir, speaker, wait)
+    if memory is None:
+        return 0
+    with memory:
+        return memory.count()
+
+
+def with_memory(samples: list[Sample], pool: list[Sample], speaker: str, k: int) -> list[Sample]:
+    """Training samples as generation will see them: each one's context led by the k messages of
+    `pool` (the training split) most relevant to it, as the speaker's own earlier turns; never the
+    sample itself, a near duplicate of its reply, or a line already in its context."""
+    if k <= 0 or not samples:
+        return samples
+    out = []
+    with Memory(":memory:") as memory:
+        memory.add(pairs(pool))
+        for sample in samples:
+            found = memory.recall(conversation_texts(sample.context), k, exclude_ids={sample.id},
+                                  exclude_texts=[sample.reply, *(t.content for t in sample.context)])
+            out.append(sample.model_copy(update={"context": recalled_turns(found, speaker) + list(sample.context)}))
+    return out
+
+
+def recalled_turns(found: list[Recalled], speaker: str) -> list[Turn]:
+    """Recalled messages as the speaker's earlier turns, least relevant first (the most relevant
+    nearest the conversation), the form the transcript reads as "what this person said before"."""
+    return [Turn(speaker=speaker, content=r.text) for r in reversed(found)]
+
+
+def add_samples(data_dir: Path, speaker: str, samples: list[Sample]) -> None:
+    """Keep the speaker's index in step with an upload (ids already indexed are skipped)."""
+    add_to_index(store.speaker_file(data_dir, speaker), pairs(samples))
+
+
+def delete(data_dir: Path, speaker: str) -> list[Path]:
+    """Remove the speaker's index (it holds their messages); the paths removed."""
+    return delete_index(store.speaker_file(data_dir, speaker))
+
+
+def clean_orphans(data_dir: Path) -> list[Path]:
+    """At start-up: remove indexes whose messages file is gone (a delete interrupted between the two)."""
+    removed = []
+    for path in data_dir.glob(f".*{SUFFIX}") if data_dir.is_dir() else []:
+        if not path.with_name(path.name[1 : -len(SUFFIX)]).exists():
+            removed += delete_index(path.with_name(path.name[1 : -len(SUFFIX)]))
+    return removed
