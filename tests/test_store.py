@@ -193,3 +193,23 @@ def test_another_process_s_appends_are_seen(tmp_path):
     result = store.append_samples(data, "Олена", samples(0, 6))
     assert (result.added, result.total) == (1, 6)
     assert (data / "Олена_messages.json").read_bytes() == rewritten("Олена", samples(0, 6))
+
+
+@pytest.mark.parametrize("count,stored_as", [(55, "𝓐" * 55), (56, None), (57, None)])
+def test_a_name_whose_files_would_pass_255_bytes_is_stored_under_its_encoded_name(client, env, count, stored_as):
+    """"𝓐" is 4 bytes in UTF-8: 55 of them (220 bytes) make the longest file the store writes, the index's
+    temporary `.<name>_messages.json.index.<8 random>.tmp`, exactly 255 bytes; 56 would be 259."""
+    from config import storage_name
+
+    name = "𝓐" * count
+    dialog = [{"speaker": "B", "content": "ping"}, {"speaker": name, "content": "pong"}]
+    r = client.post("/upload-text", json={"dialog": dialog, "speaker": name})
+    assert r.status_code == 200, r.text
+    assert r.json()["total"] == 1
+    assert (storage_name(name) == stored_as) if stored_as else storage_name(name).startswith("~")
+    r = client.get(f"/speakers/{name}/messages")
+    assert (r.status_code, [m["reply"] for m in r.json()["data"]]) == (200, ["pong"]), r.text
+    assert [(s["speaker"], s["messages"]) for s in client.get("/speakers").json()["data"]] == [(name, 1)]
+    r = client.delete(f"/speakers/{name}")
+    assert r.status_code == 200, r.text
+    assert list(Path(env["DATA_DIR"]).glob("*_messages.json*")) == []
