@@ -137,3 +137,25 @@ def test_delete_removes_every_file_that_holds_the_speakers_messages(client, env)
     assert (output / "P1" / "training_info.json").is_file()  # the adapter is kept
     holding = [p for root in (data, output) for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert holding == [] and other_tmp.exists()
+
+
+def test_requests_for_unknown_or_deleted_speakers_leave_the_data_folder_unchanged(client, env):
+    data = Path(env["DATA_DIR"])
+    upload(client, "Zoë Åsa")
+    assert client.delete("/speakers/Zoë Åsa").status_code == 200
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))  # pathlib's * matches hidden files (locks)
+    requests = {
+        "messages": lambda name: client.get(f"/speakers/{name}/messages"),
+        "dataset": lambda name: client.get(f"/speakers/{name}/dataset"),
+        "evaluation": lambda name: client.get(f"/speakers/{name}/evaluation"),
+        "train": lambda name: client.post("/train", json={"speaker": name}),
+        "delete": lambda name: client.delete(f"/speakers/{name}"),
+        "generate": lambda name: client.post("/generate", json={"speaker": name, "prompt": "hi"}),
+    }
+    for i, (what, send) in enumerate(requests.items()):
+        for name in (f"Ghost{i}", "Zoë Åsa"):
+            r = send(name)
+            assert r.status_code == 404, (what, r.text)
+            assert sorted(p.relative_to(data) for p in data.rglob("*")) == before, (what, name)
+    assert client.get("/speakers/Ghost0/messages").json() == {"detail": "no messages stored for speaker 'Ghost0'"}
+    assert client.delete("/speakers/Ghost0").json() == {"detail": "nothing stored for speaker 'Ghost0'"}

@@ -213,3 +213,32 @@ def test_a_name_whose_files_would_pass_255_bytes_is_stored_under_its_encoded_nam
     r = client.delete(f"/speakers/{name}")
     assert r.status_code == 200, r.text
     assert list(Path(env["DATA_DIR"]).glob("*_messages.json*")) == []
+
+
+def test_no_lock_file_outlives_the_speaker_s_messages(tmp_path):
+    """Reads of a speaker with no file write nothing; a write that stores nothing, a delete, and a read
+    that waited while another process deleted the speaker leave no lock naming them."""
+    import threading
+
+    data = tmp_path / "data"
+    data.mkdir()
+    assert store.summary(data, "Ghost") is None and store.read_messages(data, "Ghost", 0, 5) is None
+    assert store.load_speaker(data, "Ghost") is None and store.delete_speaker(data, "Ghost") == []
+    assert store.append_samples(data, "Ghost", []).total == 0
+    assert list(data.iterdir()) == []
+    path = store.append_samples(data, "Zoë Åsa", samples(0, 2)).path
+    lock = path.with_name(f".{path.name}.lock")
+    assert lock.exists()
+    found = []
+    with FileLock(str(lock)):  # another process's delete holds the speaker while this one's read waits
+        reader = threading.Thread(target=lambda: found.append(store.read_messages(data, "Zoë Åsa", 0, 5)))
+        reader.start()
+        reader.join(0.5)
+        assert reader.is_alive()
+        path.unlink()
+        store.index_file(path).unlink()
+    reader.join(10)
+    assert found == [None] and list(data.iterdir()) == []
+    store.append_samples(data, "Zoë Åsa", samples(0, 1))
+    assert store.delete_speaker(data, "Zoë Åsa") == [path, store.index_file(path)]
+    assert list(data.iterdir()) == []
