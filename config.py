@@ -205,8 +205,9 @@ def path_in(root: Path, name: str) -> Path:
 _SAFE_PUNCTUATION = set(" _.-")
 STORAGE_SUFFIX = "_messages.json"
 # The longest file any part of the service names after a speaker is the store's temporary of the index
-# sidecar, `..<name>_messages.json.index.<8 random>.tmp`: the name and 35 bytes (the lock adds 20, an
-# adapter's `.tmp-<name>-<8 hex>` folder 14, exports and job files none). Linux refuses names over 255 bytes.
+# sidecar, `..<name>_messages.json.index.<8 random>.tmp`: the name and 35 bytes (the lock adds 20, the
+# adapter's `.tmp-`, `.old-` and `.del-<name>-<8 hex>` folders 14, an export folder 0; job files are named
+# by job id). Linux refuses file names over 255 bytes.
 NAME_MAX_FILE_BYTES = 255 - len(f"..{STORAGE_SUFFIX}.index.12345678.tmp".encode())  # 220: 55 × "𝓐" (4 bytes each)
 
 
