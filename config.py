@@ -210,18 +210,24 @@ def path_in(root: Path, name: str) -> Path:
 
 _SAFE_PUNCTUATION = set(" _.-")
 STORAGE_SUFFIX = "_messages.json"
+# The longest file any part of the service names after a speaker is the store's temporary of the index
+# sidecar, `..<name>_messages.json.index.<8 random>.tmp`: the name and 35 bytes (the lock adds 20, the
+# adapter's `.tmp-`, `.old-` and `.del-<name>-<8 hex>` folders 14, an export folder 0; job files are named
+# by job id). Linux refuses file names over 255 bytes.
+NAME_MAX_FILE_BYTES = 255 - len(f"..{STORAGE_SUFFIX}.index.12345678.tmp".encode())  # 220: 55 × "𝓐" (4 bytes each)
 
 
 def storage_name(speaker: str) -> str:
     """The speaker's name as a file name: unchanged when it is safe under the old rule (letters,
-    digits, space, '_', '.', '-'; no leading '.', no '..'; at most 64 characters; its file name at
-    most 255 UTF-8 bytes), else "~" + an ASCII slug + 16 base32 characters of its sha256: stable,
-    and never equal to a safe name (those hold no "~"). Speakers' message files and adapter folders
-    are named by it; the real name is stored inside them."""
+    digits, space, '_', '.', '-'; no leading '.', no '..'; at most 64 characters and
+    NAME_MAX_FILE_BYTES in UTF-8, so that every file named after it fits in 255 bytes), else "~" + an
+    ASCII slug + 16 base32 characters of its sha256: stable, and never equal to a safe name (those hold
+    no "~"). Speakers' message files and adapter folders are named by it; the real name is stored
+    inside them."""
     safe = (
         all(ch in _SAFE_PUNCTUATION or unicodedata.category(ch)[0] in "LMN" for ch in speaker)
         and speaker and not speaker.startswith(".") and ".." not in speaker and len(speaker) <= 64
-        and len(f"{speaker}{STORAGE_SUFFIX}".encode("utf-8")) <= 255
+        and len(speaker.encode("utf-8")) <= NAME_MAX_FILE_BYTES
     )
     if safe:
         return speaker

@@ -22,7 +22,8 @@ messages read it, not the file. It is trusted only when its last line names the 
 otherwise it is rebuilt from the file, which is the source of truth. An in-process cache, keyed by
 the file's size, inode and mtime, saves re-reading it (ids and offsets: ~10 MB per 50,000 samples).
 Every access holds the speaker's file lock (threads and processes); one that cannot have it within
-its bound raises StorageBusy (503, Retry-After).
+its bound raises StorageBusy (503, Retry-After). The lock file lives only as long as the messages file:
+a read of a speaker with no file takes no lock, and an access that leaves no file removes it.
 """
 
 from __future__ import annotations
@@ -104,7 +105,11 @@ def index_file(path: Path) -> Path:
 
 @contextmanager
 def _locked(path: Path, wait: float):
-    lock = FileLock(str(path.with_name(f".{path.name}.lock")), timeout=wait)
+    """Hold the file's lock, `.<file>.lock`. An access that ends with no file (nothing stored, or
+    deleted) removes the lock file while it still holds it, so no lock names a speaker without
+    messages: filelock (4.x) has a process that waited on a removed lock file try again on a new one."""
+    lock_path = path.with_name(f".{path.name}.lock")
+    lock = FileLock(str(lock_path), timeout=wait)
     try:
         lock.acquire()
     except Timeout:
@@ -113,7 +118,11 @@ def _locked(path: Path, wait: float):
     try:
         yield
     finally:
-        lock.release()
+        try:
+            if not path.exists():
+                lock_path.unlink(missing_ok=True)
+        finally:
+            lock.release()
 
 
 def storage_error(exc: OSError, path: Path) -> StorageError:
@@ -353,6 +362,8 @@ def summary(data_dir: Path, speaker: str, wait: float = LOCK_SECONDS) -> Speaker
 
 
 def _summary(path: Path, wait: float) -> SpeakerSummary | None:
+    if not path.exists():  # a read of a speaker with no file writes nothing, not even a lock
+        return None
     with _disk_errors(path), _locked(path, wait):
         index = _current(path)
     return SpeakerSummary(index.speaker, len(index.offsets), index.last_upload) if index else None
@@ -378,6 +389,8 @@ def read_messages(data_dir: Path, speaker: str, offset: int, limit: int,
     """Samples offset..offset+limit (oldest first) and the count, reading only their bytes; None
     when nothing is stored."""
     path = speaker_file(data_dir, speaker)
+    if not path.exists():
+        return None
     with _disk_errors(path), _locked(path, wait):
         index = _current(path)
         if index is None:
@@ -396,6 +409,8 @@ def read_messages(data_dir: Path, speaker: str, offset: int, limit: int,
 def load_speaker(data_dir: Path, speaker: str, wait: float = LOCK_SECONDS) -> SpeakerFile | None:
     """The whole stored file, or None when the speaker has none. A damaged file raises StorageError."""
     path = speaker_file(data_dir, speaker)
+    if not path.exists():
+        return None
     with _disk_errors(path), _locked(path, wait):
         if _current(path) is None:
             return None
@@ -408,14 +423,14 @@ def delete_speaker(data_dir: Path, speaker: str, wait: float = LOCK_SECONDS) -> 
     the paths removed (none when nothing was stored)."""
     path = speaker_file(data_dir, speaker)
     removed = []
-    with _disk_errors(path):
-        with _locked(path, wait):
-            _cache.pop(path, None)
-            for one in (path, index_file(path)):
-                if one.exists():
-                    one.unlink()
-                    removed.append(one)
-        path.with_name(f".{path.name}.lock").unlink(missing_ok=True)
+    if not (path.exists() or index_file(path).exists()):
+        return removed
+    with _disk_errors(path), _locked(path, wait):  # which removes the lock file with the file
+        _cache.pop(path, None)
+        for one in (path, index_file(path)):
+            if one.exists():
+                one.unlink()
+                removed.append(one)
     return removed
 
 

@@ -203,14 +203,16 @@ def delete_speaker(
     speaker: SpeakerName, request: Request, settings: SettingsDep, query: Annotated[DeleteQuery, Query()]
 ) -> DeletedPublic:
     """Delete every file that holds the speaker's messages (their file and its temporaries, the evaluation,
-    job checkpoints and logs) and, unless keep_adapter, their adapter and its exports; says what it removed."""
+    half-made adapters, job checkpoints and logs) and, unless keep_adapter, their adapter and its exports;
+    says what it removed."""
     active = registry(request).active_for(speaker)
     if active:
         raise Conflict(f"speaker '{speaker}' has a {KIND_NAMES[active.kind]} job running or queued ({active.job_id}); "
                        "cancel it or wait, then delete")
-    temporaries = store.clean_temporaries(settings.DATA_DIR, speaker)  # first: delete_speaker removes the lock
+    temporaries = store.clean_temporaries(settings.DATA_DIR, speaker)
     deleted = [*store.delete_speaker(settings.DATA_DIR, speaker, settings.STORAGE_LOCK_SECONDS), *temporaries,
                *memory.delete(settings.DATA_DIR, speaker),
+               *adapters.discard_partial(settings.OUTPUT_DIR, speaker),  # half-made adapters of killed jobs
                *([adapters.delete(settings.OUTPUT_DIR, speaker), model_export.delete(settings.EXPORTS_DIR, speaker)]
                  if not query.keep_adapter else [evals.delete_report(settings, speaker)])]  # eval.json quotes held-out messages
     for job in registry(request).list(speaker=speaker, limit=10_000)[0]:  # checkpoints hold a copy of the samples

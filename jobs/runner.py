@@ -28,6 +28,7 @@ import store
 from config import Settings, get_settings
 from errors import InsufficientStorage, StorageError, TrainingError
 from jobs.registry import INTERRUPTED, JobRegistry
+from lm import adapters
 from lm import export as model_export
 from models import JobProgress, JobPublic, JobStatus, Sample
 
@@ -133,7 +134,11 @@ class JobRunner:
             if log_file is not subprocess.DEVNULL:
                 log_file.close()
         self._until_written(job_id, lambda: self._record_exit(job_id, child.returncode, cancelled, log_path, job.kind))
-        if job.kind != "train" and self.registry.get(job_id).status != JobStatus.succeeded:
+        if self.registry.get(job_id).status == JobStatus.succeeded:
+            return
+        if job.kind == "train":  # a child killed mid-training or mid-evaluation leaves its `.tmp-` adapter
+            adapters.discard_partial(self.settings.OUTPUT_DIR, job.speaker)
+        else:
             model_export.discard_partial(self.settings.EXPORTS_DIR, job.speaker, job.config.export)
 
     def _cancel_requested(self, job_id: str) -> bool:

@@ -2,15 +2,20 @@
 
 A new adapter is written into a temporary folder and swapped into place by renames; its
 `training_info.json` is written last, so a folder that has one is complete. This module reads that
-file, lists and deletes adapters, and at start-up cleans what interrupted runs left.
+file, lists and deletes adapters, and cleans what interrupted runs left: a speaker's when their job
+dies or they are deleted, everyone's at start-up. Every folder it makes beside the adapters is named
+`<prefix><storage_name>-<8 hex>`, so it tells whose each is: `.tmp-` a new adapter being written,
+`.old-` the adapter it replaces (between the swap's two renames), `.del-` a deleted one being removed.
 
 Knows nothing of models, training or HTTP: it moves folders and reads JSON.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -22,7 +27,9 @@ from config import path_in, storage_name
 
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
+TRASH_PREFIX = ".del-"  # not ".tmp-deleted-": that would read as a `.tmp-` folder of a speaker "deleted-…"
 INFO_FILE = "training_info.json"
+_TAIL = re.compile(r"-[0-9a-f]{8}")  # uuid4().hex[:8]: no "-", so a name that ends in "-<8 hex>" stays apart
 
 
 def folder(output_root: Path, speaker: str) -> Path | None:
@@ -106,22 +113,43 @@ def delete(output_root: Path, speaker: str) -> Path | None:
     place = folder(output_root, speaker)
     if place is None or not place.is_dir():
         return None
-    trash = output_root / f"{TMP_PREFIX}deleted-{place.name}-{uuid.uuid4().hex[:8]}"
+    trash = output_root / f"{TRASH_PREFIX}{place.name}-{uuid.uuid4().hex[:8]}"
     os.replace(place, trash)  # gone from its place at once; removed below, or at the next start
     shutil.rmtree(trash, ignore_errors=True)
     return place
 
 
+def _beside(output_root: Path, prefix: str, name: str | None) -> list[Path]:
+    """The folders `<prefix><name>-<8 hex>` (of every name when None), sorted."""
+    head = f"{prefix}{name}" if name is not None else prefix
+    return sorted(p for p in output_root.glob(glob.escape(head) + "*") if p.is_dir()
+                  and (name is None or _TAIL.fullmatch(p.name[len(head):])))
+
+
+def discard_partial(output_root: Path, speaker: str | None = None) -> list[Path]:
+    """Remove what runs that died mid-way left: the speaker's (when their job died, or they are
+    deleted), or every speaker's at start-up. Call only when no job of theirs runs (the registry sees
+    to that); an adapter moved aside by an interrupted swap is put back when its place is empty. The
+    folders removed: half-made adapters (they may hold eval.json, which quotes messages), replaced
+    ones and interrupted deletes."""
+    place = folder(output_root, speaker) if speaker is not None else None
+    if not output_root.is_dir() or (speaker is not None and place is None):
+        return []
+    name = place.name if place else None
+    removed = []
+    for path in _beside(output_root, OLD_PREFIX, name):
+        final = output_root / path.name[len(OLD_PREFIX):].rsplit("-", 1)[0]
+        if final.exists():  # the swap got as far as putting the new one in place
+            removed.append(path)
+        else:
+            os.replace(path, final)
+    removed += _beside(output_root, TRASH_PREFIX, name) + _beside(output_root, TMP_PREFIX, name)
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
 def clean_stale(output_root: Path) -> None:
     """At start-up: remove folders of runs that died mid-way; restore an adapter whose replacement
     was interrupted between its two renames."""
-    if not output_root.exists():
-        return
-    for path in output_root.glob(OLD_PREFIX + "*"):
-        name = path.name[len(OLD_PREFIX) :].rsplit("-", 1)[0]
-        if not (output_root / name).exists():
-            os.replace(path, output_root / name)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-    for path in output_root.glob(TMP_PREFIX + "*"):
-        shutil.rmtree(path, ignore_errors=True)
+    discard_partial(output_root)

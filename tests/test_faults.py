@@ -124,3 +124,18 @@ def test_a_full_disk_during_uploads_loses_no_acknowledged_upload(client, env, mo
     assert {reply for code, reply in answers if code == 200} <= stored  # 0 acknowledged uploads lost
     assert list((small_tmpfs / "data").glob(".*.tmp")) == []
     assert client.get("/health").status_code == 200 and upload(client, "A")["total"] == len(stored)
+
+
+@pytest.mark.slow  # trains the tiny model in a child process, and kills it
+def test_a_training_child_killed_mid_training_leaves_no_half_made_adapter(client, env):
+    output = Path(env["OUTPUT_DIR"])
+    upload(client, "B")
+    job = client.post("/train", json={"speaker": "B", "max_steps": 10**6}).json()
+    wait_for_job(client, job["job_id"], training, timeout=120)
+    assert [p.name[:7] for p in output.glob(".tmp-*")] == [".tmp-B-"]  # the adapter it is writing
+    child, = [p for p in psutil.Process().children(recursive=True) if job["job_id"] in p.cmdline()]
+    child.kill()  # as the OOM killer does
+    ended = wait_for_job(client, job["job_id"], finished, timeout=60)
+    assert ended["status"] == "failed" and ended["error"].startswith("the training process exited with status -9")
+    assert list(output.glob(".tmp-*")) == []  # removed when the failure was recorded, not at the next start
+    assert client.delete("/speakers/B").status_code == 200

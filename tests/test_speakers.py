@@ -137,3 +137,54 @@ def test_delete_removes_every_file_that_holds_the_speakers_messages(client, env)
     assert (output / "P1" / "training_info.json").is_file()  # the adapter is kept
     holding = [p for root in (data, output) for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert holding == [] and other_tmp.exists()
+
+
+def test_requests_for_unknown_or_deleted_speakers_leave_the_data_folder_unchanged(client, env):
+    data = Path(env["DATA_DIR"])
+    upload(client, "Zoë Åsa")
+    assert client.delete("/speakers/Zoë Åsa").status_code == 200
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))  # pathlib's * matches hidden files (locks)
+    requests = {
+        "messages": lambda name: client.get(f"/speakers/{name}/messages"),
+        "dataset": lambda name: client.get(f"/speakers/{name}/dataset"),
+        "evaluation": lambda name: client.get(f"/speakers/{name}/evaluation"),
+        "train": lambda name: client.post("/train", json={"speaker": name}),
+        "delete": lambda name: client.delete(f"/speakers/{name}"),
+        "generate": lambda name: client.post("/generate", json={"speaker": name, "prompt": "hi"}),
+    }
+    for i, (what, send) in enumerate(requests.items()):
+        for name in (f"Ghost{i}", "Zoë Åsa"):
+            r = send(name)
+            assert r.status_code == 404, (what, r.text)
+            assert sorted(p.relative_to(data) for p in data.rglob("*")) == before, (what, name)
+    assert client.get("/speakers/Ghost0/messages").json() == {"detail": "no messages stored for speaker 'Ghost0'"}
+    assert client.delete("/speakers/Ghost0").json() == {"detail": "nothing stored for speaker 'Ghost0'"}
+
+
+def test_delete_removes_the_half_made_adapters_of_killed_trainings(client, env):
+    """A training child killed mid-training leaves `.tmp-B-<hex>/`; killed during its evaluation, the
+    whole new adapter with eval.json (which quotes held-out messages). The server's own supervisor
+    removes them; these are what a killed server left, with an interrupted delete (`.del-`) and an
+    adapter moved aside by an interrupted swap (`.old-`, put back in its place)."""
+    output = Path(env["OUTPUT_DIR"])
+    for speaker in ("B", "E", "B-x"):
+        upload(client, speaker)
+    left = {name: output / name for name in (".tmp-B-1a2b3c4d", ".tmp-B-5e6f7a8b", ".del-B-0a1b2c3d", ".old-B-9c0d1e2f",
+                                             ".tmp-E-1a2b3c4d", ".tmp-B-x-1a2b3c4d")}
+    for folder in left.values():
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"weights")
+        (folder / "eval.json").write_text('{"samples": ["a held-out message"]}', encoding="utf-8")
+    (left[".old-B-9c0d1e2f"] / "training_info.json").write_text('{"speaker": "B"}', encoding="utf-8")
+    data = env["DATA_DIR"]
+    r = client.delete("/speakers/B", params={"keep_adapter": "true"})
+    assert r.status_code == 200, r.text
+    assert r.json()["deleted"] == [f"{data}/B_messages.json", f"{data}/.B_messages.json.index",
+                                   *(str(left[name]) for name in (".del-B-0a1b2c3d", ".tmp-B-1a2b3c4d", ".tmp-B-5e6f7a8b")),
+                                   f"{output}/B/eval.json"]
+    assert sorted(p.name for p in (output / "B").iterdir()) == ["adapter_model.safetensors", "training_info.json"]
+    upload(client, "B")
+    r = client.delete("/speakers/B")
+    assert r.status_code == 200, r.text
+    assert r.json()["deleted"] == [f"{data}/B_messages.json", f"{data}/.B_messages.json.index", f"{output}/B"]
+    assert sorted(p.name for p in output.iterdir()) == [".tmp-B-x-1a2b3c4d", ".tmp-E-1a2b3c4d"]  # other speakers'

@@ -193,3 +193,52 @@ def test_another_process_s_appends_are_seen(tmp_path):
     result = store.append_samples(data, "Олена", samples(0, 6))
     assert (result.added, result.total) == (1, 6)
     assert (data / "Олена_messages.json").read_bytes() == rewritten("Олена", samples(0, 6))
+
+
+@pytest.mark.parametrize("count,stored_as", [(55, "𝓐" * 55), (56, None), (57, None)])
+def test_a_name_whose_files_would_pass_255_bytes_is_stored_under_its_encoded_name(client, env, count, stored_as):
+    """"𝓐" is 4 bytes in UTF-8: 55 of them (220 bytes) make the longest file the store writes, the index's
+    temporary `.<name>_messages.json.index.<8 random>.tmp`, exactly 255 bytes; 56 would be 259."""
+    from config import storage_name
+
+    name = "𝓐" * count
+    dialog = [{"speaker": "B", "content": "ping"}, {"speaker": name, "content": "pong"}]
+    r = client.post("/upload-text", json={"dialog": dialog, "speaker": name})
+    assert r.status_code == 200, r.text
+    assert r.json()["total"] == 1
+    assert (storage_name(name) == stored_as) if stored_as else storage_name(name).startswith("~")
+    r = client.get(f"/speakers/{name}/messages")
+    assert (r.status_code, [m["reply"] for m in r.json()["data"]]) == (200, ["pong"]), r.text
+    assert [(s["speaker"], s["messages"]) for s in client.get("/speakers").json()["data"]] == [(name, 1)]
+    r = client.delete(f"/speakers/{name}")
+    assert r.status_code == 200, r.text
+    assert list(Path(env["DATA_DIR"]).glob("*_messages.json*")) == []
+
+
+def test_no_lock_file_outlives_the_speaker_s_messages(tmp_path):
+    """Reads of a speaker with no file write nothing; a write that stores nothing, a delete, and a read
+    that waited while another process deleted the speaker leave no lock naming them."""
+    import threading
+
+    data = tmp_path / "data"
+    data.mkdir()
+    assert store.summary(data, "Ghost") is None and store.read_messages(data, "Ghost", 0, 5) is None
+    assert store.load_speaker(data, "Ghost") is None and store.delete_speaker(data, "Ghost") == []
+    assert store.append_samples(data, "Ghost", []).total == 0
+    assert list(data.iterdir()) == []
+    path = store.append_samples(data, "Zoë Åsa", samples(0, 2)).path
+    lock = path.with_name(f".{path.name}.lock")
+    assert lock.exists()
+    found = []
+    with FileLock(str(lock)):  # another process's delete holds the speaker while this one's read waits
+        reader = threading.Thread(target=lambda: found.append(store.read_messages(data, "Zoë Åsa", 0, 5)))
+        reader.start()
+        reader.join(0.5)
+        assert reader.is_alive()
+        path.unlink()
+        store.index_file(path).unlink()
+    reader.join(10)
+    assert found == [None] and list(data.iterdir()) == []
+    store.append_samples(data, "Zoë Åsa", samples(0, 1))
+    assert store.delete_speaker(data, "Zoë Åsa") == [path, store.index_file(path)]
+    assert list(data.iterdir()) == []

@@ -259,6 +259,8 @@ def test_failed_run_leaves_previous_adapter_intact(tiny_gemma, tmp_path):
 
 def test_stale_folders_are_cleaned_and_interrupted_swap_restored(tmp_path):
     (tmp_path / ".tmp-User1-abcd1234").mkdir()
+    (tmp_path / ".tmp-deleted-Cy-0a0b0c0d").mkdir()  # an interrupted delete, as older versions named it
+    (tmp_path / ".del-Cy-0a0b0c0d").mkdir()
     (tmp_path / ".old-Ann-12345678").mkdir()
     (tmp_path / ".old-Ann-12345678" / "adapter_config.json").write_text("{}")
     (tmp_path / "Bob").mkdir()
