@@ -57,9 +57,11 @@ async def service_error_handler(request: Request, exc: ServiceError) -> JSONResp
 
 @app.exception_handler(RequestValidationError)
 async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 with each problem's location and message, never the value sent (it may be a person's message);
-    under /v1 OpenAI's 400."""
-    return openai_compat.openai_error(request, exc) or JSONResponse(status_code=422, content={"detail": public_errors(exc.errors())})
+    """422 with each problem's location and message, never the value sent (it may be a person's message),
+    and for a body of the wrong form what to send instead; under /v1 OpenAI's 400."""
+    problems = public_errors(exc.errors(), exc.body, request.headers.get("content-type"),
+                             speakers.FORM_ROUTES.get(request.url.path))
+    return openai_compat.openai_error(request, exc, problems=problems) or JSONResponse(status_code=422, content={"detail": problems})
 
 
 @app.exception_handler(StarletteHTTPException)
