@@ -306,6 +306,7 @@ def run_job(job_id: str) -> int:
     summary = {k: v for k, v in outcome.info.items() if k not in ("loss_history", "config", "heldout_ids")}
     if outcome.evaluation is not None:
         summary["evaluation"] = evals.summary(outcome.evaluation)
+        summary["warnings"] = outcome.evaluation.get("warnings", [])  # in words, beside the numbers
     if outcome.evaluation_error is not None:
         summary["evaluation_error"] = outcome.evaluation_error
     registry.mark_succeeded(job_id, {"model_path": display_path(outcome.model_path), **summary})

@@ -186,6 +186,7 @@ def evaluate(model, tokenizer, template: str, speaker: str, held_out: list[Sampl
     report["end_of_turn"] = {"base": base_eot, "adapter": end_of_turn_probability(model, tokenizer, encoded)}
     report["held_out"] = {"base": base, "adapter": adapter,
                           "loss_reduction": round(base["loss"] - adapter["loss"], 4) if base["loss"] and adapter["loss"] else None}
+    report["warnings"] = warnings(report)
     other_samples = [(name, s) for name, samples in others.items() if name != speaker for s in samples]
     if other_samples:
         other_losses = [_loss(model, tokenizer, template, [s], name, max_len) for name, s in other_samples]
@@ -207,6 +208,18 @@ def evaluate(model, tokenizer, template: str, speaker: str, held_out: list[Sampl
         for s, b, a in zip(picked, base_replies, adapter_replies)
     ]
     return report
+
+
+def warnings(report: dict[str, Any]) -> list[str]:
+    """What a person should know before using the adapter, in words: an adapter that predicts the
+    person's held-out replies worse than the base model it started from has learnt the wrong thing."""
+    held = report.get("held_out") or {}
+    base, adapter = (held.get("base") or {}).get("loss"), (held.get("adapter") or {}).get("loss")
+    if base is None or adapter is None or adapter <= base:
+        return []
+    return [f"the adapter's held-out loss is worse than the base model's ({base:.3f} → {adapter:.3f}): it predicts "
+            "this person's unseen replies less well than no training at all; train on more data, for fewer epochs "
+            "or with a lower learning rate"]
 
 
 def other_speakers(settings: Settings, speaker: str) -> dict[str, list[Sample]]:
