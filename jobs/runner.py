@@ -133,6 +133,7 @@ class JobRunner:
             if log_file is not subprocess.DEVNULL:
                 log_file.close()
         self._until_written(job_id, lambda: self._record_exit(job_id, child.returncode, cancelled, log_path, job.kind))
+        log.info("job %s (%s): %s", job_id, job.speaker, outcome(self.registry.get(job_id)))
         if job.kind != "train" and self.registry.get(job_id).status != JobStatus.succeeded:
             model_export.discard_partial(self.settings.EXPORTS_DIR, job.speaker, job.config.export)
 
@@ -158,6 +159,24 @@ class JobRunner:
             self.registry.mark_failed(
                 job_id, f"the {'training' if kind == 'train' else 'export'} process exited with status {returncode}; "
                         f"last log lines:\n{_tail(log_path)}")
+
+
+def outcome(job: JobPublic) -> str:
+    """A finished job in one line of the server's log: its status and duration, a training's figures
+    and warnings, a failure's reason (its first line: the rest quotes the child's log)."""
+    took = (job.finished_at - job.started_at).total_seconds() if job.finished_at and job.started_at else None
+    text = f"{job.status.value}" + (f" in {took:.1f} s" if took is not None else "")
+    if job.status == JobStatus.failed:
+        return f"{text}: {(job.error or 'no reason recorded').splitlines()[0][:300]}"
+    result = job.result or {}
+    if job.status != JobStatus.succeeded or job.kind != "train":
+        return text + (f": {result['path']}" if result.get("path") else "")
+    held = (result.get("evaluation") or {}).get("held_out") or {}
+    loss = lambda who: (held.get(who) or {}).get("loss")  # noqa: E731
+    figures = [f"{result.get('steps')} steps on {result.get('num_samples_used')} samples",
+               f"training loss {result['train_loss']:.3f}" if result.get("train_loss") is not None else None,
+               f"held-out loss {loss('base'):.3f} (base) → {loss('adapter'):.3f}" if loss("base") and loss("adapter") else None]
+    return f"{text}: " + ", ".join(f for f in figures if f) + "".join(f"; warning: {w}" for w in result.get("warnings", []))
 
 
 def job_command(job_id: str, processes: int) -> list[str]:
