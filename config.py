@@ -135,6 +135,15 @@ class Settings(BaseSettings):
         description="Experiment trackers for transformers' report_to, comma-separated: none, wandb, tensorboard, mlflow, trackio.",
     )
 
+    LOG_LEVEL: Literal["debug", "info", "warning", "error"] = Field(
+        "info",
+        description=(
+            "The server's log: 'info' says what happened (start-up, the model ready, each job queued, started and "
+            "finished with its figures, each change or refused request, errors with their reason); 'debug' adds every "
+            "request (the page polls /health), libraries' warnings and progress bars. Never message content."
+        ),
+    )
+
     API_KEY: SecretStr | None = Field(
         None, description="When set, every endpoint but /health needs 'Authorization: Bearer <API_KEY>'."
     )

@@ -1,5 +1,6 @@
 """Domain errors. Each carries the HTTP status it maps to; main.py renders them as {"detail": ...}."""
 
+import json
 import re
 
 
@@ -94,17 +95,41 @@ def scrub(value):
     return value
 
 
-def public_errors(errors: list[dict]) -> list[dict]:
+def public_errors(errors: list[dict], body=None, content_type: str | None = None, form: str | None = None) -> list[dict]:
     """Validation errors as a 422 shows them: type, location and message. Never the `input` or
     `ctx` pydantic adds: they echo what was sent (people's messages) into answers and logs. A
-    string the schema refused because it holds a lone surrogate says so and where."""
+    string the schema refused because it holds a lone surrogate says so and where.
+
+    Mistakes of the request's form say what to fix instead of what pydantic saw: a body that is not
+    JSON (where, and what was expected: `body` is the text FastAPI failed to parse), JSON sent
+    without its Content-Type, and, for a route that takes a multipart form (`form`: the curl
+    arguments it needs), a body that is not one."""
+    if form is not None and not (content_type or "").lower().startswith("multipart/form-data"):
+        sent = f"'{content_type}'" if content_type else "a body without Content-Type"
+        return [{"type": "multipart_expected", "loc": ["body"],
+                 "msg": f"this route takes a multipart form, not {sent}: send the file and fields with curl {form}; "
+                        "a dialog as JSON goes to POST /upload-text"}]
     shown = []
     for error in errors:
-        msg, value = error.get("msg", ""), error.get("input")
+        msg, value, kind = error.get("msg", ""), error.get("input"), error.get("type")
         found = _SURROGATES.search(value) if isinstance(value, str) else None
         if found:
-            msg = (f"contains an invalid character: an unpaired UTF-16 surrogate (U+{ord(found[0]):04X} at index "
-                   f"{found.start()}), such as half of an emoji cut in two; send whole characters")
-        shown.append({"type": "string_unicode" if found else error.get("type"), "loc": scrub(list(error.get("loc", ()))),
-                      "msg": scrub(msg)})
+            msg, kind = (f"contains an invalid character: an unpaired UTF-16 surrogate (U+{ord(found[0]):04X} at index "
+                         f"{found.start()}), such as half of an emoji cut in two; send whole characters"), "string_unicode"
+        elif kind == "json_invalid" and isinstance(body, str) and len(error.get("loc", ())) == 2:
+            msg = _json_problem(body, error["loc"][1], (error.get("ctx") or {}).get("error", "invalid JSON"))
+        elif isinstance(value, bytes) and tuple(error.get("loc", ())) == ("body",):  # FastAPI parses JSON only when so labelled
+            sent = f"this request's is '{content_type}'" if content_type else "this request had none"
+            msg, kind = (f"the body must be sent as JSON, with the header 'Content-Type: application/json' ({sent}); "
+                         "with curl: --json '{...}', or -H 'Content-Type: application/json' -d '{...}'"), "json_expected"
+        shown.append({"type": kind, "loc": scrub(list(error.get("loc", ()))), "msg": scrub(msg)})
     return shown
+
+
+def _json_problem(text: str, pos: int, expected: str) -> str:
+    """Where a body stops being JSON and what JSON expected there (json's own words, never the body's)."""
+    where = json.JSONDecodeError(expected, text, pos)
+    hint = ("; JSON takes double quotes around names and strings, and no comma after the last item of an object "
+            "or a list") if expected.startswith(("Expecting property name", "Expecting value")) else ""
+    return (f"the body is not valid JSON: line {where.lineno}, column {where.colno}: "
+            f"{expected[0].lower() + expected[1:]}{hint}")

@@ -7,6 +7,7 @@ OpenAI's under /v1) and its routers (api/). No endpoint bodies here.
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -26,12 +27,35 @@ from errors import ServiceError, public_errors, scrub
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-    if not logging.getLogger().handlers:  # under `fastapi dev` / uvicorn, show the service's own log lines
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    if not logging.getLogger().handlers:  # under `fastapi dev` / uvicorn; a host's own logging (tests) is left alone
+        configure_logging(settings.LOG_LEVEL)
     logging.getLogger("uvicorn.access").disabled = True  # it logs query strings; AccessLog logs the request without
-    open_services(app, get_settings())
+    open_services(app, settings)
     yield
     await close_services(app)
+
+
+class _OwnLines(logging.Filter):
+    """Above debug, the service's own lines and other libraries' errors: what happened, not how."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or record.name.startswith("persona_lora")
+
+
+def configure_logging(level: str) -> None:
+    """The server's log on stderr at LOG_LEVEL. Above debug: no libraries' warnings (bitsandbytes' missing
+    `kernels`, transformers' FutureWarnings: Python warnings go through logging, then the filter), no
+    progress bars (huggingface_hub's and transformers', off by their variables, read at their import, which
+    comes later: in the warm-up and the first generation) and no read that succeeded (AccessLog)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if level != "debug":
+        handler.addFilter(_OwnLines())
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its own handler, not the root's
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+    logging.captureWarnings(True)
 
 
 app = FastAPI(
@@ -57,9 +81,11 @@ async def service_error_handler(request: Request, exc: ServiceError) -> JSONResp
 
 @app.exception_handler(RequestValidationError)
 async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 with each problem's location and message, never the value sent (it may be a person's message);
-    under /v1 OpenAI's 400."""
-    return openai_compat.openai_error(request, exc) or JSONResponse(status_code=422, content={"detail": public_errors(exc.errors())})
+    """422 with each problem's location and message, never the value sent (it may be a person's message),
+    and for a body of the wrong form what to send instead; under /v1 OpenAI's 400."""
+    problems = public_errors(exc.errors(), exc.body, request.headers.get("content-type"),
+                             speakers.FORM_ROUTES.get(request.url.path))
+    return openai_compat.openai_error(request, exc, problems=problems) or JSONResponse(status_code=422, content={"detail": problems})
 
 
 @app.exception_handler(StarletteHTTPException)

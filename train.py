@@ -219,7 +219,7 @@ def prepare(samples: list[Sample], speaker: str, config: TrainConfig, models_dir
     from peft import LoraConfig, get_peft_model
 
     if not samples:
-        raise TrainingError(f"no stored messages for {speaker!r}; upload a dialog with POST /upload-text first")
+        raise TrainingError(f"no stored messages for {speaker!r}; upload a dialog with POST /upload-text or an export with POST /upload-file first")
     started = time.monotonic()
     quant = base_model.quant_name(config.quant or config.load_in_8bit)
     model_path, tokenizer, model = base_model.load_for_training(config.base_model, models_dir, quant, device)

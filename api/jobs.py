@@ -58,7 +58,7 @@ async def train_speaker(body: TrainRequest, request: Request, settings: Settings
     check_allowed(body.speaker, settings)
     stored = await asyncio.to_thread(store.summary, settings.DATA_DIR, body.speaker, settings.STORAGE_LOCK_SECONDS)
     if stored is None or not stored.messages:
-        raise NotFound(f"no messages stored for speaker '{body.speaker}'; upload a dialog with POST /upload-text first")
+        raise NotFound(f"no messages stored for speaker '{body.speaker}'; upload a dialog with POST /upload-text or an export with POST /upload-file first")
     config = await asyncio.to_thread(train.resolve_config, settings, body)
     job = await queue_job(request, body.speaker, config, settings.MAX_QUEUED_JOBS, body.wait)
     if not body.wait:

@@ -135,8 +135,8 @@ async def _send_json(send, status: int, detail: str, path: str) -> None:
 
 
 class AccessLog:
-    """One line per request: method, path, status, duration. Never bodies or query values, which
-    may hold people's messages."""
+    """One line per request: method, path, status, duration; at debug for reads that succeeded. Never
+    bodies or query values, which may hold people's messages."""
 
     def __init__(self, app):
         self.app = app
@@ -154,8 +154,9 @@ class AccessLog:
 
         try:
             await self.app(scope, receive, record)
-        finally:
-            access_log.info(
-                "method=%s path=%s status=%d duration_ms=%.1f",
+        finally:  # a read that succeeded is debug (the page polls /health); changes and refusals are info
+            level = logging.DEBUG if scope["method"] in ("GET", "HEAD") and status < 400 else logging.INFO
+            access_log.log(
+                level, "method=%s path=%s status=%d duration_ms=%.1f",
                 scope["method"], scope["path"], status, (time.perf_counter() - started) * 1000,
             )

@@ -68,12 +68,14 @@ def is_openai(path: str) -> bool:
     return path == "/v1" or path.startswith("/v1/")
 
 
-def openai_error(request: Request, exc: Exception, headers: dict | None = None) -> JSONResponse | None:
-    """The error as OpenAI answers it on a /v1 path (main.py's handlers ask first); None elsewhere."""
+def openai_error(request: Request, exc: Exception, headers: dict | None = None,
+                 problems: list[dict] | None = None) -> JSONResponse | None:
+    """The error as OpenAI answers it on a /v1 path (main.py's handlers ask first); None elsewhere.
+    `problems`: a validation error's, as errors.public_errors showed them."""
     if not is_openai(request.url.path):
         return None
     if isinstance(exc, RequestValidationError):
-        return validation_error(exc.errors())
+        return validation_error(exc.errors() if problems is None else problems)
     if isinstance(exc, StarletteHTTPException):
         return error_response(exc.status_code, str(exc.detail), headers=headers)
     if isinstance(exc, ServiceError):

@@ -66,6 +66,8 @@ from models import (
 )
 
 router = guarded_router()
+# The routes that take a multipart form, and the curl arguments of one (main.py's 422 for any other body says them).
+FORM_ROUTES = {"/upload-file": "-F file=@result.json -F speaker=NAME", "/exports/inspect": "-F file=@result.json"}
 
 
 def _upload_response(speaker: str, samples, empty: int, settings: Settings) -> dict:

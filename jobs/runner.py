@@ -134,7 +134,9 @@ class JobRunner:
             if log_file is not subprocess.DEVNULL:
                 log_file.close()
         self._until_written(job_id, lambda: self._record_exit(job_id, child.returncode, cancelled, log_path, job.kind))
-        if self.registry.get(job_id).status == JobStatus.succeeded:
+        finished = self.registry.get(job_id)
+        log.info("job %s (%s): %s", job_id, job.speaker, outcome(finished))
+        if finished.status == JobStatus.succeeded:
             return
         if job.kind == "train":  # a child killed mid-training or mid-evaluation leaves its `.tmp-` adapter
             adapters.discard_partial(self.settings.OUTPUT_DIR, job.speaker)
@@ -163,6 +165,24 @@ class JobRunner:
             self.registry.mark_failed(
                 job_id, f"the {'training' if kind == 'train' else 'export'} process exited with status {returncode}; "
                         f"last log lines:\n{_tail(log_path)}")
+
+
+def outcome(job: JobPublic) -> str:
+    """A finished job in one line of the server's log: its status and duration, a training's figures
+    and warnings, a failure's reason (its first line: the rest quotes the child's log)."""
+    took = (job.finished_at - job.started_at).total_seconds() if job.finished_at and job.started_at else None
+    text = f"{job.status.value}" + (f" in {took:.1f} s" if took is not None else "")
+    if job.status == JobStatus.failed:
+        return f"{text}: {(job.error or 'no reason recorded').splitlines()[0][:300]}"
+    result = job.result or {}
+    if job.status != JobStatus.succeeded or job.kind != "train":
+        return text + (f": {result['path']}" if result.get("path") else "")
+    held = (result.get("evaluation") or {}).get("held_out") or {}
+    loss = lambda who: (held.get(who) or {}).get("loss")  # noqa: E731
+    figures = [f"{result.get('steps')} steps on {result.get('num_samples_used')} samples",
+               f"training loss {result['train_loss']:.3f}" if result.get("train_loss") is not None else None,
+               f"held-out loss {loss('base'):.3f} (base) → {loss('adapter'):.3f}" if loss("base") and loss("adapter") else None]
+    return f"{text}: " + ", ".join(f for f in figures if f) + "".join(f"; warning: {w}" for w in result.get("warnings", []))
 
 
 def job_command(job_id: str, processes: int) -> list[str]:
@@ -311,6 +331,7 @@ def run_job(job_id: str) -> int:
     summary = {k: v for k, v in outcome.info.items() if k not in ("loss_history", "config", "heldout_ids")}
     if outcome.evaluation is not None:
         summary["evaluation"] = evals.summary(outcome.evaluation)
+        summary["warnings"] = outcome.evaluation.get("warnings", [])  # in words, beside the numbers
     if outcome.evaluation_error is not None:
         summary["evaluation_error"] = outcome.evaluation_error
     registry.mark_succeeded(job_id, {"model_path": display_path(outcome.model_path), **summary})

@@ -197,6 +197,7 @@ def evaluate(model, tokenizer, template: str, speaker: str, held_out: list[Sampl
         recalled = [len(m.context) - len(s.context) for s, m in zip(plain, held_out)]
         report["memory"] = {"k": memory_k, "recalled_per_context": round(sum(recalled) / len(recalled), 2),
                             "adapter_loss_with": adapter["loss"], "adapter_loss_without": without["loss"]}
+    report["warnings"] = warnings(report)
     other_samples = [(name, s) for name, samples in others.items() if name != speaker for s in samples]
     if other_samples:
         other_losses = [_loss(model, tokenizer, template, [s], name, max_len) for name, s in other_samples]
@@ -218,6 +219,18 @@ def evaluate(model, tokenizer, template: str, speaker: str, held_out: list[Sampl
         for s, b, a in zip(picked, base_replies, adapter_replies)
     ]
     return report
+
+
+def warnings(report: dict[str, Any]) -> list[str]:
+    """What a person should know before using the adapter, in words: an adapter that predicts the
+    person's held-out replies worse than the base model it started from has learnt the wrong thing."""
+    held = report.get("held_out") or {}
+    base, adapter = (held.get("base") or {}).get("loss"), (held.get("adapter") or {}).get("loss")
+    if base is None or adapter is None or adapter <= base:
+        return []
+    return [f"the adapter's held-out loss is worse than the base model's ({base:.3f} → {adapter:.3f}): it predicts "
+            "this person's unseen replies less well than no training at all; train on more data, for fewer epochs "
+            "or with a lower learning rate"]
 
 
 def other_speakers(settings: Settings, speaker: str) -> dict[str, list[Sample]]:

@@ -59,6 +59,7 @@ async function describe(response) {
   if (response.status === 401) {
     text += ". Enter the server's API key at the top of the page.";
     showBanner("This server needs an API key: enter it in the field at the top of the page.");
+    $("key-box").open = true;  // collapsed until the server asks for a key
   }
   const retry = response.headers.get("Retry-After");
   if (retry) text += ` (try again in ${retry} s)`;
@@ -140,17 +141,25 @@ async function health() {
   }
 }
 
+function showKey() {
+  $("key-summary").textContent = sessionStorage.getItem(KEY) ? "API key (set for this tab)" : "API key";
+}
+
 $("api-key").value = sessionStorage.getItem(KEY) || "";
+showKey();
 $("key-form").addEventListener("submit", (e) => {
   e.preventDefault();
   const key = $("api-key").value.trim();
   if (key) sessionStorage.setItem(KEY, key); else sessionStorage.removeItem(KEY);
   $("banner").hidden = true;
+  $("key-box").open = false;
+  showKey();
   refreshAll();
 });
 $("key-forget").addEventListener("click", () => {
   sessionStorage.removeItem(KEY);
   $("api-key").value = "";
+  showKey();
   refreshAll();
 });
 
@@ -158,16 +167,21 @@ $("key-forget").addEventListener("click", () => {
 
 let speakers = [];
 
+// The held-out loss of base and adapter, and whether the adapter made it worse (said in words, not only numbers).
 async function evaluationSummary(s) {
-  if (!s.adapter) return "no adapter";
+  if (!s.adapter) return { text: "no adapter" };
   try {
     const r = await api("GET", `/speakers/${path(s.speaker)}/evaluation`);
     const h = r.held_out;
-    return h ? `${fmt(h.base.loss)} → ${fmt(h.adapter.loss)}` : r.note || "no held-out samples";
+    if (!h) return { text: r.note || "no held-out samples" };
+    const worse = h.base.loss !== null && h.adapter.loss !== null && h.adapter.loss > h.base.loss;
+    return { text: `${fmt(h.base.loss)} → ${fmt(h.adapter.loss)}${worse ? ": worse than the base model" : ""}`, worse };
   } catch (err) {
-    return err.status === 404 ? "not evaluated" : err.message;
+    return { text: err.status === 404 ? "not evaluated" : err.message };
   }
 }
+
+const COLUMNS = ["Messages", "Adapter", "Last training", "Held-out loss: base → adapter", "Actions"];
 
 async function refreshSpeakers() {
   try {
@@ -185,13 +199,12 @@ async function refreshSpeakers() {
     const remove = el("button", { type: "button", textContent: "Delete", className: "danger" });
     remove.setAttribute("aria-label", `Delete ${s.speaker}`);
     remove.addEventListener("click", () => deleteSpeaker(s.speaker));
-    body.append(el("tr", {},
-      el("th", { scope: "row", textContent: s.speaker }),
-      el("td", { textContent: s.error ? `unreadable: ${s.error}` : String(s.messages) }),
-      el("td", { textContent: s.adapter ? "trained" : "none" }),
-      el("td", { textContent: when(s.trained_at) }),
-      summary, el("td", {}, remove)));
-    evaluationSummary(s).then((text) => { summary.textContent = text; });
+    const cells = [el("td", { textContent: s.error ? `unreadable: ${s.error}` : String(s.messages) }),
+      el("td", { textContent: s.adapter ? "trained" : "none" }), el("td", { textContent: when(s.trained_at) }),
+      summary, el("td", {}, remove)];
+    cells.forEach((cell, i) => { if (i < 4) cell.dataset.label = COLUMNS[i]; });  // shown on a phone, where rows are cards
+    body.append(el("tr", {}, el("th", { scope: "row", textContent: s.speaker }), cells));
+    evaluationSummary(s).then(({ text, worse }) => { summary.textContent = text; summary.classList.toggle("warning", !!worse); });
   }
   fill($("train-speaker"), speakers.map((s) => s.speaker));
   fill($("eval-speaker"), speakers.filter((s) => s.adapter).map((s) => s.speaker));
@@ -379,6 +392,7 @@ function showJob() {
   if (resumable && !job.checkpoint) errors.push("There is no checkpoint to resume from (the server saves them with CHECKPOINT_STEPS); train again instead.");
   if (job.status === "cancelled") errors.unshift("Training was cancelled; the previous adapter, if any, stays.");
   say("job-error", errors.join(" "), job.status === "failed");
+  $("job-warning").textContent = done ? (job.result?.warnings || []).map((w) => `Warning: ${w}.`).join(" ") : "";
   lineChart($("loss-chart"), losses);
 }
 
@@ -418,6 +432,7 @@ async function watch(started) {
   }
   if (job.status === "succeeded") {
     await refreshSpeakers();
+    chatChosen = false;  // chat opens on the persona just trained
     refreshModels();
     $("eval-speaker").value = job.speaker;
     showEvaluation(job.speaker);
@@ -478,7 +493,7 @@ async function showEvaluation(speaker, run = false) {
     return;
   }
   say("eval-msg", `${r.speaker}: evaluated ${when(r.created_at)} on ${r.held_out_samples} held-out samples (base weights: ${r.base_weights}).`);
-  const parts = [];
+  const parts = (r.warnings || []).map((w) => el("p", { className: "warning", textContent: `Warning: ${w}.` }));
   if (r.note) parts.push(el("p", { textContent: r.note }));
   if (r.held_out) {
     const bars = [["base", r.held_out.base.loss, "base"], ["adapter", r.held_out.adapter.loss, "adapter"]];
@@ -527,13 +542,22 @@ $("eval-run").addEventListener("click", () => showEvaluation($("eval-speaker").v
 
 // --- chat ------------------------------------------------------------------------------------------------
 
-let conversation = [], chatAbort = null;
+let conversation = [], chatAbort = null, chatChosen = false;  // chatChosen: the person picked whom to talk to
+
+// The persona trained last: the one chat opens on (not the base model).
+function latestPersona() {
+  const trained = speakers.filter((s) => s.adapter && s.trained_at);
+  trained.sort((a, b) => new Date(b.trained_at) - new Date(a.trained_at));
+  return trained.length ? trained[0].speaker : null;
+}
 
 async function refreshModels() {
   try {
     const models = (await api("GET", "/v1/models")).data.map((m) => m.id);
     const speakerNames = new Set(speakers.map((s) => s.speaker));
     fill($("chat-model"), models, models.map((m) => (speakerNames.has(m) ? m : `${m} (the base model alone)`)));
+    const latest = latestPersona();
+    if (!chatChosen && latest && models.includes(latest)) $("chat-model").value = latest;
     if ($("chat-msg").classList.contains("error")) say("chat-msg", "");
   } catch (err) {
     say("chat-msg", `Could not list the personas: ${err.message}`, true);
@@ -587,7 +611,7 @@ $("chat-input").addEventListener("keydown", (e) => {
 });
 $("chat-stop").addEventListener("click", () => chatAbort?.abort());
 $("chat-clear").addEventListener("click", () => { conversation = []; $("chat-log").replaceChildren(); say("chat-msg", ""); });
-$("chat-model").addEventListener("change", () => { conversation = []; $("chat-log").replaceChildren(); });
+$("chat-model").addEventListener("change", () => { chatChosen = true; conversation = []; $("chat-log").replaceChildren(); });
 
 // --- start ---------------------------------------------------------------------------------------------------
 

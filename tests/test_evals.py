@@ -38,6 +38,15 @@ def test_style_metrics():
     assert evals.style_distance(["zzz"], ["a b! 😊"]) > 1.5
 
 
+def test_an_adapter_worse_than_its_base_is_said_in_words():
+    report = {"held_out": {"base": {"loss": 3.4642}, "adapter": {"loss": 4.1631}}}
+    assert evals.warnings(report) == [
+        "the adapter's held-out loss is worse than the base model's (3.464 → 4.163): it predicts this person's unseen "
+        "replies less well than no training at all; train on more data, for fewer epochs or with a lower learning rate"]
+    assert evals.warnings({"held_out": {"base": {"loss": 4.1}, "adapter": {"loss": 3.4}}}) == []
+    assert evals.warnings({"note": "too few samples to hold any out"}) == []
+
+
 def test_report_shows_the_adapter_learned_the_speaker(tiny_gemma, tmp_path):
     samples, _ = build_samples(styled_dialog(30), "Ann", 2)
     other, _ = build_samples(styled_dialog(5, "Bob"), "Bob", 2)
@@ -56,6 +65,7 @@ def test_report_shows_the_adapter_learned_the_speaker(tiny_gemma, tmp_path):
     assert base["tokens"] == adapter["tokens"] > 0  # the same tokens for both
     assert adapter["loss"] < base["loss"] and report["held_out"]["loss_reduction"] > 0
     assert report["specificity"]["others"] == ["Bob"]
+    assert report["warnings"] == []  # better than the base: nothing to warn of
     assert set(report["style"]) == {"true", "base", "adapter"}
     assert len(report["samples"]) == 2 and report["samples"][0]["true"].endswith(PHRASE)
 

@@ -46,7 +46,7 @@ def test_train_without_wait_is_a_job_to_poll(client, env):
 def test_train_without_messages_is_404(client):
     r = client.post("/train", json={"speaker": "Nobody"})
     assert r.status_code == 404
-    assert r.json() == {"detail": "no messages stored for speaker 'Nobody'; upload a dialog with POST /upload-text first"}
+    assert r.json() == {"detail": "no messages stored for speaker 'Nobody'; upload a dialog with POST /upload-text or an export with POST /upload-file first"}
 
 
 @pytest.mark.parametrize(

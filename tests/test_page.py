@@ -6,6 +6,7 @@ the test's tmp dir)."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shutil
@@ -254,5 +255,49 @@ def test_the_whole_journey_in_a_browser(browser, env, tmp_path):
         page.wait_text("#banner", "cannot be reached", 20)
         assert "unreachable" in page.text("#server-status")
         page.shot("unreachable")
+    finally:
+        server.stop()
+
+
+def test_the_page_on_a_phone_opens_on_the_last_persona_and_says_when_an_adapter_is_worse(browser, env, tmp_path):
+    """No API key on the server: the key box stays collapsed. Two personas (their adapter folders written here:
+    this test is about the page, not training): chat opens on the one trained last, the worse one says so in
+    the Speakers list and its evaluation, and at 360 px every control is within the screen."""
+    server = LiveServer(env, tmp_path / "server.log")
+    output = Path(env["OUTPUT_DIR"])
+    worse = ("the adapter's held-out loss is worse than the base model's (3.464 → 4.163): it predicts this person's "
+             "unseen replies less well than no training at all; train on more data, for fewer epochs or with a lower learning rate")
+    for name, trained, losses in (("Ann", "2026-01-02T10:00:00+00:00", (3.464, 4.163)), ("Bob", "2026-01-01T10:00:00+00:00", (4.0, 3.0))):
+        dialog = [{"speaker": "Q", "content": "how are you?"}, {"speaker": name, "content": f"fine, {name} here"}]
+        assert httpx.post(server.url + "/upload-text", json={"dialog": dialog, "speaker": name}).status_code == 200
+        (output / name).mkdir(parents=True)
+        held = {"base": {"loss": losses[0], "perplexity": 1.0}, "adapter": {"loss": losses[1], "perplexity": 1.0}, "loss_reduction": 0}
+        (output / name / "eval.json").write_text(json.dumps({
+            "speaker": name, "created_at": trained, "base_weights": "float32", "held_out_samples": 2, "held_out": held,
+            "warnings": [worse] if losses[1] > losses[0] else []}), encoding="utf-8")
+        (output / name / "training_info.json").write_text(json.dumps({"speaker": name, "created_at": trained}), encoding="utf-8")
+    page = Page(browser, tmp_path)
+    try:
+        from selenium.webdriver.support.ui import Select
+
+        browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {"width": 360, "height": 780, "deviceScaleFactor": 2, "mobile": True})
+        browser.get(server.url + "/")
+        rows = page.wait_text("#speakers-table tbody", "worse than the base model")
+        assert "3.464 → 4.163: worse than the base model" in rows and "4 → 3" in rows and rows.count("worse") == 1
+        wait_until(lambda: Select(page("#chat-model")).first_selected_option.text == "Ann", 10, "chat on Ann, trained last")
+        assert not page("#key-box").get_attribute("open") and not page("#api-key").is_displayed()  # no key needed: collapsed
+        assert page("#key-summary").is_displayed()
+        page("#eval-form button[type=submit]").click()
+        page.wait_text("#eval-out", f"Warning: {worse}.")
+        page.shot("phone-360")
+        width, overflow = browser.execute_script("""
+            const w = window.innerWidth;
+            const out = [...document.querySelectorAll('button, input, select, textarea, summary, a:not(.skip), th, td')]
+              .map(e => [e, e.getBoundingClientRect()]).filter(([e, r]) => r.width > 0 && (r.left < -1 || r.right > w + 1))
+              .map(([e, r]) => `${e.tagName}#${e.id} ${e.textContent.trim().slice(0, 30)} ${r.left}..${r.right}`);
+            return [w, document.documentElement.scrollWidth > w ? ['the page scrolls sideways', ...out] : out];""")
+        assert width == 360 and overflow == []
+        delete = page("#speakers-table button[aria-label='Delete Ann']")
+        assert delete.is_displayed() and delete.rect["x"] + delete.rect["width"] <= 360
     finally:
         server.stop()

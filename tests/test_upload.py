@@ -181,14 +181,58 @@ def test_bad_payloads_answer_422_with_location(client, env, payload, loc, text):
     assert list(Path(env["DATA_DIR"]).glob("*_messages.json")) == []
 
 
-def test_not_json_answers_4xx(client, env):
-    r = client.post("/upload-text", content=b'{"dialog": [', headers={"content-type": "application/json"})
+JSON_HINT = "; JSON takes double quotes around names and strings, and no comma after the last item of an object or a list"
+
+
+@pytest.mark.parametrize(
+    "body, pos, where",
+    [
+        (b'{"speaker": "User1",\n "dialog": [],\n}', 36, "line 3, column 1: expecting property name enclosed in double quotes"),
+        (b"{'speaker': 'User1'}", 1, "line 1, column 2: expecting property name enclosed in double quotes"),
+        (b'{"speaker": "User1", "dialog": [1,]}', 34, "line 1, column 35: expecting value"),
+        (b'{"dialog": [', 12, "line 1, column 13: expecting value"),
+        (b"\xff\xfe binary junk", 0, "line 1, column 1: expecting value"),
+        (b'{"speaker": "User1" "dialog": []}', 20, "line 1, column 21: expecting ',' delimiter"),
+    ],
+)
+def test_not_json_says_where_and_what_was_expected(client, env, body, pos, where):
+    r = client.post("/upload-text", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 422
-    assert r.json()["detail"][0]["type"] == "json_invalid"
-    r = client.post("/upload-text", content=b"\xff\xfe binary junk", headers={"content-type": "application/json"})
-    assert r.status_code == 422
-    assert r.json()["detail"][0]["type"] == "json_invalid"
+    hint = JSON_HINT if "expecting ','" not in where else ""
+    assert r.json() == {"detail": [{"type": "json_invalid", "loc": ["body", pos], "msg": f"the body is not valid JSON: {where}{hint}"}]}
     assert list(Path(env["DATA_DIR"]).glob("*_messages.json")) == []
+
+
+@pytest.mark.parametrize("path", ["/upload-text", "/train"])
+@pytest.mark.parametrize("content_type, sent", [(None, "this request had none"),
+                                                ("application/x-www-form-urlencoded", "this request's is 'application/x-www-form-urlencoded'")])
+def test_json_without_its_content_type_says_to_send_the_header(client, env, path, content_type, sent):
+    headers = {"content-type": content_type} if content_type else {}
+    r = client.post(path, content=json.dumps({"dialog": SAMPLE_DIALOG, "speaker": "User1"}).encode(), headers=headers)
+    assert r.status_code == 422
+    assert r.json() == {"detail": [{"type": "json_expected", "loc": ["body"], "msg": (
+        f"the body must be sent as JSON, with the header 'Content-Type: application/json' ({sent}); "
+        "with curl: --json '{...}', or -H 'Content-Type: application/json' -d '{...}'")}]}
+
+
+def test_json_sent_to_upload_file_says_it_takes_a_form(client, env):
+    r = client.post("/upload-file", json={"dialog": SAMPLE_DIALOG, "speaker": "User1"})
+    assert r.status_code == 422
+    assert r.json() == {"detail": [{"type": "multipart_expected", "loc": ["body"], "msg": (
+        "this route takes a multipart form, not 'application/json': send the file and fields with curl "
+        "-F file=@result.json -F speaker=NAME; a dialog as JSON goes to POST /upload-text")}]}
+    r = client.post("/upload-file", files={"file": ("a.json", b"{}")})  # a form without its speaker: the field is named
+    assert r.status_code == 422
+    assert r.json()["detail"] == [{"type": "missing", "loc": ["body", "speaker"], "msg": "Field required"}]
+    assert list(Path(env["DATA_DIR"]).glob("*_messages.json")) == []
+
+
+def test_not_json_under_v1_answers_openais_shape(client):
+    r = client.post("/v1/chat/completions", content=b'{"model": "x",}', headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == (
+        "invalid request: 14: the body is not valid JSON: line 1, column 15: expecting property name enclosed in "
+        f"double quotes{JSON_HINT}")
 
 
 def test_allow_list(client, env, monkeypatch):
