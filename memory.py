@@ -288,9 +288,26 @@ def recalled_turns(found: list[Recalled], speaker: str) -> list[Turn]:
     return [Turn(speaker=speaker, content=r.text) for r in reversed(found)]
 
 
-def add_samples(data_dir: Path, speaker: str, samples: list[Sample]) -> None:
-    """Keep the speaker's index in step with an upload (ids already indexed are skipped)."""
-    add_to_index(store.speaker_file(data_dir, speaker), pairs(samples))
+def add_samples(data_dir: Path, speaker: str, samples: list[Sample], wait: float = store.LOCK_SECONDS) -> None:
+    """Keep the speaker's index in step with an upload (ids already indexed are skipped); the first
+    upload, or one after the index was lost, builds it from everything stored."""
+    messages_file = store.speaker_file(data_dir, speaker)
+    if index_path(messages_file).exists():
+        add_to_index(messages_file, pairs(samples))
+    elif built := speaker_memory(data_dir, speaker, wait):
+        built.close()
+
+
+def size_if_built(data_dir: Path, speaker: str) -> int | None:
+    """How many messages the speaker's index holds, without building it; None when it has none."""
+    path = index_path(store.speaker_file(data_dir, speaker))
+    if not path.exists():
+        return None
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)) as db:
+            return db.execute("SELECT value FROM meta WHERE key = 'count'").fetchone()[0]
+    except (sqlite3.DatabaseError, TypeError):  # damaged or half-made: rebuilt at the next recall
+        return None
 
 
 def delete(data_dir: Path, speaker: str) -> list[Path]:

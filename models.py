@@ -214,6 +214,7 @@ class SpeakerPublic(BaseModel):
     adapter: bool = Field(description="Whether a trained adapter exists.")
     trained_at: datetime | None = None
     error: str | None = Field(None, description="Why the speaker's stored messages cannot be read (the rest is then empty).")
+    memory: int | None = Field(None, description="Messages the speaker's memory holds; null until it is first built.")
 
 
 class SpeakersPublic(BaseModel):

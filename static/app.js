@@ -199,7 +199,8 @@ async function refreshSpeakers() {
     const remove = el("button", { type: "button", textContent: "Delete", className: "danger" });
     remove.setAttribute("aria-label", `Delete ${s.speaker}`);
     remove.addEventListener("click", () => deleteSpeaker(s.speaker));
-    const cells = [el("td", { textContent: s.error ? `unreadable: ${s.error}` : String(s.messages) }),
+    const remembered = s.memory === null || s.memory === undefined ? "" : ` · ${s.memory} in memory`;
+    const cells = [el("td", { textContent: s.error ? `unreadable: ${s.error}` : `${s.messages}${remembered}` }),
       el("td", { textContent: s.adapter ? "trained" : "none" }), el("td", { textContent: when(s.trained_at) }),
       summary, el("td", {}, remove)];
     cells.forEach((cell, i) => { if (i < 4) cell.dataset.label = COLUMNS[i]; });  // shown on a phone, where rows are cards
@@ -564,6 +565,13 @@ async function refreshModels() {
   }
 }
 
+// The person's messages recalled for a reply (the /v1 extension `memory`), collapsed under it.
+function showRecalled(item, recalled) {
+  const list = el("ul", {}, ...recalled.map((r) => el("li", { textContent: r.text })));
+  const noun = recalled.length === 1 ? "message" : "messages";
+  item.append(el("details", { className: "recalled" }, el("summary", { textContent: `Recalled ${recalled.length} of their ${noun}` }), list));
+}
+
 function addTurn(role, text) {
   const body = el("span", { className: "text", textContent: text });
   const who = role === "user" ? "You" : $("chat-model").value;
@@ -592,6 +600,7 @@ $("chat-form").addEventListener("submit", async (e) => {
       if (event.data === "[DONE]") break;
       const chunk = JSON.parse(event.data);
       if (chunk.error) throw new ApiError(500, chunk.error.message);
+      if (chunk.memory?.length) showRecalled(reply.parentElement, chunk.memory);
       const choice = chunk.choices[0];
       if (choice?.delta?.content) reply.textContent += choice.delta.content;
       if (choice?.finish_reason === "length") say("chat-msg", "The reply was cut at the token limit (Max tokens).");

@@ -213,10 +213,18 @@ def test_the_whole_journey_in_a_browser(browser, env, tmp_path):
             window.pieces = 0;
             new MutationObserver((records) => { window.pieces += records.length; })
               .observe(document.getElementById('chat-log'), {subtree: true, childList: true, characterData: true});""")
-        page("#chat-input").send_keys("Hi Olena, how are you?", Keys.ENTER)
+        page("#chat-input").send_keys("Hi Olena, how are you? Is 17 all good?", Keys.ENTER)
         wait_until(lambda: page.all("#chat-log li.assistant") and page("#chat-send").is_enabled(), 120, "the reply to end")
         reply = page.text("#chat-log li.assistant")
         assert reply.startswith("Olena K:") and len(reply) > len("Olena K:"), reply
+        # What memory recalled for the reply, collapsed under it: her line that shares the rare word "17".
+        from selenium.webdriver.common.by import By
+
+        recalled = page("#chat-log li.assistant details.recalled")
+        assert recalled.text == "Recalled 1 of their message" and not recalled.get_attribute("open")
+        recalled.find_element(By.TAG_NAME, "summary").click()
+        assert recalled.find_element(By.TAG_NAME, "li").text == "answer 17: all good, thanks 😊"
+        assert "30 · 30 in memory" in page.text("#speakers-table tbody")
         assert browser.execute_script("return window.pieces") >= 3, "the reply did not stream in pieces"
         assert page.text("#chat-msg") in ("", "The reply was cut at the token limit (Max tokens).")
         page.shot("chat")
