@@ -153,6 +153,14 @@ class Settings(BaseSettings):
             "DELETE requests besides the service's own; browsers' requests from any other origin get 403."
         ),
     )
+    ALLOWED_HOSTS: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Comma-separated host names (e.g. 'persona.lan', '*.home.example') the server answers to besides localhost, "
+            "127.0.0.1, [::1] and the address it is bound to; a request with any other Host gets 400 (a page whose "
+            "name was rebound to this address sends its own name: DNS rebinding). '*' allows any."
+        ),
+    )
     PHONE_REGION: str | None = Field(
         None, description="Region (ISO 3166 code, e.g. UA) whose local phone numbers (067 123 45 67) exports mask too; "
         "unset: only international ones (+380 ...).",
@@ -173,7 +181,7 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown phone region {value!r}: use a two-letter ISO 3166 code such as UA, DE or US")
         return value.strip().upper()
 
-    @field_validator("ALLOWED_SPEAKERS", "REPORT_TO", "ALLOWED_ORIGINS", mode="before")
+    @field_validator("ALLOWED_SPEAKERS", "REPORT_TO", "ALLOWED_ORIGINS", "ALLOWED_HOSTS", mode="before")
     @classmethod
     def _split_speakers(cls, value: object) -> object:
         if isinstance(value, str):

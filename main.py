@@ -19,7 +19,7 @@ from api import health, openai_compat, page, speakers
 from api import jobs as jobs_api
 from api import model_exports as exports_api
 from api.deps import close_services, open_services, require_api_key
-from api.middleware import AccessLog, BodyLimit, CrossSiteGuard, UnexpectedErrors
+from api.middleware import AccessLog, AllowedHosts, BodyLimit, CrossSiteGuard, UnexpectedErrors
 from config import get_settings
 from errors import ServiceError, public_errors, scrub
 
@@ -47,6 +47,7 @@ app = FastAPI(
 app.add_middleware(UnexpectedErrors)  # innermost: AccessLog sees its 500
 app.add_middleware(BodyLimit)
 app.add_middleware(CrossSiteGuard)  # before the body is read
+app.add_middleware(AllowedHosts)  # before CrossSiteGuard, which trusts the Host header
 app.add_middleware(AccessLog)
 
 @app.exception_handler(ServiceError)
