@@ -161,6 +161,13 @@ class Settings(BaseSettings):
             "name was rebound to this address sends its own name: DNS rebinding). '*' allows any."
         ),
     )
+    HEAD_TIMEOUT_SECONDS: float = Field(
+        20.0, gt=0, le=3600,  # a head is a few hundred bytes: 20 s is a very slow link, and a half-sent one is closed
+        description=(
+            "How long a connection may take to send a request's head (from its start, or the last response's end) "
+            "before the server closes it; applies under `python main.py` (api/server.py), not `fastapi dev`/`run`."
+        ),
+    )
     PHONE_REGION: str | None = Field(
         None, description="Region (ISO 3166 code, e.g. UA) whose local phone numbers (067 123 45 67) exports mask too; "
         "unset: only international ones (+380 ...).",
