@@ -41,6 +41,8 @@ BODY_ERRORS = {
 }
 
 
+ADAPTER_DAMAGED = ("The speaker's adapter folder is damaged (a truncated adapter_model.safetensors, no adapter_config.json): "
+                   "`detail` names it; train it again with POST /train, or delete the folder.")
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
 GENERATION_BUSY = ("Generation is busy (GENERATION_WORKERS running, GENERATION_QUEUE waiting), or the base model is being "
         "provisioned: retry after Retry-After seconds.")

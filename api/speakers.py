@@ -20,6 +20,7 @@ import parser as dialog_parser
 import store
 import train
 from api.deps import (
+    ADAPTER_DAMAGED,
     BODY_ERRORS,
     ERRORS,
     GENERATION_BUSY,
@@ -219,7 +220,8 @@ def delete_speaker(
 @router.post(
     "/generate",
     response_model=GenerateResponse,
-    responses={404: error("The speaker has no trained adapter."), 503: {**error(GENERATION_BUSY), "headers": RETRY_AFTER}, **BODY_ERRORS},
+    responses={404: error("The speaker has no trained adapter."), 500: error(ADAPTER_DAMAGED),
+               503: {**error(GENERATION_BUSY), "headers": RETRY_AFTER}, **BODY_ERRORS},
 )
 async def generate(body: GenerateRequest, request: Request, settings: SettingsDep) -> GenerateResponse:
     """The reply the speaker would write next, from their adapter on the base model."""
