@@ -168,6 +168,21 @@ class Settings(BaseSettings):
             "DELETE requests besides the service's own; browsers' requests from any other origin get 403."
         ),
     )
+    ALLOWED_HOSTS: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Comma-separated host names (e.g. 'persona.lan', '*.home.example') the server answers to besides localhost, "
+            "127.0.0.1, [::1] and the address it is bound to; a request with any other Host gets 400 (a page whose "
+            "name was rebound to this address sends its own name: DNS rebinding). '*' allows any."
+        ),
+    )
+    HEAD_TIMEOUT_SECONDS: float = Field(
+        20.0, gt=0, le=3600,  # a head is a few hundred bytes: 20 s is a very slow link, and a half-sent one is closed
+        description=(
+            "How long a connection may take to send a request's head (from its start, or the last response's end) "
+            "before the server closes it; applies under `python main.py` (api/server.py), not `fastapi dev`/`run`."
+        ),
+    )
     PHONE_REGION: str | None = Field(
         None, description="Region (ISO 3166 code, e.g. UA) whose local phone numbers (067 123 45 67) exports mask too; "
         "unset: only international ones (+380 ...).",
@@ -188,7 +203,7 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown phone region {value!r}: use a two-letter ISO 3166 code such as UA, DE or US")
         return value.strip().upper()
 
-    @field_validator("ALLOWED_SPEAKERS", "REPORT_TO", "ALLOWED_ORIGINS", mode="before")
+    @field_validator("ALLOWED_SPEAKERS", "REPORT_TO", "ALLOWED_ORIGINS", "ALLOWED_HOSTS", mode="before")
     @classmethod
     def _split_speakers(cls, value: object) -> object:
         if isinstance(value, str):

@@ -1,4 +1,5 @@
-"""persona-lora: upload dialogs, train a LoRA adapter per speaker. Run with `fastapi dev main.py`.
+"""persona-lora: upload dialogs, train a LoRA adapter per speaker. Run with `fastapi dev main.py`, or
+`python main.py` (uvicorn closing half-sent requests: api/server.py).
 
 The app: its lifespan (the services in api/deps.py), its error handlers (one shape: `{"detail": ...}`,
 OpenAI's under /v1) and its routers (api/). No endpoint bodies here.
@@ -16,11 +17,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api import health, openai_compat, page, speakers
+from api import health, openai_compat, page, server, speakers
 from api import jobs as jobs_api
 from api import model_exports as exports_api
 from api.deps import close_services, open_services, require_api_key
-from api.middleware import AccessLog, BodyLimit, CrossSiteGuard, UnexpectedErrors
+from api.middleware import AccessLog, AllowedHosts, BodyLimit, CrossSiteGuard, UnexpectedErrors
 from config import get_settings
 from errors import ServiceError, public_errors, scrub
 
@@ -71,6 +72,7 @@ app = FastAPI(
 app.add_middleware(UnexpectedErrors)  # innermost: AccessLog sees its 500
 app.add_middleware(BodyLimit)
 app.add_middleware(CrossSiteGuard)  # before the body is read
+app.add_middleware(AllowedHosts)  # before CrossSiteGuard, which trusts the Host header
 app.add_middleware(AccessLog)
 
 @app.exception_handler(ServiceError)
@@ -116,3 +118,7 @@ app.include_router(exports_api.router)
 app.include_router(openai_compat.router, dependencies=[Depends(require_api_key)])  # its errors: OpenAI's shape
 app.include_router(page.router)  # the page at / and its files: no data, so no key
 app.mount("/static", page.assets, name="static")
+
+
+if __name__ == "__main__":  # python main.py [--host 0.0.0.0] [--port 8000]
+    server.run(app)

@@ -42,6 +42,8 @@ BODY_ERRORS = {
 }
 
 
+ADAPTER_DAMAGED = ("The speaker's adapter folder is damaged (a truncated adapter_model.safetensors, no adapter_config.json): "
+                   "`detail` names it; train it again with POST /train, or delete the folder.")
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
 GENERATION_BUSY = ("Generation is busy (GENERATION_WORKERS running, GENERATION_QUEUE waiting), or the base model is being "
         "provisioned: retry after Retry-After seconds.")
@@ -80,13 +82,14 @@ def registry(request: Request) -> JobRegistry:
 
 async def queue_job(request: Request, speaker: str, config, max_queued: int, wait: bool, kind: str = "train"):
     """Queue a job and hand it to the runner: without `wait`, a 202 answer with the job and its Location;
-    with `wait`, the job as it finished (any status: the route says what a failure means)."""
-    job = registry(request).create(speaker, config, max_queued, kind=kind)
+    with `wait`, the job as it finished (any status: the route says what a failure means). The registry is
+    called on a thread: a database another process holds locked made /health wait for it too."""
+    job = await asyncio.to_thread(registry(request).create, speaker, config, max_queued, kind=kind)
     future = request.app.state.runner.submit(job.job_id)
     if not wait:
         return JSONResponse(status_code=202, content=jsonable_encoder(job), headers={"Location": job.url})
     await asyncio.wrap_future(future)
-    return registry(request).get(job.job_id)
+    return await asyncio.to_thread(registry(request).get, job.job_id)
 
 
 def check_allowed(speaker: str, settings: Settings) -> None:

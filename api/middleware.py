@@ -1,5 +1,5 @@
-"""ASGI middleware of the service: cross-site refusal, the request body limit, the access log,
-unexpected errors.
+"""ASGI middleware of the service: the allowed hosts, cross-site refusal, the request body limit, the
+access log, unexpected errors.
 
 Both are plain ASGI (no BaseHTTPMiddleware) so that streaming responses, such as a job's event
 stream, pass through untouched.
@@ -11,6 +11,7 @@ import json
 import logging
 import time
 import traceback
+from urllib.parse import urlsplit
 
 from fastapi import HTTPException
 
@@ -81,6 +82,53 @@ class CrossSiteGuard:
         sender = f"Origin '{origin}'" if origin is not None else f"a {site} page (Sec-Fetch-Site)"
         await _send_json(send, 403, f"cross-site request refused: {sender} is not this server's origin; to allow a "
                                     "page there, add its origin to ALLOWED_ORIGINS", scope["path"])
+
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+class AllowedHosts:
+    """400 for a request whose Host is not a name the server is meant to be reached by: localhost,
+    127.0.0.1, [::1], the address the connection came to (the bound one) and ALLOWED_HOSTS (exact, or
+    '*.domain' for its subdomains, as Starlette's TrustedHostMiddleware matches; '*' for any). A page
+    on a name its owner rebound to 127.0.0.1 sends its own name as Host and as Origin, which
+    CrossSiteGuard takes for the server's own: this check comes first. A request without Host
+    (HTTP/1.0) passes: a browser always sends one. Not TrustedHostMiddleware itself: it answers plain
+    text that does not say what to fix, and fixes its list at start-up while settings are read per
+    request."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        sent = dict(scope["headers"]).get(b"host")
+        host = _hostname(sent.decode("latin-1")) if sent is not None else None
+        if sent is None or self._allowed(host, scope):
+            return await self.app(scope, receive, send)
+        shown = host if host is not None else sent.decode("latin-1")
+        await _send_json(send, 400, f"host '{shown}' is not a name this server is reached by: allowed are localhost, "
+                                    "127.0.0.1, [::1], the address it is bound to and ALLOWED_HOSTS; to serve it under "
+                                    "this name, add it to ALLOWED_HOSTS", scope["path"])
+
+    @staticmethod
+    def _allowed(host: str | None, scope) -> bool:
+        if host is None:
+            return False
+        bound = (scope.get("server") or ("",))[0] or ""
+        patterns = {*LOOPBACK_HOSTS, bound.lower(), *(_hostname(p) or p.lower() for p in get_settings().ALLOWED_HOSTS)}
+        return "*" in patterns or any(host == p or (p.startswith("*.") and host.endswith(p[1:])) for p in patterns)
+
+
+def _hostname(netloc: str) -> str | None:
+    """The host of a Host header ('[::1]:8000' → '::1'), lower-cased; None when it cannot be one."""
+    try:
+        split = urlsplit(f"//{netloc}")
+        split.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError:
+        return None
+    return split.hostname
 
 
 class UnexpectedErrors:

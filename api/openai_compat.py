@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.deps import GENERATION_BUSY, RETRY_AFTER, generation
+from api.deps import ADAPTER_DAMAGED, GENERATION_BUSY, RETRY_AFTER, generation
 from api.openai_models import (
     ChatChoice,
     ChatCompletion,
@@ -145,6 +145,7 @@ def list_models(request: Request) -> ModelList:
         200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
               "description": "A chat completion, or with `stream` its chunks as Server-Sent Events."},
         404: {"model": OpenAIError, "description": "No adapter for that model (speaker)."},
+        500: {"model": OpenAIError, "description": ADAPTER_DAMAGED},
         503: {"model": OpenAIError, "description": GENERATION_BUSY, "headers": RETRY_AFTER},
     },
 )

@@ -8,6 +8,7 @@ Knows nothing of how a job runs or how a model is loaded.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import Form, Query, Request, UploadFile
@@ -21,6 +22,7 @@ import parser as dialog_parser
 import store
 import train
 from api.deps import (
+    ADAPTER_DAMAGED,
     BODY_ERRORS,
     ERRORS,
     GENERATION_BUSY,
@@ -232,7 +234,8 @@ def delete_speaker(
 @router.post(
     "/generate",
     response_model=GenerateResponse,
-    responses={404: error("The speaker has no trained adapter."), 503: {**error(GENERATION_BUSY), "headers": RETRY_AFTER}, **BODY_ERRORS},
+    responses={404: error("The speaker has no trained adapter."), 500: error(ADAPTER_DAMAGED),
+               503: {**error(GENERATION_BUSY), "headers": RETRY_AFTER}, **BODY_ERRORS},
 )
 async def generate(body: GenerateRequest, request: Request, settings: SettingsDep) -> GenerateResponse:
     """The reply the speaker would write next, from their adapter on the base model."""
@@ -281,7 +284,7 @@ def speaker_evaluation(speaker: SpeakerName, settings: SettingsDep) -> dict:
 )
 async def evaluate_speaker(speaker: SpeakerName, request: Request, settings: SettingsDep) -> dict:
     """Evaluate the speaker's adapter now on its held-out samples; returns and stores the report."""
-    active = registry(request).active_for(speaker)
+    active = await asyncio.to_thread(registry(request).active_for, speaker)
     if active and active.kind == "train":  # an export only reads the adapter, as the evaluation does
         raise Conflict(f"speaker '{speaker}' is training (job {active.job_id}); evaluate when it has finished")
     if adapters.info(settings.OUTPUT_DIR, speaker) is None:  # a 404 before any 503 of a busy or warming base

@@ -22,6 +22,7 @@ from errors import (
     Conflict,
     InsufficientStorage,
     NotFound,
+    ServiceUnavailable,
     StorageError,
     TooManyRequests,
 )
@@ -40,6 +41,8 @@ log = logging.getLogger("persona_lora.jobs")
 ACTIVE = (JobStatus.queued.value, JobStatus.running.value)
 FINISHED = (JobStatus.succeeded.value, JobStatus.failed.value, JobStatus.cancelled.value)
 INTERRUPTED = "interrupted: the server stopped while the job ran"
+BUSY_TIMEOUT_S = 30.0  # a write waits this long for another writer; ours hold the lock for milliseconds
+BUSY_RETRY_S = 5
 
 
 _SCHEMA = """
@@ -95,10 +98,12 @@ class JobRegistry:
     fails there with 'disk I/O error'). A write the disk has no room for raises InsufficientStorage.
     """
 
-    def __init__(self, db_path: Path, replace_damaged: bool = False):
+    def __init__(self, db_path: Path, replace_damaged: bool = False, busy_timeout: float = BUSY_TIMEOUT_S):
         """With `replace_damaged` (the server at start-up), a file SQLite cannot read is moved aside
-        with a timestamp and a fresh registry starts; without, StorageError says which file and what to do."""
-        self.db_path = db_path
+        with a timestamp and a fresh registry starts; without, StorageError says which file and what to do.
+        A write waits up to `busy_timeout` s for another writer (another process, say), then raises
+        ServiceUnavailable (503, retry later)."""
+        self.db_path, self.busy_timeout = db_path, busy_timeout
         db_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._keeper = self._open()
@@ -136,7 +141,7 @@ class JobRegistry:
         return db
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(self.db_path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA synchronous=NORMAL")
         return db
@@ -151,6 +156,11 @@ class JobRegistry:
         except sqlite3.OperationalError as exc:
             if getattr(exc, "sqlite_errorname", "").startswith(("SQLITE_FULL", "SQLITE_IOERR")):
                 raise self._storage_error(exc) from exc
+            if getattr(exc, "sqlite_errorname", "").startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+                raise ServiceUnavailable(
+                    f"the job registry ({self.db_path.name}) stayed locked by another connection for "
+                    f"{self.busy_timeout:g} s; nothing changed. Retry after the Retry-After seconds; if it stays "
+                    "locked, look for another process holding the file", BUSY_RETRY_S) from exc
             raise
 
     def _storage_error(self, exc: sqlite3.OperationalError) -> StorageError:

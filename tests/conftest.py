@@ -142,13 +142,15 @@ def client(env):
 class LiveServer:
     """A real uvicorn process on loopback, started in the repo root with the given environment."""
 
-    def __init__(self, env: dict[str, str], log_path: Path):
+    def __init__(self, env: dict[str, str], log_path: Path, command: tuple[str, ...] = ("-m", "uvicorn", "main:app")):
+        """`command`: the server's arguments to python before --host and --port (uvicorn's own command by
+        default; ("main.py",) for the service's entry, api/server.py)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, *command, "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=ROOT,
             env={**os.environ, **env},
             stdout=self._log,

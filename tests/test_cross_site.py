@@ -41,8 +41,8 @@ def fetch_headers(origin: str, site: str, mode: str = "no-cors") -> dict[str, st
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_gemma):
     root = tmp_path_factory.mktemp("cross-site")
-    live = LiveServer({**server_env(root, tiny_gemma), "ALLOWED_ORIGINS": f"{ALLOWED}/, http://other.example"},
-                      root / "server.log")
+    live = LiveServer({**server_env(root, tiny_gemma), "ALLOWED_ORIGINS": f"{ALLOWED}/, http://other.example",
+                       "ALLOWED_HOSTS": "persona.lan, *.home.example"}, root / "server.log")
     yield live
     live.stop()
 
@@ -103,3 +103,37 @@ def test_reading_is_not_refused(server):
     """A GET cannot change anything, and a page cannot read the answer without CORS."""
     r = httpx.get(f"{server.url}/speakers", headers={"Origin": EVIL, "Sec-Fetch-Site": "cross-site"})
     assert r.status_code == 200, r.text
+
+
+REBIND = "rebind.attacker.example"
+
+
+def rebound(origin_host: str, port: int, **extra) -> dict[str, str]:
+    """What a browser sends from a page on `origin_host` after its name was rebound to 127.0.0.1:
+    the page's own name as Host and as Origin."""
+    return {"Host": f"{origin_host}:{port}", "Origin": f"http://{origin_host}:{port}", **extra}
+
+
+def test_dns_rebinding_is_refused_for_writes_and_reads(server):
+    """Issue 29, defect 12: the Host a rebound page sends is not one the server answers to."""
+    port = server.port
+    detail = (f"host '{REBIND}' is not a name this server is reached by: allowed are localhost, 127.0.0.1, [::1], "
+              "the address it is bound to and ALLOWED_HOSTS; to serve it under this name, add it to ALLOWED_HOSTS")
+    r = httpx.post(f"{server.url}/upload-text", json={"speaker": "Rex", "dialog": [{"speaker": "Rex", "content": "hi"}]},
+                   headers=rebound(REBIND, port, **{"Sec-Fetch-Site": "same-origin"}))
+    assert (r.status_code, r.json()) == (400, {"detail": detail})
+    assert stored(server, "Rex") == 0
+    r = httpx.get(f"{server.url}/speakers/Ann/messages", headers=rebound(REBIND, port))
+    assert (r.status_code, r.json()) == (400, {"detail": detail})
+    r = httpx.get(f"{server.url}/v1/models", headers=rebound(REBIND, port))
+    assert (r.status_code, r.json()["error"]["message"]) == (400, detail)
+    r = httpx.get(f"{server.url}/health", headers={"Host": "evil.home.example.attacker.example"})
+    assert r.status_code == 400, r.text
+
+
+@pytest.mark.parametrize("host", ["localhost", "LOCALHOST", "127.0.0.1", "[::1]", "persona.lan", "nas.home.example"])
+def test_the_names_the_server_is_meant_to_be_reached_by_pass(server, host):
+    r = httpx.post(f"{server.url}/upload-text", json={"speaker": "Host", "dialog": [{"speaker": "Host", "content": host}]},
+                   headers=rebound(host, server.port))
+    assert r.status_code == 200, r.text
+    assert httpx.get(f"{server.url}/speakers", headers={"Host": host}).status_code == 200

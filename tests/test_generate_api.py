@@ -4,8 +4,10 @@ and the evaluation endpoints."""
 from __future__ import annotations
 
 import io
+import time
 import unicodedata
 import zipfile
+from pathlib import Path
 
 import httpx
 import pytest
@@ -265,3 +267,68 @@ def test_adapter_download_loads_with_peft(server, tiny_gemma, tmp_path):
     missing = http.get("/speakers/Nobody/adapter")
     assert missing.status_code == 404 and missing.json() == {
         "detail": "no adapter for speaker 'Nobody'; train one with POST /train"}
+
+
+def test_a_prompt_beyond_the_models_context_keeps_its_latest_turns(server):
+    """Issue 29, defect 6: 32 messages of 1,000 characters (about 27,000 tokens) to a model of 1,024
+    positions: the prompt is bound to the context less the reply's room, and usage says so."""
+    positions, room = 1024, 16
+    long = [{"role": "user" if i % 2 == 0 else "assistant", "content": (f"turn {i} " + "слово " * 200)[:1000]}
+            for i in range(32)]
+    http = httpx.Client(base_url=server.url, timeout=120)
+    started = time.monotonic()
+    r = http.post("/v1/chat/completions", json={"model": NAME, "messages": long, "max_tokens": room, "seed": 1})
+    bound_s = time.monotonic() - started
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert 0 < usage["prompt_tokens"] <= positions - room, usage
+    assert usage["total_tokens"] <= positions
+    turns = [{"speaker": NAME if m["role"] == "assistant" else "Q", "content": m["content"]} for m in long]
+    r = http.post("/generate", json={"speaker": NAME, "messages": turns, "max_new_tokens": room, "seed": 1})
+    assert r.status_code == 200, r.text
+    assert 0 < r.json()["prompt_tokens"] <= positions - room
+    r = http.post("/v1/chat/completions", json={"model": NAME, "messages": long[-1:], "max_tokens": room, "stream": True,
+                                                "stream_options": {"include_usage": True}})
+    assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+    print(f"a {len(long)}-message prompt bound to {usage['prompt_tokens']} tokens, answered in {bound_s:.2f} s")
+
+
+def damaged_copy(server, name: str, damage) -> str:
+    """A copy of the trained adapter as speaker `name`'s, damaged by `damage(folder)`."""
+    import shutil
+
+    out = Path(server.env["OUTPUT_DIR"])
+    shutil.copytree(out / NAME, out / name)
+    damage(out / name)
+    return name
+
+
+def test_a_damaged_adapter_says_which_and_what_to_do(server):
+    """Issue 29, defect 11: a truncated adapter_model.safetensors, a missing adapter_config.json."""
+    def truncate(folder: Path) -> None:
+        weights = folder / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+
+    truncated = damaged_copy(server, "Cut", truncate)
+    unconfigured = damaged_copy(server, "NoConfig", lambda folder: (folder / "adapter_config.json").unlink())
+    http = httpx.Client(base_url=server.url, timeout=120)
+
+    def detail(speaker: str, error: str) -> str:
+        return (f"the adapter of speaker '{speaker}' is damaged and cannot be loaded ({error} reading output_lora/"
+                f"{speaker}); train it again with POST /train, which replaces it, or delete that folder")
+
+    r = http.post("/generate", json={"speaker": truncated, "prompt": "hi", "max_new_tokens": 2})
+    assert (r.status_code, r.json()) == (500, {"detail": detail(truncated, "SafetensorError")})
+    r = http.post("/generate", json={"speaker": unconfigured, "prompt": "hi", "max_new_tokens": 2})
+    assert (r.status_code, r.json()) == (500, {"detail": detail(unconfigured, "ValueError")})
+    for stream in (False, True):
+        r = http.post("/v1/chat/completions", json={"model": truncated, "messages": ASK, "max_tokens": 2, "stream": stream})
+        assert (r.status_code, r.json()) == (500, {"error": {"message": detail(truncated, "SafetensorError"),
+                                                             "type": "server_error", "param": None, "code": None}})
+    r = http.post("/generate", json={"speaker": NAME, "prompt": "питання 3", "max_new_tokens": 2})
+    assert r.status_code == 200, r.text  # the engine goes on with the others
+    r = http.post("/generate", json={"speaker": truncated, "prompt": "hi", "max_new_tokens": 2})
+    assert r.status_code == 500  # and a damaged one stays refused, not half-loaded
+    responses = http.get("/openapi.json").json()["paths"]
+    assert "damaged" in responses["/generate"]["post"]["responses"]["500"]["description"]
+    assert "damaged" in responses["/v1/chat/completions"]["post"]["responses"]["500"]["description"]

@@ -6,13 +6,16 @@ import asyncio
 import json
 import logging
 import signal
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import SAMPLE_DIALOG, LiveServer, wait_for_job
+from conftest import SAMPLE_DIALOG, LiveServer, upload, wait_for_job
 from config import get_settings
 
 
@@ -133,6 +136,51 @@ def test_unexpected_errors_answer_json_500(client, monkeypatch):
     with TestClient(app, raise_server_exceptions=False) as c:
         r = c.post("/upload-text", json={"dialog": SAMPLE_DIALOG, "speaker": "User1"})
     assert r.status_code == 500 and r.json() == {"detail": "internal error (RuntimeError); see the server log"}
+
+
+LOCKER = """import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+db.execute("ROLLBACK")
+"""
+
+
+def hold_lock(db_path: str, seconds: float) -> subprocess.Popen:
+    """Another process holding the job database with BEGIN EXCLUSIVE for `seconds`, already locked."""
+    locker = subprocess.Popen([sys.executable, "-c", LOCKER, db_path, str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert locker.stdout.readline().strip() == "locked"
+    return locker
+
+
+def timed(method, url: str, **kwargs) -> tuple[httpx.Response, float]:
+    started = time.monotonic()
+    r = method(url, timeout=120, **kwargs)
+    return r, time.monotonic() - started
+
+
+@pytest.mark.slow
+def test_a_locked_job_database_stalls_no_other_request(live_server, env):
+    """Issue 29, defect 5: with another process holding the registry, /train waits for it (off the
+    event loop) and /health still answers at once."""
+    lock_s = 6.0
+    upload(httpx.Client(base_url=live_server.url), "User1")
+    locker = hold_lock(str(Path(env["DATA_DIR"]) / "jobs.sqlite3"), lock_s)
+    locked_at = time.monotonic()
+    with ThreadPoolExecutor(1) as pool:
+        train = pool.submit(timed, httpx.post, f"{live_server.url}/train", json={"speaker": "User1", "max_steps": 1})
+        time.sleep(0.5)  # /train is waiting for the lock
+        health, health_s = timed(httpx.get, f"{live_server.url}/health")
+        (trained, train_s), waited = train.result(), time.monotonic() - locked_at
+    locker.wait(10)
+    assert health.status_code == 200, health.text
+    assert health_s < 0.1 * lock_s, f"/health took {health_s:.2f} s while the registry was locked for {lock_s} s"
+    assert trained.status_code == 202, trained.text
+    assert waited >= lock_s - 0.5, "/train answered before the lock was released: it did not meet the lock"
+    print(f"registry locked {lock_s} s: /health {health_s * 1000:.0f} ms, /train {train_s:.2f} s (202 once released)")
+    wait_for_job(httpx.Client(base_url=live_server.url), trained.json()["job_id"], lambda j: j["status"] in
+                 ("succeeded", "failed", "cancelled"), what="the job to finish")
 
 
 def _uploads(n: int, speakers: list[str]):

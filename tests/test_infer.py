@@ -149,3 +149,22 @@ def test_the_repetition_penalty_counts_the_reply_not_the_prompt(tiny_gemma, adap
     first = tokens[0].item()
     assert same_tokens[0].item() == first  # greedy, and the same first scores
     assert penalised[1][0, first] < plain[1][0, first]  # the reply's own token is penalised
+
+
+def test_a_prompt_longer_than_the_bound_keeps_its_latest_turns(tiny_gemma):
+    """Issue 29, defect 6: as training drops the oldest context turns, so does generation."""
+    from lm import base_model, chat_format
+
+    tokenizer = base_model.load_tokenizer(tiny_gemma)
+    template, _ = chat_format.chat_template_for(tokenizer)
+    turns = [Turn(speaker="Q" if i % 2 == 0 else "Ann", content=f"turn{i} " + "слово " * 50) for i in range(32)]
+    messages = to_messages(turns, "Ann")
+    whole, none_dropped = chat_format.bounded_prompt_ids(tokenizer, template, messages, "Ann", 10**6)
+    assert none_dropped == 0
+    ids, dropped = chat_format.bounded_prompt_ids(tokenizer, template, messages, "Ann", len(whole) // 4)
+    text = tokenizer.decode(ids)
+    assert len(ids) <= len(whole) // 4 and 0 < dropped < 32
+    assert f"turn{dropped} " in text and f"turn{dropped - 1} " not in text and "turn31 " in text  # the latest, whole turns
+    assert ids == chat_format.bounded_prompt_ids(tokenizer, template, to_messages(turns[dropped:], "Ann"), "Ann", 10**6)[0]
+    one, _ = chat_format.bounded_prompt_ids(tokenizer, template, messages, "Ann", 20)  # the last turn alone is too long
+    assert len(one) == 20 and one[0] == tokenizer.bos_token_id and tokenizer.decode(one).endswith("Ann:")

@@ -146,6 +146,30 @@ def test_registry_recovery_after_crash(tmp_path):
     assert reopened.get(done.job_id).status == JobStatus.succeeded
 
 
+def test_train_on_a_registry_locked_past_its_busy_timeout_is_a_503(client, env):
+    """Issue 29, defect 5: another connection holds the job database (BEGIN EXCLUSIVE) longer than a
+    write waits: /train answers 503 with Retry-After, reads still answer, and nothing was queued."""
+    import sqlite3
+
+    upload(client, "User1")
+    client.app.state.registry.busy_timeout = 0.2
+    locker = sqlite3.connect(get_settings().db_path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        r = client.post("/train", json={"speaker": "User1"})
+        health = client.get("/health")
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert (r.status_code, r.headers["retry-after"]) == (503, "5")
+    assert r.json() == {"detail": "the job registry (jobs.sqlite3) stayed locked by another connection for 0.2 s; "
+                                  "nothing changed. Retry after the Retry-After seconds; if it stays locked, look for "
+                                  "another process holding the file"}
+    assert health.status_code == 200 and health.json()["jobs_queued"] == 0  # WAL: reads do not wait for the lock
+    assert client.get("/jobs").json()["count"] == 0
+    assert client.post("/train", json={"speaker": "User1", "max_steps": 1}).status_code == 202  # released: it works
+
+
 def test_queued_job_left_by_a_dead_server_runs_at_start(env):
     from fastapi.testclient import TestClient
 
