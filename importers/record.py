@@ -1,6 +1,6 @@
 """The record every messenger reader produces: a `Chat` of `ChatMessage`s, each marked as a message, a
 system notice, a media placeholder or a deleted message; the errors of an unreadable export; and the
-readers' shared time helpers (ISO dates and Unix epochs as naive UTC).
+readers' shared helpers (ISO dates and Unix epochs as naive UTC, numbers written as strings).
 
 Knows nothing of formats, files, cleaning or HTTP.
 """
@@ -48,6 +48,17 @@ def parse_time(value: Any) -> datetime | None:
         return naive(datetime.fromisoformat(value))
     except ValueError:
         return None
+
+
+def integer(value: Any, max_digits: int = 20) -> int | None:
+    """An int, or a string of at most `max_digits` ASCII digits as one (Discord's ids, Telegram's
+    date_unixtime); anything else is None. str.isdigit alone takes "²" and "١٧" (int() refuses them)
+    and 5,000 digits (int() refuses more than 4,300); 20 digits hold any 64-bit id."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and 0 < len(value) <= max_digits and value.isascii() and value.isdigit():
+        return int(value)
+    return None
 
 
 def naive(time: datetime | None) -> datetime | None:

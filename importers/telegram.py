@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from importers.record import Chat, ChatMessage, ExportError, Kind, epoch, parse_time
+from importers.record import Chat, ChatMessage, ExportError, Kind, epoch, integer, parse_time
 
 _TG_MEDIA_FIELDS = ("photo", "file", "media_type", "sticker_emoji", "poll", "location_information", "contact_information")
 
@@ -56,7 +56,8 @@ def _telegram_chat(raw: dict) -> Chat:
 
 
 def _unix_time(value: Any) -> datetime | None:
-    return epoch(int(value)) if str(value).isdigit() else None
+    seconds = integer(value)
+    return epoch(seconds) if seconds is not None else None
 
 
 def telegram_text(value: Any) -> str:
