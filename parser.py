@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,7 +20,6 @@ import phonenumbers
 
 from importers import Chat, ChatMessage, naive, read_chats
 from models import (
-    BIDI_CONTROLS,
     MAX_MESSAGE_CHARS,
     NAME_MAX_CHARS,
     CleaningOptions,
@@ -30,6 +28,7 @@ from models import (
     Sample,
     Turn,
     normalise_name,
+    refused_in_name,
 )
 
 
@@ -156,10 +155,14 @@ def clean(chat: Chat, options: CleaningOptions, aliases: dict[str, str],
 
 def display_name(name: str) -> str:
     """A speaker of an export as a valid models.DisplayName: NFC, invisible marks stripped at the
-    ends, no control or direction-override characters inside, at most NAME_MAX_CHARS."""
-    name = normalise_name(_scrub(name))
-    name = "".join(ch for ch in name if unicodedata.category(ch) != "Cc" and ch not in BIDI_CONTROLS)
+    ends, a run of line, paragraph or field separators inside as one space, and no other character
+    models.refused_in_name refuses (controls, direction overrides), at most NAME_MAX_CHARS."""
+    name = _SEPARATORS.sub(" ", normalise_name(_scrub(name)))
+    name = "".join(ch for ch in name if not refused_in_name(ch))
     return normalise_name(name[:NAME_MAX_CHARS])
+
+
+_SEPARATORS = re.compile(r"[\t\n\v\f\r\x1c-\x1f\x85\u2028\u2029]+")  # the characters str.splitlines splits at, and tab
 
 
 def _scrub(text: str) -> str:

@@ -87,6 +87,33 @@ def prompt_text(tokenizer, template: str, messages: list[dict], speaker: str) ->
                                          assistant_name=speaker)
 
 
+def bounded_prompt_ids(tokenizer, template: str, messages: list[dict], speaker: str, max_tokens: int) -> tuple[list[int], int]:
+    """The token ids of the prompt asking `speaker` for the next turn after `messages`, within
+    `max_tokens`: the oldest turns are left out until it fits, as format_sample drops context in
+    training; a last turn too long alone keeps its end (and BOS). Also how many turns were left out.
+    The fewest turns left out is found by bisection: 13 renderings for 5,000 turns, not 5,000."""
+    ids = _prompt_ids(tokenizer, template, messages, speaker)
+    if len(ids) <= max_tokens:
+        return ids, 0
+    turns = [Turn.model_construct(speaker=t["name"], content=t["text"]) for m in messages for t in m.get("turns", [])]
+    lo, hi = 1, max(len(turns) - 1, 1)  # leave out lo..hi turns; never the last one
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(_prompt_ids(tokenizer, template, to_messages(turns[mid:], speaker), speaker)) <= max_tokens:
+            hi = mid
+        else:
+            lo = mid + 1
+    ids = _prompt_ids(tokenizer, template, to_messages(turns[lo:], speaker), speaker) if turns else ids
+    if len(ids) > max_tokens:  # the last turn alone is too long: its latest tokens
+        head = ids[:1] if ids[0] == tokenizer.bos_token_id else []
+        ids = head + ids[len(ids) - (max_tokens - len(head)):]
+    return ids, min(lo, len(turns))
+
+
+def _prompt_ids(tokenizer, template: str, messages: list[dict], speaker: str) -> list[int]:
+    return tokenizer(prompt_text(tokenizer, template, messages, speaker), add_special_tokens=False)["input_ids"]
+
+
 @dataclass
 class Encoded:
     input_ids: list[int]

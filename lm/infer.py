@@ -16,10 +16,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from config import Settings
+from errors import StorageError
 from lm import adapters, base_model, chat_format
 from models import Turn
 
@@ -63,12 +64,36 @@ class Generation:
     finish_reason: str  # "stop" (the turn ended) or "length" (cut at max_new_tokens)
 
 
-def _inputs(model, tokenizer, template: str, messages: list[dict], name: str):
+def context_length(model, tokenizer) -> int | None:
+    """The most positions the model takes (its config's max_position_embeddings; else the tokenizer's
+    model_max_length where that is a real bound); None when neither says."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        return positions
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else None
+
+
+def _inputs(model, tokenizer, template: str, messages: list[dict], name: str, decoding: Decoding):
+    """The prompt's ids and mask, bound by the model's context: room is kept for the reply
+    (max_new_tokens, at most half the context) and the oldest turns left out until the prompt fits in
+    the rest. Also the decoding, its max_new_tokens cut to what the positions left allow. A 32,227-token
+    prompt went through a model of 1,024 positions (4.2 s, +200 MB) before."""
     import torch
 
-    text = chat_format.prompt_text(tokenizer, template, messages, name)
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
-    return ids, torch.ones_like(ids)
+    limit = context_length(model, tokenizer)
+    if limit is None:
+        ids = tokenizer(chat_format.prompt_text(tokenizer, template, messages, name), add_special_tokens=False)["input_ids"]
+    else:
+        room = min(decoding.max_new_tokens, limit // 2)
+        ids, dropped = chat_format.bounded_prompt_ids(tokenizer, template, messages, name, limit - room)
+        if dropped:
+            log.info("prompt bound to the model's %d positions: %d oldest turns left out, %d tokens kept", limit,
+                     dropped, len(ids))
+        decoding = replace(decoding, max_new_tokens=min(decoding.max_new_tokens, limit - len(ids)))
+    ids = torch.tensor([ids], dtype=torch.long, device=model.device)
+    return ids, torch.ones_like(ids), decoding
 
 
 def _stops(template: str, decoding: Decoding) -> list[str]:
@@ -130,7 +155,7 @@ def generate(model, tokenizer, template: str, messages: list[dict], decoding: De
     or not)."""
     import torch
 
-    ids, mask = _inputs(model, tokenizer, template, messages, name)
+    ids, mask, decoding = _inputs(model, tokenizer, template, messages, name, decoding)
     if decoding.seed is not None:
         torch.manual_seed(decoding.seed)
     kwargs = _generate_kwargs(tokenizer, template, decoding, ids.shape[1])
@@ -208,8 +233,6 @@ class PersonaEngine:
 
     def _activate(self, speaker: str | None) -> None:
         """Make the speaker's adapter the active one (None: the base model alone)."""
-        from peft import PeftModel
-
         self._ensure_base()
         if speaker is None:
             return
@@ -223,11 +246,8 @@ class PersonaEngine:
             self._model.set_adapter(cached[0])
             return
         key = "a" + hashlib.sha256(f"{speaker}\0{stamp}".encode()).hexdigest()[:16]  # peft names must be identifiers
-        place = str(adapters.folder(self.output_root, speaker))
-        if isinstance(self._model, PeftModel):
-            self._model.load_adapter(place, adapter_name=key)
-        else:
-            self._model = PeftModel.from_pretrained(self._model, place, adapter_name=key)
+        place = adapters.folder(self.output_root, speaker)
+        self._load(speaker, place, key)
         self._model.set_adapter(key)
         self._model.eval()
         if cached:  # retrained since it was loaded: drop the stale weights
@@ -238,6 +258,29 @@ class PersonaEngine:
             _, (old_key, _) = self._cache.popitem(last=False)
             self._model.delete_adapter(old_key)
         log.info("generation: loaded adapter of %s (%d cached)", speaker, len(self._cache))
+
+    def _load(self, speaker: str, place: Path, key: str) -> None:
+        """Load the adapter at `place` as `key`. A folder peft cannot load (a truncated
+        adapter_model.safetensors, no adapter_config.json: SafetensorError, ValueError) raises
+        StorageError naming the adapter and what to do, and leaves no half-loaded adapter behind."""
+        from peft import PeftModel
+
+        first = not isinstance(self._model, PeftModel)
+        try:
+            if first:
+                self._model = PeftModel.from_pretrained(self._model, str(place), adapter_name=key)
+            else:
+                self._model.load_adapter(str(place), adapter_name=key)
+        except Exception as exc:  # noqa: BLE001 - whatever peft, safetensors or torch raise for a damaged folder
+            if first:  # from_pretrained may have injected LoRA layers into the base: load it afresh next time
+                self._model = self._tokenizer = None
+            elif key in getattr(self._model, "peft_config", {}):
+                self._model.delete_adapter(key)
+            log.warning("generation: the adapter of %s in %s cannot be loaded (%s)", speaker, place, type(exc).__name__)
+            raise StorageError(
+                f"the adapter of speaker '{speaker}' is damaged and cannot be loaded ({type(exc).__name__} reading "
+                f"{self.output_root.name}/{place.name}); train it again with POST /train, which replaces it, or delete "
+                "that folder") from None
 
     def _as(self, speaker: str | None):
         return base_only(self._model) if speaker is None else nullcontext()
@@ -270,7 +313,8 @@ class PersonaEngine:
         self._lock.acquire()
         try:
             self._activate(speaker)
-            ids, mask = _inputs(self._model, self._tokenizer, self._template, messages, speaker or "assistant")
+            ids, mask, decoding = _inputs(self._model, self._tokenizer, self._template, messages, speaker or "assistant",
+                                          decoding)
             streamer = TextIteratorStreamer(self._tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
             if decoding.seed is not None:
                 torch.manual_seed(decoding.seed)

@@ -24,7 +24,7 @@ def _telegram(*messages: dict) -> bytes:
 
 
 def _discord(**fields) -> bytes:
-    author = lambda name: {"id": "1", "name": name}  # noqa: E731
+    author = lambda name: {"id": "1", "name": name}
     return json.dumps({
         "guild": {"id": "1", "name": "g"}, "channel": {"id": "2", "name": "c"},
         "messages": [{"id": "10", "type": "Default", "timestamp": "2024-01-01T10:00:00+00:00", "content": "Привіт", "author": author("Ана")},
@@ -67,3 +67,32 @@ def test_a_discord_id_that_is_no_number_is_ignored(client, fields):
     assert inspect.status_code == 200, inspect.text
     message = exports.read_export(_discord(**fields), "general.json")[0].messages[1]
     assert (message.id, message.reply_to) == (None if "id" in fields else 11, None)
+
+
+# --- names with line or paragraph separators (item 3) -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["Bo\u2028b", "Bo\u2029b", "Bo\u0085b", "Bo\nb"], ids=["U+2028", "U+2029", "U+0085", "newline"])
+def test_a_separator_inside_a_name_becomes_a_space(client, env, name):
+    upload, inspect = _both(client, _telegram({"from": name, "text": "я Боб"}))
+    assert upload.status_code == 200, upload.text
+    assert sorted(upload.json()["speakers"]) == ["Bo b", "Ана", "Олена"]
+    stored = json.loads((Path(env["DATA_DIR"]) / "Олена_messages.json").read_text(encoding="utf-8"))
+    assert [t["speaker"] for t in stored["messages"][0]["context"]] == ["Ана", "Bo b"]
+    assert inspect.status_code == 200, inspect.text
+    assert [p["name"] for p in inspect.json()["participants"]] == ["Ана", "Bo b", "Олена"]
+
+
+def test_an_alias_to_a_name_with_a_separator_is_stored_with_a_space(client, env):
+    r = client.post("/upload-file", files={"file": ("result.json", _telegram({"text": "ще раз"}))},
+                    data={"speaker": "Олена", "aliases": json.dumps({"Ана": "Ан\u2028на"})})
+    assert r.status_code == 200, r.text
+    assert sorted(r.json()["speakers"]) == ["Ан на", "Олена"] and r.json()["report"]["renamed_by_alias"] == 2
+
+
+def test_every_display_name_is_a_valid_turn_speaker():
+    from models import Turn
+
+    for ch in ("\u2028", "\u2029", "\x85", "\t", "\r", "\x00", "\u202e", "\ud800", "\x1c"):
+        name = dialog_parser.display_name(f"A{ch}B")
+        assert Turn(speaker=name, content="x").speaker == name, repr(ch)
