@@ -64,22 +64,22 @@ _WA_SYSTEM = re.compile(
 _WA_SYSTEM_MARKED = re.compile(r"(\b(added|removed|left|hinzugefügt|entfernt|verlassen|beigetreten|añadió|eliminó|salió|a ajouté"
                                r"|a retiré|est parti|adicionou|removeu|saiu)\b|Missed (voice|video) call|Verpasster (Sprach|Video)anruf"
                                r"|is a contact)", re.IGNORECASE)
-_WA_EDITED = re.compile(r"\s*\u200e?<(This message was edited|Se editó este mensaje\.?|Diese Nachricht wurde bearbeitet\.?"
+# Searched for, not subbed with a leading \s*: that retries the run of spaces at each of its starts (quadratic).
+_WA_EDITED = re.compile(r"\u200e?<(This message was edited|Se editó este mensaje\.?|Diese Nachricht wurde bearbeitet\.?"
                         r"|Ce message a été modifié\.?|Mensagem editada|Questo messaggio è stato modificato\.?|Dit bericht is bewerkt\.?)>$")
 _INVISIBLE = "\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2060\ufeff"
 
 
 def read_whatsapp(text: str, name: str = "chat") -> Chat:
     """Lines starting with a timestamp begin a message; others continue the one before it."""
-    raw: list[tuple[re.Match, str]] = []
+    raw: list[tuple[re.Match, list[str]]] = []  # a message's lines, joined once: += on a long message is quadratic
     for number, line in enumerate(text.splitlines(), start=1):
         clean = line.strip(_INVISIBLE + " \t")
         match = _WA_LINE.match(clean)
         if match:
-            raw.append((match, match["body"]))
+            raw.append((match, [match["body"]]))
         elif raw:
-            stamp, body = raw[-1]
-            raw[-1] = (stamp, body + "\n" + line.strip(_INVISIBLE))
+            raw[-1][1].append(line.strip(_INVISIBLE))
         elif clean:
             raise ExportError(
                 f"line {number} is not a WhatsApp message line: {clean[:80]!r}; expected '31/12/23, 21:05 - Name: text' "
@@ -89,8 +89,8 @@ def read_whatsapp(text: str, name: str = "chat") -> Chat:
         raise ExportError("no WhatsApp message lines found (expected '12/31/23, 21:05 - Name: text' or '[31.12.23, 21:05:09] Name: text')")
     day_first = _day_first([stamp for stamp, _ in raw])
     messages = []
-    for i, (stamp, body) in enumerate(raw):
-        time = _wa_time(stamp, day_first)
+    for i, (stamp, lines) in enumerate(raw):
+        time, body = _wa_time(stamp, day_first), "\n".join(lines)
         speaker, sep, text = body.rstrip("\n").partition(": ")
         if not sep and body.endswith(":") and "\n" not in body:  # "Name:" with nothing after it
             speaker, sep, text = body[:-1], ":", ""
@@ -98,7 +98,7 @@ def read_whatsapp(text: str, name: str = "chat") -> Chat:
             messages.append(ChatMessage(speaker="", text=body, kind="system", id=i, time=time))
             continue
         marked = text.startswith("\u200e")
-        text = _WA_EDITED.sub("", text.strip(_INVISIBLE))
+        text = _without_edit_marker(text.strip(_INVISIBLE))
         bare = text.replace("\u200e", "").strip()  # iOS marks words inside notices too: "x.pdf • \u200e9 pages \u200edocument omitted"
         kind: Kind = "message"
         if _WA_MEDIA.match(bare):
@@ -110,6 +110,11 @@ def read_whatsapp(text: str, name: str = "chat") -> Chat:
         speaker = re.sub(r"^~[\s\u202f]", "", speaker.strip(_INVISIBLE + " "))  # iOS: "~ Name" for non-contacts
         messages.append(ChatMessage(speaker=speaker.strip(), text=text, kind=kind, id=i, time=time))
     return Chat(name=name, id=None, messages=messages)
+
+
+def _without_edit_marker(text: str) -> str:
+    marker = _WA_EDITED.search(text) if text.endswith(">") else None
+    return text[:marker.start()].rstrip() if marker else text
 
 
 def _day_first(stamps: list[re.Match]) -> bool:

@@ -96,3 +96,32 @@ def test_every_display_name_is_a_valid_turn_speaker():
     for ch in ("\u2028", "\u2029", "\x85", "\t", "\r", "\x00", "\u202e", "\ud800", "\x1c"):
         name = dialog_parser.display_name(f"A{ch}B")
         assert Turn(speaker=name, content="x").speaker == name, repr(ch)
+
+
+# --- WhatsApp: linear in the line (item 4) --------------------------------------------------------------
+
+
+def _seconds(text: str) -> float:
+    best = float("inf")
+    for _ in range(3):  # the fastest of three: the machine is shared
+        start = time.perf_counter()
+        exports.read_whatsapp(text)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@pytest.mark.parametrize("line", [
+    "12/31/23, 21:00 - Bob: {run}x", "12/31/23, 21:00 - Bob: x{run}<This message was edited>x",
+    "12/31/23, 21:00 - Bob: {run}", "[31.12.23, 21:05:09] Bob: \u200e{run}image omitted x",
+    "12/31/23, 21:00 - {run}: x", "12/31/23, 21:00 - Bob: Ana hat {run} entfernt.",
+], ids=["spaces-then-x", "edited-marker-inside", "only-spaces", "ios-marked", "spaces-as-name", "notice-like"])
+def test_whatsapp_reading_is_linear_in_a_run_of_spaces(line):
+    short, long = (line.format(run=" " * n) + "\n" for n in (4_000, 40_000))
+    ratio = _seconds(long) / max(_seconds(short), 1e-4)
+    assert ratio < 30, f"10x the spaces took {ratio:.1f}x the time"  # linear: ~10x; quadratic: ~100x
+
+
+def test_whatsapp_reading_is_linear_in_continuation_lines():
+    short, long = ("12/31/23, 21:00 - Bob: x\n" + "y\n" * n for n in (20_000, 200_000))
+    ratio = _seconds(long) / max(_seconds(short), 1e-4)
+    assert ratio < 30, f"10x the lines took {ratio:.1f}x the time"
