@@ -18,6 +18,7 @@ from pathlib import Path
 
 import phonenumbers
 
+from config import EXPORT_MESSAGES_DEFAULT
 from importers import Chat, ChatMessage, naive, read_chats
 from models import (
     MAX_MESSAGE_CHARS,
@@ -205,11 +206,11 @@ class ImportResult:
 def import_export(
     data: bytes, filename: str, speaker: str, fmt: str, chat: str | None, aliases: dict[str, str],
     options: CleaningOptions, max_context_turns: int, tokenizer_file: Path | None, max_unpacked: int = 256 * 1024 * 1024,
-    phone_region: str | None = None,
+    phone_region: str | None = None, max_messages: int = EXPORT_MESSAGES_DEFAULT,
 ) -> ImportResult:
     """Read, clean and turn an export into the speaker's samples. ExportError for unreadable
     files; UnknownSpeaker when the speaker does not occur in the cleaned chats."""
-    chats, fmt = read_chats(data, filename, fmt, chat, max_unpacked)
+    chats, fmt = read_chats(data, filename, fmt, chat, max_unpacked, max_messages)
     aliases = {display_name(k): display_name(v) for k, v in aliases.items()}
     report: dict[str, int] = {}
     per_chat = []
@@ -231,9 +232,10 @@ def import_export(
                         "tokenizer" if tokenizer_file else "words")
 
 
-def inspect_export(data: bytes, filename: str, fmt: str, chat: str | None, max_unpacked: int) -> ExportInspection:
+def inspect_export(data: bytes, filename: str, fmt: str, chat: str | None, max_unpacked: int,
+                   max_messages: int = EXPORT_MESSAGES_DEFAULT) -> ExportInspection:
     """What an export holds, read but not cleaned or stored: format, chats, date range, participants."""
-    chats, fmt = read_chats(data, filename, fmt, chat, max_unpacked)
+    chats, fmt = read_chats(data, filename, fmt, chat, max_unpacked, max_messages)
     messages = [m for one in chats for m in one.messages]
     times = [t for m in messages if (t := naive(m.time))]
     counts = Counter(display_name(m.speaker) for m in messages if m.kind == "message" and display_name(m.speaker))

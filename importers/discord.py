@@ -6,15 +6,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from importers.record import Chat, ChatMessage, ExportError, Kind, integer, parse_time
+from importers.record import Chat, ChatMessage, ExportError, Kind, MessageBudget, integer, parse_time
 
 _DISCORD_MESSAGE_TYPES = ("Default", "Reply", "0", "19")
 
 
-def read_discord(document: Any) -> Chat:
+def read_discord(document: Any, budget: MessageBudget | None = None) -> Chat:
     messages = document.get("messages") if isinstance(document, dict) else None
     if not isinstance(messages, list):
         raise ExportError("a Discord export (DiscordChatExporter JSON) has a 'messages' list")
+    if budget:
+        budget.take(len(messages))
     out = []
     for m in messages:
         if not isinstance(m, dict):

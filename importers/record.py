@@ -19,7 +19,32 @@ class ExportError(ValueError):
 
 
 class ExportTooLarge(ExportError):
-    """The archive unpacks to more than the budget (a zip bomb, or simply too much)."""
+    """The archive unpacks to more than the budget, or the export holds more messages than MessageBudget allows."""
+
+
+class MessageBudget:
+    """The messages an export may hold (MAX_EXPORT_MESSAGES), shared by its files and chats, and the JSON objects and
+    lists it may parse (4 a message): each is refused before it is built, so a hostile file's parsed size is bounded."""
+
+    JSON_ITEMS_PER_MESSAGE = 4  # a Telegram message: itself, text_entities and an entity; reactions and formatting add more
+
+    def __init__(self, limit: int):
+        self.limit, self.messages, self.items = limit, limit, limit * self.JSON_ITEMS_PER_MESSAGE
+
+    def take(self, count: int) -> None:
+        self.messages -= count
+        if self.messages < 0:
+            raise ExportTooLarge(f"the export holds more than {self.limit} messages (MAX_EXPORT_MESSAGES); export one chat "
+                                 "or a shorter period, or raise MAX_EXPORT_MESSAGES")
+
+    def take_json(self, data: bytes) -> None:
+        """Before parsing: every '{' and '[' may open an object or a list (those in strings too: an upper bound)."""
+        items = data.count(b"{") + data.count(b"[")
+        if items > self.items:
+            raise ExportTooLarge(
+                f"the JSON holds {items} objects and lists, more than {self.items} ({self.JSON_ITEMS_PER_MESSAGE} per message "
+                f"of MAX_EXPORT_MESSAGES={self.limit}); export one chat or a shorter period, or raise MAX_EXPORT_MESSAGES")
+        self.items -= items
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 
-from importers.record import Chat, ChatMessage, ExportError, Kind
+from importers.record import Chat, ChatMessage, ExportError, Kind, MessageBudget
 
 # One pattern for every locale seen in public exports (tests/exports_fixtures.py has one of each): Android
 # "31/12/2023, 9:05 p. m. - Name: text", "2023. 12. 31. 오후 9:05 - …"; iOS "[31.12.23, 21.05.09] Name: text";
@@ -70,13 +70,15 @@ _WA_EDITED = re.compile(r"\u200e?<(This message was edited|Se editó este mensaj
 _INVISIBLE = "\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2060\ufeff"
 
 
-def read_whatsapp(text: str, name: str = "chat") -> Chat:
+def read_whatsapp(text: str, name: str = "chat", budget: MessageBudget | None = None) -> Chat:
     """Lines starting with a timestamp begin a message; others continue the one before it."""
     raw: list[tuple[re.Match, list[str]]] = []  # a message's lines, joined once: += on a long message is quadratic
     for number, line in enumerate(text.splitlines(), start=1):
         clean = line.strip(_INVISIBLE + " \t")
         match = _WA_LINE.match(clean)
         if match:
+            if budget:
+                budget.take(1)
             raw.append((match, [match["body"]]))
         elif raw:
             raw[-1][1].append(line.strip(_INVISIBLE))

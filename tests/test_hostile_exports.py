@@ -125,3 +125,44 @@ def test_whatsapp_reading_is_linear_in_continuation_lines():
     short, long = ("12/31/23, 21:00 - Bob: x\n" + "y\n" * n for n in (20_000, 200_000))
     ratio = _seconds(long) / max(_seconds(short), 1e-4)
     assert ratio < 30, f"10x the lines took {ratio:.1f}x the time"
+
+
+# --- bounded JSON (item 7) ---------------------------------------------------------------------------------
+
+_EMPTY_MESSAGES = b'{"name": "x", "id": 1, "messages": [' + b",".join([b"{}"] * 1_000_000) + b"]}"
+
+
+def test_a_million_empty_messages_are_refused_before_they_are_parsed(client, env):
+    r = client.post("/upload-file", files={"file": ("result.json", _EMPTY_MESSAGES)}, data={"speaker": "Олена"})
+    assert r.status_code == 413, r.text
+    assert r.json()["detail"] == (
+        "the JSON holds 1000002 objects and lists, more than 1000000 (4 per message of MAX_EXPORT_MESSAGES=250000); "
+        "export one chat or a shorter period, or raise MAX_EXPORT_MESSAGES")
+    tracemalloc.start()
+    with pytest.raises(exports.ExportTooLarge):
+        dialog_parser.inspect_export(_EMPTY_MESSAGES, "result.json", "auto", None, 1 << 28, 250_000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2 * len(_EMPTY_MESSAGES), f"peak {peak} bytes for a file of {len(_EMPTY_MESSAGES)}"
+
+
+@pytest.mark.parametrize("fmt, data", [
+    ("telegram", json.dumps({"name": "x", "messages": [{"type": "message", "from": "A", "text": "x"}] * 11}).encode()),
+    ("discord", json.dumps({"guild": {}, "channel": {}, "messages": [{"content": "x", "author": {"name": "A"}}] * 11}).encode()),
+    ("messenger", json.dumps({"participants": [], "messages": [{"sender_name": "A", "content": "x"}] * 11}).encode()),
+    ("native", json.dumps({"dialog": [{"speaker": "A", "content": "x"}] * 11}).encode()),
+    ("whatsapp", b"31.12.23, 21:05 - A: x\n" * 11),
+    ("telegram-account", json.dumps({"chats": {"list": [{"name": "a", "messages": [{"type": "message", "from": "A", "text": "x"}] * 6},
+                                                         {"name": "b", "messages": [{"type": "message", "from": "A", "text": "x"}] * 5}]}}).encode()),
+], ids=["telegram", "discord", "messenger", "native", "whatsapp", "telegram-account"])
+def test_more_messages_than_max_export_messages_is_413_on_both_routes(client, env, monkeypatch, fmt, data):
+    monkeypatch.setenv("MAX_EXPORT_MESSAGES", "10")
+    get_settings.cache_clear()
+    upload, inspect = _both(client, data, "chat.txt" if fmt == "whatsapp" else "export.json")
+    assert (upload.status_code, inspect.status_code) == (413, 413), upload.text
+    assert upload.json()["detail"] == inspect.json()["detail"] == (
+        "the export holds more than 10 messages (MAX_EXPORT_MESSAGES); export one chat or a shorter period, or raise MAX_EXPORT_MESSAGES")
+    assert list(Path(env["DATA_DIR"]).glob("*_messages.json")) == []
+    monkeypatch.setenv("MAX_EXPORT_MESSAGES", "11")
+    get_settings.cache_clear()
+    assert client.post("/exports/inspect", files={"file": ("chat.txt" if fmt == "whatsapp" else "export.json", data)}).status_code == 200
