@@ -186,7 +186,7 @@ class UploadFileResponse(UploadTextResponse):
 
     format: str = Field(examples=["telegram"])
     chats: list[str] = Field(description="Names of the chats read.")
-    report: dict[str, int] = Field(description="What each cleaning step read, removed, merged or masked.")
+    report: dict[str, int] = Field(description="What each cleaning step read, removed, merged or masked; skipped_lines: text before a chat's first message.")
     speakers: dict[str, SpeakerStats] = Field(description="Per speaker in the cleaned export.")
     token_counter: str = Field(description="'tokenizer' or 'words'.")
     warnings: list[str] = []

@@ -101,7 +101,7 @@ def _isbn13(text: str) -> bool:
 def clean(chat: Chat, options: CleaningOptions, aliases: dict[str, str],
           phone_region: str | None = None) -> tuple[list[list[ChatMessage]], dict[str, int]]:
     """Apply the cleaning steps in order; return the chat's dialogs and what each step removed."""
-    report = {"messages_read": len(chat.messages), "renamed_by_alias": 0, "dropped_system": 0, "dropped_media": 0,
+    report = {"messages_read": len(chat.messages), "skipped_lines": chat.skipped_lines, "renamed_by_alias": 0, "dropped_system": 0, "dropped_media": 0,
               "dropped_deleted": 0, "masked_pii": 0, "dropped_empty": 0, "cut_long": 0, "merged": 0,
               "merge_capped": 0, "dialogs": 0}
     kept: list[ChatMessage] = []

@@ -63,6 +63,7 @@ class Chat:
     name: str
     id: str | None
     messages: list[ChatMessage]
+    skipped_lines: int = 0  # WhatsApp: lines before the first message line (a copied page's number and title), not read
 
 
 def parse_time(value: Any) -> datetime | None:
