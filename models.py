@@ -19,7 +19,6 @@ MAX_DIALOG_MESSAGES = DIALOG_MESSAGES_BOUND
 MAX_MESSAGE_CHARS = MESSAGE_CHARS_BOUND
 MAX_OFFSET = 10**9  # beyond any real list; larger numbers overflow SQLite's 64-bit integers
 
-
 # Invisible marks phones and messengers put around names ("\u202a+234 903 186 6339\u202c"): stripped at the ends.
 EDGE_MARKS = "\u200b\u200c\u200d\u200e\u200f\u2060\ufeff" + "".join(sorted(BIDI_CONTROLS))
 
@@ -32,12 +31,13 @@ def normalise_name(value: object) -> object:
     return unicodedata.normalize("NFC", value).strip().strip(EDGE_MARKS).strip()
 
 
+def refused_in_name(ch: str) -> bool:  # what no name holds: controls, surrogates, line/paragraph separators, bidi
+    return unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp") or ch in BIDI_CONTROLS
+
+
 def _check_display_name(name: str) -> str:
-    """Any speaker in a dialog: non-empty, bounded, printable. Joiners stay (emoji families such as
-    👨\u200d👩\u200d👧 need U+200D); control characters, surrogates and direction overrides do not."""
-    if not name:
-        raise ValueError("speaker must not be empty")
-    if any(unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp") or ch in BIDI_CONTROLS for ch in name):
+    """Any speaker (non-empty by min_length) is printable; joiners stay: emoji families like 👨\u200d👩\u200d👧 need U+200D."""
+    if any(map(refused_in_name, name)):
         raise ValueError("speaker must not contain control or invisible format characters")
     return name
 
@@ -186,7 +186,7 @@ class UploadFileResponse(UploadTextResponse):
 
     format: str = Field(examples=["telegram"])
     chats: list[str] = Field(description="Names of the chats read.")
-    report: dict[str, int] = Field(description="What each cleaning step read, removed, merged or masked.")
+    report: dict[str, int] = Field(description="What each cleaning step read, removed, merged or masked; skipped_lines: text before a chat's first message.")
     speakers: dict[str, SpeakerStats] = Field(description="Per speaker in the cleaned export.")
     token_counter: str = Field(description="'tokenizer' or 'words'.")
     warnings: list[str] = []

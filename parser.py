@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -19,9 +18,9 @@ from pathlib import Path
 
 import phonenumbers
 
+from config import EXPORT_MESSAGES_DEFAULT
 from importers import Chat, ChatMessage, naive, read_chats
 from models import (
-    BIDI_CONTROLS,
     MAX_MESSAGE_CHARS,
     NAME_MAX_CHARS,
     CleaningOptions,
@@ -30,6 +29,7 @@ from models import (
     Sample,
     Turn,
     normalise_name,
+    refused_in_name,
 )
 
 
@@ -101,7 +101,7 @@ def _isbn13(text: str) -> bool:
 def clean(chat: Chat, options: CleaningOptions, aliases: dict[str, str],
           phone_region: str | None = None) -> tuple[list[list[ChatMessage]], dict[str, int]]:
     """Apply the cleaning steps in order; return the chat's dialogs and what each step removed."""
-    report = {"messages_read": len(chat.messages), "renamed_by_alias": 0, "dropped_system": 0, "dropped_media": 0,
+    report = {"messages_read": len(chat.messages), "skipped_lines": chat.skipped_lines, "renamed_by_alias": 0, "dropped_system": 0, "dropped_media": 0,
               "dropped_deleted": 0, "masked_pii": 0, "dropped_empty": 0, "cut_long": 0, "merged": 0,
               "merge_capped": 0, "dialogs": 0}
     kept: list[ChatMessage] = []
@@ -156,10 +156,14 @@ def clean(chat: Chat, options: CleaningOptions, aliases: dict[str, str],
 
 def display_name(name: str) -> str:
     """A speaker of an export as a valid models.DisplayName: NFC, invisible marks stripped at the
-    ends, no control or direction-override characters inside, at most NAME_MAX_CHARS."""
-    name = normalise_name(_scrub(name))
-    name = "".join(ch for ch in name if unicodedata.category(ch) != "Cc" and ch not in BIDI_CONTROLS)
+    ends, a run of line, paragraph or field separators inside as one space, and no other character
+    models.refused_in_name refuses (controls, direction overrides), at most NAME_MAX_CHARS."""
+    name = _SEPARATORS.sub(" ", normalise_name(_scrub(name)))
+    name = "".join(ch for ch in name if not refused_in_name(ch))
     return normalise_name(name[:NAME_MAX_CHARS])
+
+
+_SEPARATORS = re.compile(r"[\t\n\v\f\r\x1c-\x1f\x85\u2028\u2029]+")  # the characters str.splitlines splits at, and tab
 
 
 def _scrub(text: str) -> str:
@@ -202,11 +206,11 @@ class ImportResult:
 def import_export(
     data: bytes, filename: str, speaker: str, fmt: str, chat: str | None, aliases: dict[str, str],
     options: CleaningOptions, max_context_turns: int, tokenizer_file: Path | None, max_unpacked: int = 256 * 1024 * 1024,
-    phone_region: str | None = None,
+    phone_region: str | None = None, max_messages: int = EXPORT_MESSAGES_DEFAULT,
 ) -> ImportResult:
     """Read, clean and turn an export into the speaker's samples. ExportError for unreadable
     files; UnknownSpeaker when the speaker does not occur in the cleaned chats."""
-    chats, fmt = read_chats(data, filename, fmt, chat, max_unpacked)
+    chats, fmt = read_chats(data, filename, fmt, chat, max_unpacked, max_messages)
     aliases = {display_name(k): display_name(v) for k, v in aliases.items()}
     report: dict[str, int] = {}
     per_chat = []
@@ -228,9 +232,10 @@ def import_export(
                         "tokenizer" if tokenizer_file else "words")
 
 
-def inspect_export(data: bytes, filename: str, fmt: str, chat: str | None, max_unpacked: int) -> ExportInspection:
+def inspect_export(data: bytes, filename: str, fmt: str, chat: str | None, max_unpacked: int,
+                   max_messages: int = EXPORT_MESSAGES_DEFAULT) -> ExportInspection:
     """What an export holds, read but not cleaned or stored: format, chats, date range, participants."""
-    chats, fmt = read_chats(data, filename, fmt, chat, max_unpacked)
+    chats, fmt = read_chats(data, filename, fmt, chat, max_unpacked, max_messages)
     messages = [m for one in chats for m in one.messages]
     times = [t for m in messages if (t := naive(m.time))]
     counts = Counter(display_name(m.speaker) for m in messages if m.kind == "message" and display_name(m.speaker))

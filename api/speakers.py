@@ -119,6 +119,7 @@ def upload_file(file: UploadFile, form: Annotated[UploadFileForm, Form()], setti
             file.file.read(), file.filename or "", form.speaker, form.format, form.chat, form.aliases or {},
             form, settings.MAX_CONTEXT_TURNS, base_model.tokenizer_file(settings.BASE_MODEL, settings.MODELS_DIR),
             max_unpacked=4 * settings.MAX_UPLOAD_BYTES, phone_region=settings.PHONE_REGION,
+            max_messages=settings.MAX_EXPORT_MESSAGES,
         )
     except ExportTooLarge as exc:
         raise PayloadTooLarge(str(exc)) from None
@@ -139,7 +140,7 @@ def inspect_export(file: UploadFile, form: Annotated[ExportForm, Form()], settin
     """Read an export and say what it holds (format, chats, date range, participants); stores nothing."""
     try:
         return dialog_parser.inspect_export(file.file.read(), file.filename or "", form.format, form.chat,
-                                            4 * settings.MAX_UPLOAD_BYTES)
+                                            4 * settings.MAX_UPLOAD_BYTES, settings.MAX_EXPORT_MESSAGES)
     except ExportTooLarge as exc:
         raise PayloadTooLarge(str(exc)) from None
     except ExportError as exc:

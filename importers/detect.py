@@ -19,7 +19,8 @@ from typing import Any
 
 from importers.discord import read_discord
 from importers.messenger import merged_thread, read_messenger
-from importers.record import Chat, ChatMessage, ExportError, ExportTooLarge
+from config import EXPORT_MESSAGES_DEFAULT
+from importers.record import Chat, ChatMessage, ExportError, ExportTooLarge, MessageBudget
 from importers.telegram import read_telegram
 from importers.whatsapp import looks_like_whatsapp, read_whatsapp
 
@@ -28,64 +29,71 @@ MAX_ZIP_MEMBERS = 50_000  # a WhatsApp export with media holds one file per phot
 
 
 def read_export(data: bytes, filename: str, fmt: str = "auto", chat: str | None = None,
-                max_unpacked: int = 256 * 1024 * 1024) -> list[Chat]:
+                max_unpacked: int = 256 * 1024 * 1024, max_messages: int = EXPORT_MESSAGES_DEFAULT) -> list[Chat]:
     """The chats of an export. `chat` picks one chat of a full Telegram export (or one thread of a
     Messenger archive) by name or id; None or "all" takes every chat. A zip may unpack to at most
-    `max_unpacked` bytes of chat files."""
-    return read_chats(data, filename, fmt, chat, max_unpacked)[0]
+    `max_unpacked` bytes of chat files; the export may hold at most `max_messages` messages (MessageBudget)."""
+    return read_chats(data, filename, fmt, chat, max_unpacked, max_messages)[0]
 
 
 def read_chats(data: bytes, filename: str, fmt: str = "auto", chat: str | None = None,
-               max_unpacked: int = 256 * 1024 * 1024) -> tuple[list[Chat], str]:
+               max_unpacked: int = 256 * 1024 * 1024, max_messages: int = EXPORT_MESSAGES_DEFAULT) -> tuple[list[Chat], str]:
     """read_export, and the format it read (detected when `fmt` is "auto")."""
-    files = _unpack(data, filename, max_unpacked)
+    files, budget = _unpack(data, filename, max_unpacked), MessageBudget(max_messages)
+    document = None
     if fmt == "auto":
-        fmt = _detect(files)
-    return _read(files, filename, fmt, chat), fmt
+        fmt, document = _detect(files, budget)
+    return _read(files, filename, fmt, chat, budget, document), fmt
 
 
-def _read(files: list[tuple[str, bytes]], filename: str, fmt: str, chat: str | None) -> list[Chat]:
+def _read(files: list[tuple[str, bytes]], filename: str, fmt: str, chat: str | None, budget: MessageBudget,
+          first: Any = None) -> list[Chat]:
+    """`first`: the first file's JSON when detection has parsed it already (parsed once, counted once)."""
     if fmt == "whatsapp":
         name, raw = next(((n, d) for n, d in files if n.lower().endswith("_chat.txt")), files[0])
-        return [read_whatsapp(decode_text(raw), PurePosixPath(filename).stem or name)]
+        return [read_whatsapp(decode_text(raw), PurePosixPath(filename).stem or name, budget)]
+    documents = [first if i == 0 and first is not None else None for i in range(len(files))]
     if fmt in ("messenger", "instagram"):
         threads: dict[str, list] = {}
-        for name, raw in files:  # a long thread comes as message_1.json, message_2.json, … in one folder
-            threads.setdefault(PurePosixPath(name).parent.name or name, []).append(_json(raw))
-        return _pick([read_messenger(merged_thread(docs), folder) for folder, docs in threads.items()], chat)
-    document = _json(files[0][1])
+        for (name, raw), document in zip(files, documents):  # a long thread: message_1.json, message_2.json, … in one folder
+            threads.setdefault(PurePosixPath(name).parent.name or name, []).append(
+                document if document is not None else _json(raw, budget))
+        return _pick([read_messenger(merged_thread(docs), folder, budget) for folder, docs in threads.items()], chat)
+    document = documents[0] if documents[0] is not None else _json(files[0][1], budget)
     if fmt == "telegram":
-        return read_telegram(document, chat)
+        return read_telegram(document, chat, budget)
     if fmt == "discord":
-        return [read_discord(document)]
+        return [read_discord(document, budget)]
     if fmt == "native":
-        return [read_native(document)]
+        return [read_native(document, budget)]
     raise ExportError(f"unknown format {fmt!r}; use one of auto, {', '.join(FORMATS)}")
 
 
-def detect_format(data: bytes, filename: str, max_unpacked: int = 256 * 1024 * 1024) -> str:
-    return _detect(_unpack(data, filename, max_unpacked))
+def detect_format(data: bytes, filename: str, max_unpacked: int = 256 * 1024 * 1024,
+                  max_messages: int = EXPORT_MESSAGES_DEFAULT) -> str:
+    return _detect(_unpack(data, filename, max_unpacked), MessageBudget(max_messages))[0]
 
 
-def _detect(files: list[tuple[str, bytes]]) -> str:
+def _detect(files: list[tuple[str, bytes]], budget: MessageBudget) -> tuple[str, Any]:
+    """The format, and the first file's JSON when it had to be parsed to tell (None for text)."""
     name, data = files[0]
     if name.lower().endswith(".txt"):
-        return "whatsapp"
+        return "whatsapp", None
     text = decode_text(data[:4096], partial=True).lstrip("\ufeff \t\r\n")
     if looks_like_whatsapp(text.lstrip("\u200e").split("\n", 1)[0].strip("\r")):  # before JSON: iOS lines start with "["
-        return "whatsapp"
+        return "whatsapp", None
     if text[:1] in ("{", "["):
-        document = _json(data)
+        document = _json(data, budget)
         if isinstance(document, dict):
             first = next((m for m in document.get("messages") or [] if isinstance(m, dict)), {}) \
                 if isinstance(document.get("messages"), list) else {}
             if "guild" in document and "channel" in document:
-                return "discord"
+                return "discord", document
             if "sender_name" in first or "timestamp_ms" in first or "participants" in document:
-                return "messenger"
+                return "messenger", document
             if "messages" in document or "chats" in document:
-                return "telegram"
-        return "native"
+                return "telegram", document
+        return "native", document
     raise ExportError(
         "could not tell the format: expected a Telegram result.json, a WhatsApp .txt/.zip export, a Discord or "
         "Messenger JSON export, or the JSON of /upload-text; name it with the `format` field"
@@ -159,7 +167,8 @@ def decode_text(data: bytes, partial: bool = False) -> str:
         raise ExportError(f"the file is not UTF-8 or UTF-16 text (byte {exc.start}); is it the right file?") from None
 
 
-def _json(data: bytes) -> Any:
+def _json(data: bytes, budget: MessageBudget) -> Any:
+    budget.take_json(data)
     try:
         return json.loads(decode_text(data))
     except json.JSONDecodeError as exc:
@@ -173,10 +182,12 @@ def _json(data: bytes) -> Any:
 # --- native -------------------------------------------------------------------------------------
 
 
-def read_native(document: Any) -> Chat:
+def read_native(document: Any, budget: MessageBudget | None = None) -> Chat:
     turns = document.get("dialog") if isinstance(document, dict) else document
     if not isinstance(turns, list):
         raise ExportError('native JSON must be {"dialog": [{"speaker": ..., "content": ...}, ...]} or such a list')
+    if budget:
+        budget.take(len(turns))
     messages = []
     for i, turn in enumerate(turns):
         if not (isinstance(turn, dict) and isinstance(turn.get("speaker"), str) and isinstance(turn.get("content"), str)):

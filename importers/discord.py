@@ -6,15 +6,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from importers.record import Chat, ChatMessage, ExportError, Kind, parse_time
+from importers.record import Chat, ChatMessage, ExportError, Kind, MessageBudget, integer, parse_time
 
 _DISCORD_MESSAGE_TYPES = ("Default", "Reply", "0", "19")
 
 
-def read_discord(document: Any) -> Chat:
+def read_discord(document: Any, budget: MessageBudget | None = None) -> Chat:
     messages = document.get("messages") if isinstance(document, dict) else None
     if not isinstance(messages, list):
         raise ExportError("a Discord export (DiscordChatExporter JSON) has a 'messages' list")
+    if budget:
+        budget.take(len(messages))
     out = []
     for m in messages:
         if not isinstance(m, dict):
@@ -29,14 +31,8 @@ def read_discord(document: Any) -> Chat:
         reference = m.get("reference") if isinstance(m.get("reference"), dict) else {}
         out.append(ChatMessage(
             speaker=str(author.get("nickname") or author.get("name") or ""), text=text, kind=kind,
-            id=_int(m.get("id")), time=parse_time(m.get("timestamp")), reply_to=_int(reference.get("messageId")),
+            id=integer(m.get("id")), time=parse_time(m.get("timestamp")), reply_to=integer(reference.get("messageId")),
         ))
     guild, channel = (document[k] if isinstance(document.get(k), dict) else {} for k in ("guild", "channel"))
     name = " / ".join(str(part) for part in (guild.get("name"), channel.get("name")) if part) or "discord"
     return Chat(name=name, id=str(channel["id"]) if channel.get("id") is not None else None, messages=out)
-
-
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) else int(value) if isinstance(value, str) and value.isdigit() else None
-
-

@@ -8,18 +8,20 @@ import re
 from datetime import datetime
 from typing import Any
 
-from importers.record import Chat, ChatMessage, ExportError, Kind, epoch
+from importers.record import Chat, ChatMessage, ExportError, Kind, MessageBudget, epoch
 
 _FB_MEDIA_FIELDS = ("photos", "videos", "audio_files", "gifs", "files", "sticker", "share")
 _FB_SYSTEM_TYPES = ("Call", "Subscribe", "Unsubscribe")
 _FB_GENERATED = re.compile(r"\bsent an? (attachment|photo|video|link|GIF|sticker|voice message)\.?$", re.IGNORECASE)
 
 
-def read_messenger(document: Any, name: str = "messenger") -> Chat:
+def read_messenger(document: Any, name: str = "messenger", budget: MessageBudget | None = None) -> Chat:
     """Messages come newest first and their text is UTF-8 mis-encoded as latin-1 escapes."""
     messages = document.get("messages") if isinstance(document, dict) else None
     if not isinstance(messages, list):
         raise ExportError("a Messenger/Instagram export (message_1.json) has a 'messages' list")
+    if budget:
+        budget.take(len(messages))
     out = []
     for m in reversed(messages):
         if not isinstance(m, dict):

@@ -7,12 +7,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from importers.record import Chat, ChatMessage, ExportError, Kind, epoch, parse_time
+from importers.record import Chat, ChatMessage, ExportError, Kind, MessageBudget, epoch, integer, parse_time
 
 _TG_MEDIA_FIELDS = ("photo", "file", "media_type", "sticker_emoji", "poll", "location_information", "contact_information")
 
 
-def read_telegram(document: Any, chat: str | None) -> list[Chat]:
+def read_telegram(document: Any, chat: str | None, budget: MessageBudget | None = None) -> list[Chat]:
     if not isinstance(document, dict):
         raise ExportError("a Telegram export is a JSON object (result.json)")
     if "chats" in document:  # the full-account export
@@ -25,16 +25,18 @@ def read_telegram(document: Any, chat: str | None) -> list[Chat]:
                 names = [c.get("name") or str(c.get("id")) for c in chats if isinstance(c, dict)]
                 raise ExportError(f"no chat named or numbered {chat!r} in the export; its chats are {names}")
             chats = chosen
-        return [_telegram_chat(c) for c in chats if isinstance(c, dict)]
+        return [_telegram_chat(c, budget) for c in chats if isinstance(c, dict)]
     if "messages" in document:
-        return [_telegram_chat(document)]
+        return [_telegram_chat(document, budget)]
     raise ExportError("a Telegram export has 'messages' (one chat) or 'chats' (the full account)")
 
 
-def _telegram_chat(raw: dict) -> Chat:
+def _telegram_chat(raw: dict, budget: MessageBudget | None) -> Chat:
     messages = raw.get("messages")
     if not isinstance(messages, list):
         raise ExportError(f"Telegram chat {raw.get('name')!r}: 'messages' must be a list")
+    if budget:
+        budget.take(len(messages))
     out = []
     for m in messages:
         if not isinstance(m, dict):
@@ -56,7 +58,8 @@ def _telegram_chat(raw: dict) -> Chat:
 
 
 def _unix_time(value: Any) -> datetime | None:
-    return epoch(int(value)) if str(value).isdigit() else None
+    seconds = integer(value)
+    return epoch(seconds) if seconds is not None else None
 
 
 def telegram_text(value: Any) -> str:

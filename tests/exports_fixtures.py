@@ -108,7 +108,24 @@ WHATSAPP_VARIANTS = {
     "ios-no-seconds": ("[31.12.23, 21:05] ", "[13.01.24, 10:00] "),
     "ios-old-no-brackets": ("12/31/23, 9:05:09 PM: ", "1/13/24, 10:00:00 AM: "),
     "ios-old-24h-no-brackets": ("31.12.23 21.05.09: ", "13.01.24 10.00.00: "),
+    "ios-de-bom-in-bracket": ("[\ufeff31.12.23, 21:05:09] ", "[\ufeff13.01.24, 10:00:00] "),
+    "ios-vi-time-first": ("[21:05:09, 12/31/23] ", "[10:00:00, 1/13/24] "),
+    "android-en-day-period": ("12/31/2023, 9:05 in the evening - ", "1/13/2024, 10:00 in the morning - "),
+    "android-old-time-first-month-name": ("21:05, 31 Dec 2023 - ", "10:00, 13 Jan 2024 - "),
 }
+
+# The 12-hour clock with day periods (ICU's English "night" runs 21:00-06:00): the line, its hour on the 24-hour clock.
+WHATSAPP_DAY_PERIODS = [
+    ("03/01/2021, 9:15 in the morning - ", 9), ("03/01/2021, 12:15 in the afternoon - ", 12),
+    ("03/01/2021, 3:15 in the afternoon - ", 15), ("03/01/2021, 7:15 in the evening - ", 19),
+    ("03/01/2021, 10:15 at night - ", 22), ("03/01/2021, 12:15 at night - ", 0), ("03/01/2021, 2:15 at night - ", 2),
+]
+
+# A chat copied out of a PDF (or a web page): a page number and a title before the first message line.
+WHATSAPP_FROM_PDF = (
+    "1\nWhatsApp chat with Олена — printed 14.01.24\n\n"
+    "31.12.23, 21:05 - Олена: Привіт\n31.12.23, 21:06 - Andriy K: Hi\n31.12.23, 21:07 - Олена: Як справи?\n"
+)
 
 
 def whatsapp_variant(key: str) -> str:
