@@ -1,4 +1,5 @@
-"""Every pydantic schema of the API, and the stored sample format. No torch here."""
+"""Every pydantic schema of the API but generation's (api/generation_models.py), and the stored sample
+format. No torch here."""
 
 from __future__ import annotations
 
@@ -7,10 +8,9 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Json, field_validator,
-                      model_validator)
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Json, model_validator
 
-from config import DIALOG_MESSAGES_BOUND, MAX_RECALL, MESSAGE_CHARS_BOUND
+from config import DIALOG_MESSAGES_BOUND, MESSAGE_CHARS_BOUND
 
 NAME_MAX_CHARS = 128  # a name in a chat: Telegram allows 128 characters
 # Direction embeddings, overrides and isolates: they reorder how a name reads, so no name holds one.
@@ -397,11 +397,6 @@ class DatasetQuery(BaseModel):
     limit: int = Field(5, ge=1, le=100, description="How many samples to render.")
 
 
-class MemoryQuery(BaseModel):
-    q: str = Field(min_length=1, max_length=MAX_MESSAGE_CHARS, description="A message or conversation to recall for.")
-    limit: int = Field(5, ge=1, le=MAX_RECALL)
-
-
 class DeleteQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -443,72 +438,6 @@ class TrainCompleted(BaseModel):
     message: str = Field(examples=["Training completed successfully for User1"])
     model_path: str = Field(examples=["./output_lora/User1"])
     job: JobPublic
-
-
-# --- generation (the OpenAI-compatible schemas are in openai_models.py) -------------------------------------------------------
-
-
-class Sampling(BaseModel):
-    """How to sample a persona's reply; each field left out takes the service's default (the
-    GENERATION_* settings), chosen so that replies end their turn and do not loop."""
-
-    temperature: float | None = Field(None, ge=0, le=2, description="Default GENERATION_TEMPERATURE (0.9); 0: greedy.")
-    top_p: float | None = Field(None, gt=0, le=1, description="Default GENERATION_TOP_P (0.95).")
-    repetition_penalty: float | None = Field(
-        None, ge=1, le=2, description="Default GENERATION_REPETITION_PENALTY (1.1); 1: none."
-    )
-    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Same seed, same request: the same reply.")
-    stop: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
-        None, max_length=4, description="Up to 4 strings that end the reply (not included in it)."
-    )
-    memory: bool | Annotated[int, Field(ge=0, le=MAX_RECALL)] | None = Field(
-        None, description="The person's earlier messages recalled into the prompt: false for none, a number for that "
-                          "many; default MEMORY_K when the speaker has a memory. The answer lists them (`memory`).")
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: object) -> object:
-        return [value] if isinstance(value, str) else value
-
-
-class GenerateRequest(Sampling):
-    """Sent by clients: the conversation so far (or one prompt), and how to sample the reply."""
-
-    model_config = ConfigDict(strict=True, json_schema_extra={"examples": [
-        {"speaker": "User1", "messages": [{"speaker": "User2", "content": "Привіт! Що робиш?"}], "max_new_tokens": 48}]})
-
-    speaker: SpeakerName
-    messages: list[Turn] | None = Field(None, min_length=1, max_length=200, description="Earlier turns; the speaker's own turns count as theirs.")
-    prompt: str | None = Field(None, min_length=1, max_length=MAX_MESSAGE_CHARS, description="Instead of messages: one message to answer.")
-    max_new_tokens: int | None = Field(None, ge=1, le=1024, description="Default GENERATION_MAX_NEW_TOKENS (64).")
-
-    @model_validator(mode="after")
-    def _one_input(self) -> GenerateRequest:
-        if (self.messages is None) == (self.prompt is None):
-            raise ValueError("send either messages or prompt, not both and not neither")
-        return self
-
-
-class RecalledPublic(BaseModel):
-    """One of the person's earlier messages, recalled for a reply."""
-
-    sample_id: str
-    text: str
-    score: float = Field(description="BM25 relevance to the conversation; higher is more relevant.")
-
-
-class MemoryPublic(BaseModel):
-    data: list[RecalledPublic]
-    count: int = Field(description="Messages the speaker's memory holds.")
-
-
-class GenerateResponse(BaseModel):
-    speaker: str
-    reply: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: Literal["stop", "length"]
-    memory: list[RecalledPublic] = Field([], description="The person's messages recalled into the prompt, most relevant first.")
 
 
 class HealthPublic(BaseModel):

@@ -19,12 +19,13 @@ from dataclasses import replace
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import memory
 from api.deps import ADAPTER_DAMAGED, GENERATION_BUSY, RETRY_AFTER, generation
-from api.openai_models import (
+from api.generation_models import (
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
@@ -33,11 +34,11 @@ from api.openai_models import (
     ModelList,
     OpenAIError,
     OpenAIErrorBody,
+    RecalledPublic,
     Usage,
 )
 from config import get_settings
 from errors import NotFound, ServiceError, public_errors, scrub
-import memory
 from lm import adapters, chat_format
 from lm.infer import (
     AdapterNotFound,
@@ -47,7 +48,7 @@ from lm.infer import (
     persona_decoding,
     sampling,
 )
-from models import RecalledPublic, Turn
+from models import Turn
 
 log = logging.getLogger("persona_lora.openai")
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], responses={

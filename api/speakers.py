@@ -35,6 +35,7 @@ from api.deps import (
     guarded_router,
     registry,
 )
+from api.generation_models import GenerateRequest, GenerateResponse, MemoryPublic, MemoryQuery, RecalledPublic
 from config import Settings
 from errors import Conflict, NotFound, PayloadTooLarge, ServiceError, Unprocessable
 from importers import ExportError, ExportTooLarge
@@ -50,12 +51,7 @@ from models import (
     DeleteQuery,
     ExportForm,
     ExportInspection,
-    GenerateRequest,
-    GenerateResponse,
-    MemoryPublic,
-    MemoryQuery,
     PageQuery,
-    RecalledPublic,
     SamplesPublic,
     SpeakerName,
     SpeakerPublic,

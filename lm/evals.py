@@ -30,9 +30,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import memory
 import store
 from config import Settings
-import memory
 from lm import adapters, chat_format, packing
 from lm.infer import (
     AdapterNotFound,
