@@ -83,6 +83,10 @@ class Settings(BaseSettings):
         0.1, ge=0, le=0.5, description="Share of a speaker's samples held out of training for evaluation."
     )
     EVAL_MIN_SAMPLES: int = Field(10, ge=2, description="Hold samples out only when the speaker has at least this many.")
+    KEEP_BEST_PATIENCE: int = Field(
+        2, ge=0, le=100, description="When a training makes several passes and holds samples out, the held-out loss is "
+        "measured after each pass and the best pass is kept; training stops after this many passes without improvement. "
+        "0: every pass is kept as trained, the last one is the adapter.")
     EVAL_GENERATIONS: int = Field(
         16, ge=0, le=200, description="Held-out contexts the evaluation generates replies for (base and adapter)."
     )

@@ -66,6 +66,7 @@ def resolve_config(settings: Settings, request: TrainRequest) -> TrainConfig:
         eval_fraction=settings.EVAL_FRACTION,
         eval_min_samples=settings.EVAL_MIN_SAMPLES,
         memory_k=settings.MEMORY_K,
+        keep_best_patience=settings.KEEP_BEST_PATIENCE,
         report_to=settings.REPORT_TO,
     )
     sent = request.model_fields_set - {"speaker", "wait"}
@@ -184,6 +185,52 @@ def checkpoint_callback(report):
             report(str(Path(args.output_dir) / f"checkpoint-{state.global_step}"))
 
     return Checkpoints()
+
+
+def best_pass_callback(model, held_out: list[chat_format.Encoded], patience: int):
+    """Measures the held-out loss before training (the base: LoRA's B starts at zero) and after each
+    pass, keeps the LoRA weights of the best pass in memory, stops after `patience` passes without a
+    better one and puts the best pass's weights back at the end: more passes never make the adapter
+    silently worse than an earlier one. `passes` is its record (training_info.json, the report).
+    Computed here rather than by the Trainer's evaluation (load_best_model_at_end): the loss is
+    packing.packed_loss over packed rows, which the Trainer's eval loop does not compute, and the
+    best state is the LoRA weights only (a few hundred kB), not a checkpoint on disk."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers import TrainerCallback
+
+    def held_out_loss() -> float:
+        total, tokens = packing.loss_sums(model, held_out)
+        return round(total / max(tokens, 1), 4)
+
+    class BestPass(TrainerCallback):
+        def __init__(self):
+            self.passes: dict[str, Any] = {"held_out_loss": [], "kept": None, "stopped_early": False, "patience": patience}
+            self.best, self.state, self.waited = float("inf"), None, 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if not self.passes["held_out_loss"]:
+                self.passes["held_out_loss"].append(held_out_loss())  # pass 0: the base
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            loss = held_out_loss()
+            self.passes["held_out_loss"].append(loss)
+            if loss < self.best:
+                self.best, self.waited, self.passes["kept"] = loss, 0, len(self.passes["held_out_loss"]) - 1
+                self.state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+            else:
+                self.waited += 1
+                if self.waited >= patience:
+                    self.passes["stopped_early"] = state.global_step < state.max_steps
+                    control.should_training_stop = True
+            return control
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.state is not None and self.passes["kept"] != len(self.passes["held_out_loss"]) - 1:
+                set_peft_model_state_dict(model, self.state)
+                log.info("kept pass %d of %d: held-out loss %.4f (per pass, base first: %s)", self.passes["kept"],
+                         len(self.passes["held_out_loss"]) - 1, self.best, self.passes["held_out_loss"])
+
+    return BestPass()
 
 
 @dataclass
@@ -331,14 +378,21 @@ def train_lora(
     checkpointing = bool(checkpoint_dir and config.checkpoint_steps)
     trainer = None
     try:  # from here on, any failure removes the temporary folder (a missing REPORT_TO package fails in make_trainer)
+        best = None
+        if config.keep_best_patience and run.held_out and run.epochs > 1:  # several passes to choose from
+            encoded = chat_format.encode_all(memory.with_memory(run.held_out, run.pool, speaker, config.memory_k), speaker,
+                                             run.tokenizer, run.template, config.max_seq_length)
+            best = best_pass_callback(run.model, encoded, config.keep_best_patience) if encoded else None
         trainer = make_trainer(run, config, device, checkpoint_dir if checkpointing else tmp / "trainer", checkpointing,
-                               stop, callbacks or [], progress_bar, run_name or speaker)
+                               stop, [*(callbacks or []), *([best] if best else [])], progress_bar, run_name or speaker)
         result = trainer.train(resume_from_checkpoint=resume_from)
         if stop.is_set():
             raise TrainingStopped("training stopped before it finished")
         if not trainer.is_world_process_zero():  # data parallel: the main process writes the one adapter
             return TrainOutcome(adapters.folder(output_root, speaker), {"steps": trainer.state.global_step})
         info = _info(run, config, speaker, trainer, result, started)
+        if best is not None:
+            info["passes"] = best.passes
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
         run.model.save_pretrained(tmp)
         run.tokenizer.chat_template = run.template

@@ -236,16 +236,27 @@ def warnings(report: dict[str, Any]) -> list[str]:
     out = []
     held = report.get("held_out") or {}
     base, adapter = (held.get("base") or {}).get("loss"), (held.get("adapter") or {}).get("loss")
+    passes = report.get("passes") or {}
     if base is not None and adapter is not None and adapter > base:
-        out.append(f"the adapter's held-out loss is worse than the base model's ({base:.3f} → {adapter:.3f}): it predicts "
-                   "this person's unseen replies less well than no training at all; train on more data, for fewer epochs "
-                   "or with a lower learning rate")
+        kept = (f"even the best of its {len(passes['held_out_loss']) - 1} passes (pass {passes['kept']}, kept) is worse "
+                "than the base model's" if passes.get("kept") else "the adapter's held-out loss is worse than the base model's")
+        out.append(f"{kept} ({base:.3f} → {adapter:.3f}): it predicts this person's unseen replies less well than no "
+                   "training at all; train on more data, for fewer epochs or with a lower learning rate")
     style_judge = report.get("judge") or {}
     if style_judge.get("adapter") is not None and style_judge.get("base") is not None and style_judge["adapter"] <= style_judge["base"]:
         out.append(f"the judge of style names {report.get('speaker')} in no more of the persona's replies than of the base "
                    f"model's ({style_judge['adapter']:.0%} against {style_judge['base']:.0%}): the adapter does not yet "
                    "sound like this person")
     return out
+
+
+def with_passes(report: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+    """The training's record of its passes (train.best_pass_callback: held-out loss per pass, base
+    first, and the pass kept) into the report, and the warnings said again with it."""
+    if info.get("passes") and report.get("held_out"):
+        report["passes"] = info["passes"]
+        report["warnings"] = warnings(report)
+    return report
 
 
 def other_speakers(settings: Settings, speaker: str) -> dict[str, list[Sample]]:
@@ -266,6 +277,7 @@ def after_training(settings: Settings, speaker: str, config: TrainConfig):
             pool: list[Sample] = ()) -> dict[str, Any]:
         report = evaluate(model, tokenizer, template, speaker, held_out, others, config.max_seq_length,
                           settings.EVAL_GENERATIONS, persona_decoding(settings), pool, config.memory_k)
+        with_passes(report, info)
         write_report(folder, report, info)
         return report
 
@@ -286,6 +298,7 @@ def evaluate_speaker(settings: Settings, speaker: str, engine: PersonaEngine) ->
         report = evaluate(model, tokenizer, template, speaker, held, other_speakers(settings, speaker),
                           info["config"]["max_seq_length"], settings.EVAL_GENERATIONS, persona_decoding(settings),
                           pool, info["config"].get("memory_k", 0))
+    with_passes(report, info)
     current = adapters.info(settings.OUTPUT_DIR, speaker)
     if current is None or current.get("created_at") != info.get("created_at"):
         raise AdapterNotFound(speaker)  # deleted or replaced while it was evaluated: its report would be wrong

@@ -214,3 +214,10 @@ def test_a_persona_that_does_not_sound_like_the_person_is_said_in_words():
         "the adapter does not yet sound like this person"]
     assert evals.warnings({"speaker": "Ann", "judge": {"adapter": 0.5, "base": 0.25}}) == []
     assert evals.warnings({"speaker": "Ann", "judge": {"note": "no judge of style: ..."}}) == []
+
+
+def test_an_adapter_whose_best_pass_is_still_worse_says_so():
+    report = {"speaker": "Ann", "held_out": {"base": {"loss": 3.4642}, "adapter": {"loss": 3.6}},
+              "passes": {"held_out_loss": [3.46, 3.6, 3.9, 4.16], "kept": 1, "stopped_early": True, "patience": 2}}
+    assert evals.warnings(report)[0].startswith(
+        "even the best of its 3 passes (pass 1, kept) is worse than the base model's (3.464 → 3.600): it predicts")
