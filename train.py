@@ -67,14 +67,19 @@ def resolve_config(settings: Settings, request: TrainRequest) -> TrainConfig:
         eval_min_samples=settings.EVAL_MIN_SAMPLES,
         memory_k=settings.MEMORY_K,
         keep_best_patience=settings.KEEP_BEST_PATIENCE,
+        lora_r=settings.LORA_R,
+        lora_alpha=settings.LORA_ALPHA or 2 * settings.LORA_R,
+        target_modules=settings.LORA_TARGET_MODULES,
         report_to=settings.REPORT_TO,
     )
     sent = request.model_fields_set - {"speaker", "wait"}
+    from_settings = sorted(settings.model_fields_set & {"LORA_R", "LORA_ALPHA", "LORA_TARGET_MODULES", "KEEP_BEST_PATIENCE"})
     log.info(
-        "training config for %s: %s (from request: %s; rest from settings/defaults)",
+        "training config for %s: %s (from request: %s; set in settings: %s; rest from defaults)",
         request.speaker,
         config.model_dump(),
         sorted(sent) or "none",
+        from_settings or "none of LORA_R, LORA_ALPHA, LORA_TARGET_MODULES, KEEP_BEST_PATIENCE",
     )
     return config
 
@@ -269,7 +274,8 @@ def prepare(samples: list[Sample], speaker: str, config: TrainConfig, models_dir
         raise TrainingError(f"no stored messages for {speaker!r}; upload a dialog with POST /upload-text or an export with POST /upload-file first")
     started = time.monotonic()
     quant = base_model.quant_name(config.quant or config.load_in_8bit)
-    model_path, tokenizer, model = base_model.load_for_training(config.base_model, models_dir, quant, device)
+    model_path, tokenizer, model = base_model.load_for_training(config.base_model, models_dir, quant, device,
+                                                                    config.target_modules)
     template, template_source = chat_format.chat_template_for(tokenizer)
     log.info("loaded base model %s (%s, %s) in %.1f s; chat template: %s", config.base_model,
              quant, device, time.monotonic() - started, template_source)
@@ -301,8 +307,10 @@ def prepare(samples: list[Sample], speaker: str, config: TrainConfig, models_dir
     # No prepare_model_for_kbit_training: its one effect here was to cast the bfloat16 norms and
     # embeddings of a quantized base to float32 on CUDA (on the CPU all is float32 already), which
     # made every activation float32 and each 8-bit matmul cast it back; TRL's SFTTrainer skips it too.
+    targets = "all-linear" if [m.lower() for m in config.target_modules] == ["all-linear"] else config.target_modules  # peft's shorthand is a string
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=config.target_modules, task_type="CAUSAL_LM")
+                      target_modules=targets, task_type="CAUSAL_LM")
+    log.info("LoRA r=%d, alpha=%d, dropout %s on %s", config.lora_r, config.lora_alpha, config.lora_dropout, targets)
     model = get_peft_model(model, lora)
     return Prepared(model_path, quant, tokenizer, template, template_source, model, train_samples, held_out, kept, items,
                     samples_per_step, learning_rate, epochs, pool)

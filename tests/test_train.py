@@ -357,3 +357,24 @@ def test_no_passes_to_choose_from_without_held_out_samples_or_with_it_off(tiny_g
     assert "passes" not in out.info  # too few samples to hold any out
     assert config_for(tiny_gemma, KEEP_BEST_PATIENCE=0).keep_best_patience == 0
     assert config_for(tiny_gemma).keep_best_patience == 2
+
+
+def test_lora_capacity_is_set_in_settings_resolved_and_logged(tiny_gemma, caplog):
+    default = config_for(tiny_gemma)
+    assert (default.lora_r, default.lora_alpha, default.target_modules) == (8, 16, ["q_proj", "v_proj"])
+    with caplog.at_level("INFO", logger="persona_lora.train"):
+        wider = config_for(tiny_gemma, LORA_R=32, LORA_TARGET_MODULES="q_proj, k_proj,v_proj,o_proj")
+    assert (wider.lora_r, wider.lora_alpha, wider.target_modules) == (32, 64, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert "set in settings: ['LORA_R', 'LORA_TARGET_MODULES']" in caplog.text
+    assert config_for(tiny_gemma, LORA_R=4, LORA_ALPHA=32).lora_alpha == 32  # alpha set: not 2 × r
+
+
+def test_all_linear_adapts_every_linear_layer(tiny_gpt2, tmp_path):
+    """'all-linear' (peft's shorthand) reaches layers q_proj/v_proj would miss: GPT-2 has neither."""
+    samples, _ = build_samples(DIALOG * 2, "User1", 2)
+    config = config_for(tiny_gpt2, LORA_TARGET_MODULES="all-linear", LORA_R=4, max_steps=1, LOAD_IN_8BIT=False)
+    out = train.train_lora(samples, "User1", config, tmp_path / "out", tmp_path / "models")
+    adapter = json.loads((out.model_path / "adapter_config.json").read_text())
+    assert {m.rsplit(".", 1)[-1] for m in adapter["target_modules"]} == {"c_attn", "c_proj", "c_fc"}  # attention and MLP
+    assert adapter["r"] == 4 and adapter["lora_alpha"] == 8
+    assert out.info["config"]["target_modules"] == ["all-linear"]
