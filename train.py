@@ -29,14 +29,13 @@ from typing import Any, Callable
 import memory
 from config import DEFAULT_BASE_MODEL, Settings, get_settings
 from errors import TrainingError
-from lm import adapters, base_model, chat_format, packing
+from lm import adapters, base_model, chat_format, packing, passes
 from models import JobProgress, Sample, TrainConfig, TrainRequest
 
 log = logging.getLogger("persona_lora.train")
 
-# (model, tokenizer, template, held-out samples, adapter folder, training info) -> evaluation report: run
-# on the trained model still in memory, writing its files into the folder before the folder is installed.
-# (model, tokenizer, template, held-out samples, folder, training info, the training split memory recalls from) → report
+# (model, tokenizer, template, held-out samples, adapter folder, training info, the training split memory recalls
+# from) → evaluation report: run on the trained model still in memory, writing its files before the folder is installed.
 Evaluator = Callable[[Any, Any, str, list[Sample], Path, dict[str, Any], list[Sample]], dict[str, Any]]
 
 
@@ -74,13 +73,8 @@ def resolve_config(settings: Settings, request: TrainRequest) -> TrainConfig:
     )
     sent = request.model_fields_set - {"speaker", "wait"}
     from_settings = sorted(settings.model_fields_set & {"LORA_R", "LORA_ALPHA", "LORA_TARGET_MODULES", "KEEP_BEST_PATIENCE"})
-    log.info(
-        "training config for %s: %s (from request: %s; set in settings: %s; rest from defaults)",
-        request.speaker,
-        config.model_dump(),
-        sorted(sent) or "none",
-        from_settings or "none of LORA_R, LORA_ALPHA, LORA_TARGET_MODULES, KEEP_BEST_PATIENCE",
-    )
+    log.info("training config for %s: %s (from request: %s; set in settings: %s; rest from defaults)", request.speaker,
+             config.model_dump(), sorted(sent) or "none", from_settings or "none of LORA_R, LORA_ALPHA, LORA_TARGET_MODULES, KEEP_BEST_PATIENCE")
     return config
 
 
@@ -192,52 +186,6 @@ def checkpoint_callback(report):
     return Checkpoints()
 
 
-def best_pass_callback(model, held_out: list[chat_format.Encoded], patience: int):
-    """Measures the held-out loss before training (the base: LoRA's B starts at zero) and after each
-    pass, keeps the LoRA weights of the best pass in memory, stops after `patience` passes without a
-    better one and puts the best pass's weights back at the end: more passes never make the adapter
-    silently worse than an earlier one. `passes` is its record (training_info.json, the report).
-    Computed here rather than by the Trainer's evaluation (load_best_model_at_end): the loss is
-    packing.packed_loss over packed rows, which the Trainer's eval loop does not compute, and the
-    best state is the LoRA weights only (a few hundred kB), not a checkpoint on disk."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    from transformers import TrainerCallback
-
-    def held_out_loss() -> float:
-        total, tokens = packing.loss_sums(model, held_out)
-        return round(total / max(tokens, 1), 4)
-
-    class BestPass(TrainerCallback):
-        def __init__(self):
-            self.passes: dict[str, Any] = {"held_out_loss": [], "kept": None, "stopped_early": False, "patience": patience}
-            self.best, self.state, self.waited = float("inf"), None, 0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            if not self.passes["held_out_loss"]:
-                self.passes["held_out_loss"].append(held_out_loss())  # pass 0: the base
-
-        def on_epoch_end(self, args, state, control, **kwargs):
-            loss = held_out_loss()
-            self.passes["held_out_loss"].append(loss)
-            if loss < self.best:
-                self.best, self.waited, self.passes["kept"] = loss, 0, len(self.passes["held_out_loss"]) - 1
-                self.state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
-            else:
-                self.waited += 1
-                if self.waited >= patience:
-                    self.passes["stopped_early"] = state.global_step < state.max_steps
-                    control.should_training_stop = True
-            return control
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if self.state is not None and self.passes["kept"] != len(self.passes["held_out_loss"]) - 1:
-                set_peft_model_state_dict(model, self.state)
-                log.info("kept pass %d of %d: held-out loss %.4f (per pass, base first: %s)", self.passes["kept"],
-                         len(self.passes["held_out_loss"]) - 1, self.best, self.passes["held_out_loss"])
-
-    return BestPass()
-
-
 @dataclass
 class TrainOutcome:
     model_path: Path
@@ -308,8 +256,7 @@ def prepare(samples: list[Sample], speaker: str, config: TrainConfig, models_dir
     # embeddings of a quantized base to float32 on CUDA (on the CPU all is float32 already), which
     # made every activation float32 and each 8-bit matmul cast it back; TRL's SFTTrainer skips it too.
     targets = "all-linear" if [m.lower() for m in config.target_modules] == ["all-linear"] else config.target_modules  # peft's shorthand is a string
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM")
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
     log.info("LoRA r=%d, alpha=%d, dropout %s on %s", config.lora_r, config.lora_alpha, config.lora_dropout, targets)
     model = get_peft_model(model, lora)
     return Prepared(model_path, quant, tokenizer, template, template_source, model, train_samples, held_out, kept, items,
@@ -386,11 +333,9 @@ def train_lora(
     checkpointing = bool(checkpoint_dir and config.checkpoint_steps)
     trainer = None
     try:  # from here on, any failure removes the temporary folder (a missing REPORT_TO package fails in make_trainer)
-        best = None
-        if config.keep_best_patience and run.held_out and run.epochs > 1:  # several passes to choose from
-            encoded = chat_format.encode_all(memory.with_memory(run.held_out, run.pool, speaker, config.memory_k), speaker,
-                                             run.tokenizer, run.template, config.max_seq_length)
-            best = best_pass_callback(run.model, encoded, config.keep_best_patience) if encoded else None
+        held = chat_format.encode_all(memory.with_memory(run.held_out, run.pool, speaker, config.memory_k), speaker, run.tokenizer,
+                                      run.template, config.max_seq_length) if run.held_out and run.epochs > 1 else []
+        best = passes.best_pass_callback(run.model, held, config.keep_best_patience) if held and config.keep_best_patience else None
         trainer = make_trainer(run, config, device, checkpoint_dir if checkpointing else tmp / "trainer", checkpointing,
                                stop, [*(callbacks or []), *([best] if best else [])], progress_bar, run_name or speaker)
         result = trainer.train(resume_from_checkpoint=resume_from)
@@ -399,8 +344,7 @@ def train_lora(
         if not trainer.is_world_process_zero():  # data parallel: the main process writes the one adapter
             return TrainOutcome(adapters.folder(output_root, speaker), {"steps": trainer.state.global_step})
         info = _info(run, config, speaker, trainer, result, started)
-        if best is not None:
-            info["passes"] = best.passes
+        info.update({"passes": best.passes} if best else {})
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
         run.model.save_pretrained(tmp)
         run.tokenizer.chat_template = run.template
