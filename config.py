@@ -86,6 +86,17 @@ class Settings(BaseSettings):
         0.1, ge=0, le=0.5, description="Share of a speaker's samples held out of training for evaluation."
     )
     EVAL_MIN_SAMPLES: int = Field(10, ge=2, description="Hold samples out only when the speaker has at least this many.")
+    LORA_R: int = Field(8, ge=1, le=1024, description="LoRA rank of every adapted layer (the seed's 8).")
+    LORA_ALPHA: int | None = Field(
+        None, ge=1, le=4096, description="LoRA alpha (the update is scaled by alpha/r); unset: 2 × LORA_R (16 at r=8).")
+    LORA_TARGET_MODULES: Annotated[list[str], NoDecode] = Field(
+        ["q_proj", "v_proj"], min_length=1,
+        description="Comma-separated names of the layers LoRA adapts (default q_proj,v_proj: the attention's queries "
+        "and values), or 'all-linear' for every linear layer but the output head (peft's shorthand).")
+    KEEP_BEST_PATIENCE: int = Field(
+        2, ge=0, le=100, description="When a training makes several passes and holds samples out, the held-out loss is "
+        "measured after each pass and the best pass is kept; training stops after this many passes without improvement. "
+        "0: every pass is kept as trained, the last one is the adapter.")
     EVAL_GENERATIONS: int = Field(
         16, ge=0, le=200, description="Held-out contexts the evaluation generates replies for (base and adapter)."
     )
@@ -210,7 +221,7 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown phone region {value!r}: use a two-letter ISO 3166 code such as UA, DE or US")
         return value.strip().upper()
 
-    @field_validator("ALLOWED_SPEAKERS", "REPORT_TO", "ALLOWED_ORIGINS", "ALLOWED_HOSTS", mode="before")
+    @field_validator("ALLOWED_SPEAKERS", "REPORT_TO", "ALLOWED_ORIGINS", "ALLOWED_HOSTS", "LORA_TARGET_MODULES", mode="before")
     @classmethod
     def _split_speakers(cls, value: object) -> object:
         if isinstance(value, str):

@@ -328,6 +328,7 @@ class TrainConfig(BaseModel):
     eval_fraction: float = Field(0.0, description="Share of samples held out of training for evaluation.")
     eval_min_samples: int = Field(10, description="Hold out only from speakers with at least this many samples.")
     memory_k: int = Field(0, description="Messages recalled into each sample's context from the training split (MEMORY_K).")
+    keep_best_patience: int = Field(0, description="Passes without a better held-out loss before training stops; the best pass is kept (KEEP_BEST_PATIENCE; 0: off).")
     report_to: list[str] = Field(["none"], description="Experiment trackers (transformers' report_to).")
 
 

@@ -29,14 +29,13 @@ from typing import Any, Callable
 import memory
 from config import DEFAULT_BASE_MODEL, Settings, get_settings
 from errors import TrainingError
-from lm import adapters, base_model, chat_format, packing
+from lm import adapters, base_model, chat_format, packing, passes
 from models import JobProgress, Sample, TrainConfig, TrainRequest
 
 log = logging.getLogger("persona_lora.train")
 
-# (model, tokenizer, template, held-out samples, adapter folder, training info) -> evaluation report: run
-# on the trained model still in memory, writing its files into the folder before the folder is installed.
-# (model, tokenizer, template, held-out samples, folder, training info, the training split memory recalls from) → report
+# (model, tokenizer, template, held-out samples, adapter folder, training info, the training split memory recalls
+# from) → evaluation report: run on the trained model still in memory, writing its files before the folder is installed.
 Evaluator = Callable[[Any, Any, str, list[Sample], Path, dict[str, Any], list[Sample]], dict[str, Any]]
 
 
@@ -66,15 +65,16 @@ def resolve_config(settings: Settings, request: TrainRequest) -> TrainConfig:
         eval_fraction=settings.EVAL_FRACTION,
         eval_min_samples=settings.EVAL_MIN_SAMPLES,
         memory_k=settings.MEMORY_K,
+        keep_best_patience=settings.KEEP_BEST_PATIENCE,
+        lora_r=settings.LORA_R,
+        lora_alpha=settings.LORA_ALPHA or 2 * settings.LORA_R,
+        target_modules=settings.LORA_TARGET_MODULES,
         report_to=settings.REPORT_TO,
     )
     sent = request.model_fields_set - {"speaker", "wait"}
-    log.info(
-        "training config for %s: %s (from request: %s; rest from settings/defaults)",
-        request.speaker,
-        config.model_dump(),
-        sorted(sent) or "none",
-    )
+    from_settings = sorted(settings.model_fields_set & {"LORA_R", "LORA_ALPHA", "LORA_TARGET_MODULES", "KEEP_BEST_PATIENCE"})
+    log.info("training config for %s: %s (from request: %s; set in settings: %s; rest from defaults)", request.speaker,
+             config.model_dump(), sorted(sent) or "none", from_settings or "none of LORA_R, LORA_ALPHA, LORA_TARGET_MODULES, KEEP_BEST_PATIENCE")
     return config
 
 
@@ -222,7 +222,8 @@ def prepare(samples: list[Sample], speaker: str, config: TrainConfig, models_dir
         raise TrainingError(f"no stored messages for {speaker!r}; upload a dialog with POST /upload-text or an export with POST /upload-file first")
     started = time.monotonic()
     quant = base_model.quant_name(config.quant or config.load_in_8bit)
-    model_path, tokenizer, model = base_model.load_for_training(config.base_model, models_dir, quant, device)
+    model_path, tokenizer, model = base_model.load_for_training(config.base_model, models_dir, quant, device,
+                                                                    config.target_modules)
     template, template_source = chat_format.chat_template_for(tokenizer)
     log.info("loaded base model %s (%s, %s) in %.1f s; chat template: %s", config.base_model,
              quant, device, time.monotonic() - started, template_source)
@@ -254,8 +255,9 @@ def prepare(samples: list[Sample], speaker: str, config: TrainConfig, models_dir
     # No prepare_model_for_kbit_training: its one effect here was to cast the bfloat16 norms and
     # embeddings of a quantized base to float32 on CUDA (on the CPU all is float32 already), which
     # made every activation float32 and each 8-bit matmul cast it back; TRL's SFTTrainer skips it too.
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=config.target_modules, task_type="CAUSAL_LM")
+    targets = "all-linear" if [m.lower() for m in config.target_modules] == ["all-linear"] else config.target_modules  # peft's shorthand is a string
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
+    log.info("LoRA r=%d, alpha=%d, dropout %s on %s", config.lora_r, config.lora_alpha, config.lora_dropout, targets)
     model = get_peft_model(model, lora)
     return Prepared(model_path, quant, tokenizer, template, template_source, model, train_samples, held_out, kept, items,
                     samples_per_step, learning_rate, epochs, pool)
@@ -331,14 +333,18 @@ def train_lora(
     checkpointing = bool(checkpoint_dir and config.checkpoint_steps)
     trainer = None
     try:  # from here on, any failure removes the temporary folder (a missing REPORT_TO package fails in make_trainer)
+        held = chat_format.encode_all(memory.with_memory(run.held_out, run.pool, speaker, config.memory_k), speaker, run.tokenizer,
+                                      run.template, config.max_seq_length) if run.held_out and run.epochs > 1 else []
+        best = passes.best_pass_callback(run.model, held, config.keep_best_patience) if held and config.keep_best_patience else None
         trainer = make_trainer(run, config, device, checkpoint_dir if checkpointing else tmp / "trainer", checkpointing,
-                               stop, callbacks or [], progress_bar, run_name or speaker)
+                               stop, [*(callbacks or []), *([best] if best else [])], progress_bar, run_name or speaker)
         result = trainer.train(resume_from_checkpoint=resume_from)
         if stop.is_set():
             raise TrainingStopped("training stopped before it finished")
         if not trainer.is_world_process_zero():  # data parallel: the main process writes the one adapter
             return TrainOutcome(adapters.folder(output_root, speaker), {"steps": trainer.state.global_step})
         info = _info(run, config, speaker, trainer, result, started)
+        info.update({"passes": best.passes} if best else {})
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
         run.model.save_pretrained(tmp)
         run.tokenizer.chat_template = run.template

@@ -181,7 +181,8 @@ def outcome(job: JobPublic) -> str:
     loss = lambda who: (held.get(who) or {}).get("loss")  # noqa: E731
     figures = [f"{result.get('steps')} steps on {result.get('num_samples_used')} samples",
                f"training loss {result['train_loss']:.3f}" if result.get("train_loss") is not None else None,
-               f"held-out loss {loss('base'):.3f} (base) → {loss('adapter'):.3f}" if loss("base") and loss("adapter") else None]
+               f"held-out loss {loss('base'):.3f} (base) → {loss('adapter'):.3f}" if loss("base") and loss("adapter") else None,
+               ((result.get("evaluation") or {}).get("judge") or {}).get("text")]
     return f"{text}: " + ", ".join(f for f in figures if f) + "".join(f"; warning: {w}" for w in result.get("warnings", []))
 
 

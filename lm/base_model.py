@@ -204,10 +204,11 @@ def quant_name(quant: str | bool) -> str:
     return {True: "8bit", False: "none"}.get(quant, quant)  # type: ignore[arg-type]
 
 
-def load_base_model(model_path: str, quant: str | bool, device: str):
+def load_base_model(model_path: str, quant: str | bool, device: str, targets: list[str] = LORA_TARGETS):
     """The frozen base through bitsandbytes, 8-bit (LLM.int8) or 4-bit (NF4 with double quantization,
     as QLoRA), or dense ('none'); float32 on CPU, bfloat16 on CUDA. True and False mean '8bit' and
-    'none' (LOAD_IN_8BIT)."""
+    'none' (LOAD_IN_8BIT). Fails in words when it lacks a layer of `targets` (LORA_TARGET_MODULES;
+    'all-linear' fits any)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -228,22 +229,22 @@ def load_base_model(model_path: str, quant: str | bool, device: str):
     if quant == "none":
         model.to(device)
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [m for m in LORA_TARGETS if m not in present]
+    missing = [m for m in targets if m not in present and m.lower() != "all-linear"]
     if missing:
         raise TrainingError(
             f"base model {model_path!r} ({model.config.model_type}) has no {' or '.join(missing)} modules, "
-            f"which the LoRA adapter targets; set BASE_MODEL to a causal LM with q_proj and v_proj "
-            f"(Llama, Gemma, Mistral, Qwen families)"
+            f"which the LoRA adapter targets (LORA_TARGET_MODULES); set BASE_MODEL to a causal LM with them "
+            f"(q_proj and v_proj: Llama, Gemma, Mistral, Qwen families), or LORA_TARGET_MODULES=all-linear"
         )
     return model
 
 
-def load_for_training(base_model: str, models_dir: Path, quant: str | bool, device: str):
+def load_for_training(base_model: str, models_dir: Path, quant: str | bool, device: str, targets: list[str] = LORA_TARGETS):
     """(local path, tokenizer, model) of the base, with a message the user can act on when it cannot load.
-    `quant` as load_base_model takes it."""
+    `quant` and `targets` as load_base_model takes them."""
     try:
         model_path = resolve_base_model(base_model, models_dir)
-        return model_path, load_tokenizer(model_path), load_base_model(model_path, quant, device)
+        return model_path, load_tokenizer(model_path), load_base_model(model_path, quant, device, targets)
     except (OSError, ValueError) as exc:
         raise TrainingError(
             f"could not load base model {base_model!r}: {exc}. Set BASE_MODEL to a local checkpoint "

@@ -494,7 +494,10 @@ async function showEvaluation(speaker, run = false) {
     return;
   }
   say("eval-msg", `${r.speaker}: evaluated ${when(r.created_at)} on ${r.held_out_samples} held-out samples (base weights: ${r.base_weights}).`);
-  const parts = (r.warnings || []).map((w) => el("p", { className: "warning", textContent: `Warning: ${w}.` }));
+  // First: would you know who said it ("sounds like Олена: 71% of the persona's replies, …"), or why no judge was trained.
+  const judged = r.judge && (r.judge.text || r.judge.note);
+  const parts = judged ? [el("p", { className: "judge", textContent: `${judged[0].toUpperCase()}${judged.slice(1)}.` })] : [];
+  parts.push(...(r.warnings || []).map((w) => el("p", { className: "warning", textContent: `Warning: ${w}.` })));
   if (r.note) parts.push(el("p", { textContent: r.note }));
   if (r.held_out) {
     const bars = [["base", r.held_out.base.loss, "base"], ["adapter", r.held_out.adapter.loss, "adapter"]];

@@ -117,7 +117,7 @@ def trained_and_evaluated(tiny_gemma, tmp_path, generations: int, steps: int):
 def test_report_leads_with_generation_figures_and_end_of_turn(tiny_gemma, tmp_path):
     settings, out = trained_and_evaluated(tiny_gemma, tmp_path, generations=3, steps=2)
     report = out.evaluation
-    assert list(report)[:5] == ["speaker", "created_at", "base_weights", "held_out_samples", "generation"]
+    assert list(report)[:6] == ["speaker", "created_at", "base_weights", "held_out_samples", "judge", "generation"]
     generation = report["generation"]
     assert generation["contexts"] == 2 and generation["decoding"]["temperature"] == settings.GENERATION_TEMPERATURE
     for label in ("base", "adapter"):
@@ -137,3 +137,87 @@ def test_no_generations_means_no_generation_or_style_figures(tiny_gemma, tmp_pat
     assert "generation" not in report and "style" not in report
     evals.write_report(out.model_path, report, out.info)  # the plot and summary do without them
     assert "style" not in json.loads((out.model_path / "eval.json").read_text())
+
+
+# --- the judge of style ---------------------------------------------------------------------------------
+
+TOPICS = ["кава", "погода", "робота", "кіно", "море", "книжка", "концерт", "потяг", "суп", "футбол", "сад", "кіт"]
+
+
+def casual(i: int) -> str:
+    """Ann writes short, lowercase, with emoji and 'лол'."""
+    return f"{TOPICS[i % 12]} {TOPICS[(i // 12) % 12]} лол 😂😂" if i % 2 else f"ага {TOPICS[i % 12]} і {TOPICS[(i // 12) % 12]} топ 🔥"
+
+
+def formal(i: int) -> str:
+    """Bob writes whole sentences, capitalised, with commas and no emoji."""
+    return f"Шановна, щодо теми «{TOPICS[i % 12].capitalize()}» і {TOPICS[(i // 12) % 12]}, я вважаю, що це питання потребує уваги."
+
+
+def voices_dialog(n: int) -> list[Turn]:
+    return [turn for i in range(n) for turn in (Turn(speaker="Bob", content=formal(i)), Turn(speaker="Ann", content=casual(i)))]
+
+
+def test_the_judge_tells_two_voices_apart_and_names_the_persona():
+    from lm import judge
+
+    samples, _ = build_samples(voices_dialog(40), "Ann", 2)
+    train_part, held = train.holdout_split(samples, 0.2, 10)
+    messages = judge.training_messages("Ann", train_part, {}, [s.reply for s in held])
+    names = {name for name, _ in messages}
+    assert names == {"Ann", "Bob"}  # the others' turns come from the contexts
+    assert not {judge._key(s.reply) for s in held} & {judge._key(t) for _, t in messages}  # no held-out line trained on
+    block = judge.judge("Ann", messages, [s.reply for s in held], adapter=[casual(101), casual(102), formal(103)],
+                        base=[formal(104), formal(105)])
+    assert block["ceiling"] == 1.0  # her real held-out lines are hers
+    assert block["adapter"] == round(2 / 3, 4) and block["base"] == 0.0
+    assert block["chance"] == 0.5 and block["classes"] == ["Ann", "Bob"]
+    assert block["train_messages"]["Ann"] == len(train_part) and block["train_messages"]["Bob"] >= 30
+    assert block["text"] == "sounds like Ann: 67% of the persona's replies, 0% of the base model's; 100% of Ann's real held-out messages (chance 50%)"
+
+
+def test_the_judge_says_why_when_there_is_one_voice_or_too_few():
+    from lm import judge
+
+    alone = [("Ann", casual(i)) for i in range(20)]
+    block = judge.judge("Ann", alone, [casual(50)], [casual(51)], [casual(52)])
+    assert "ceiling" not in block and block["classes"] == ["Ann"] and "only Ann's voice" in block["note"]
+    few = judge.judge("Ann", alone[:3] + [("Bob", formal(i)) for i in range(20)], [casual(50)])
+    assert "Ann has 3 real messages" in few["note"] and "ceiling" not in few
+    # Other stored speakers join when the person's conversations hold too few other voices.
+    samples, _ = build_samples(styled_dialog(12), "Ann", 2)
+    others, _ = build_samples(voices_dialog(12), "Bob", 2)
+    assert {n for n, _ in judge.training_messages("Ann", samples, {"Bob": others})} == {"Ann", "Q", "Bob"}
+
+
+def test_every_report_leads_with_the_judge(tiny_gemma, tmp_path):
+    samples, _ = build_samples(voices_dialog(30), "Ann", 2)
+    settings = Settings(BASE_MODEL=str(tiny_gemma), DEVICE="cpu", LOAD_IN_8BIT=False, EVAL_GENERATIONS=3)
+    config = train.resolve_config(settings, TrainRequest(speaker="Ann", max_steps=2))
+    out = train.train_lora(samples, "Ann", config, tmp_path / "out", tmp_path / "models",
+                           evaluate=evals.after_training(settings, "Ann", config))
+    report = out.evaluation
+    assert list(report)[4] == "judge"
+    block = report["judge"]
+    assert block["classes"] == ["Ann", "Bob"] and block["chance"] == 0.5
+    assert block["ceiling"] == 1.0 and 0 <= block["adapter"] <= 1 and 0 <= block["base"] <= 1
+    assert block["real_messages"] == report["held_out_samples"] and block["generated"] == 3
+    assert block["text"].startswith("sounds like Ann: ")
+    assert evals.summary(report)["judge"] == block  # the job's result has it
+    assert json.loads((out.model_path / "eval.json").read_text())["judge"] == block
+
+
+def test_a_persona_that_does_not_sound_like_the_person_is_said_in_words():
+    report = {"speaker": "Ann", "judge": {"adapter": 0.25, "base": 0.375, "ceiling": 0.8}}
+    assert evals.warnings(report) == [
+        "the judge of style names Ann in no more of the persona's replies than of the base model's (25% against 38%): "
+        "the adapter does not yet sound like this person"]
+    assert evals.warnings({"speaker": "Ann", "judge": {"adapter": 0.5, "base": 0.25}}) == []
+    assert evals.warnings({"speaker": "Ann", "judge": {"note": "no judge of style: ..."}}) == []
+
+
+def test_an_adapter_whose_best_pass_is_still_worse_says_so():
+    report = {"speaker": "Ann", "held_out": {"base": {"loss": 3.4642}, "adapter": {"loss": 3.6}},
+              "passes": {"held_out_loss": [3.46, 3.6, 3.9, 4.16], "kept": 1, "stopped_early": True, "patience": 2}}
+    assert evals.warnings(report)[0].startswith(
+        "even the best of its 3 passes (pass 1, kept) is worse than the base model's (3.464 → 3.600): it predicts")

@@ -168,3 +168,33 @@ def test_a_prompt_longer_than_the_bound_keeps_its_latest_turns(tiny_gemma):
     assert ids == chat_format.bounded_prompt_ids(tokenizer, template, to_messages(turns[dropped:], "Ann"), "Ann", 10**6)[0]
     one, _ = chat_format.bounded_prompt_ids(tokenizer, template, messages, "Ann", 20)  # the last turn alone is too long
     assert len(one) == 20 and one[0] == tokenizer.bos_token_id and tokenizer.decode(one).endswith("Ann:")
+
+
+@pytest.mark.parametrize("ends_with", ["eos", "newline"])
+def test_a_reply_is_never_empty_even_when_the_model_would_end_it_at_once(tiny_gemma, ends_with):
+    """The model is biased to end its turn first (EOS, or the line end that ends a transcript's turn):
+    the reply still has a visible token, and it ends where the model ends it after that."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lm import base_model, chat_format
+    from lm.infer import generate
+
+    tok = base_model.load_tokenizer(str(tiny_gemma))
+    template, _ = chat_format.chat_template_for(tok)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_gemma)).eval()
+    end = tok.eos_token_id if ends_with == "eos" else tok.convert_tokens_to_ids("Ċ")  # byte-level BPE's "\n"
+    assert tok.decode([end], skip_special_tokens=False) in ("<eos>", "\n")
+
+    def bias(module, args, output):
+        output[..., end] += 50.0  # the end of the turn, far above every other token
+        return output
+
+    model.lm_head.register_forward_hook(bias)
+    prompt = tok(chat_format.prompt_text(tok, template, PROMPT, "Ann"), add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        assert int(model(**prompt).logits[0, -1].argmax()) == end  # unguarded, the reply would be empty
+    for decoding in (Decoding(max_new_tokens=8), Decoding(max_new_tokens=8, temperature=0.9, seed=3)):
+        reply = generate(model, tok, template, PROMPT, decoding, "Ann")
+        assert reply.text.strip() and reply.completion_tokens >= 2
+        assert reply.finish_reason == "stop"  # it ended its turn right after the visible token

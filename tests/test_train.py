@@ -321,3 +321,60 @@ def test_rendering_the_dataset_imports_no_torch(tiny_gemma):
             "assert r['data'] and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:3]")
     run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_the_best_pass_by_held_out_loss_is_kept_and_training_stops_when_it_stops_improving(tiny_gemma, tmp_path):
+    """A rate far too high makes later passes worse on the held-out samples: the adapter written is
+    the best pass's, and training stops `patience` passes after it."""
+    from lm import packing
+
+    dialog = [t for i in range(30) for t in (Turn(speaker="User2", content=f"скільки {i}?"), Turn(speaker="User1", content=f"{i} 🌻!"))]
+    samples, _ = build_samples(dialog, "User1", 2)
+    config = config_for(tiny_gemma, epochs=8, learning_rate=0.05, KEEP_BEST_PATIENCE=1, LOAD_IN_8BIT=False)
+    out = train.train_lora(samples, "User1", config, tmp_path / "out", tmp_path / "models")
+    passes = out.info["passes"]
+    losses, kept = passes["held_out_loss"], passes["kept"]
+    assert kept == min(range(1, len(losses)), key=losses.__getitem__)  # pass 0 is the base
+    ran = len(losses) - 1
+    assert ran == 8 or (passes["stopped_early"] and ran == kept + 1)
+    # The saved adapter is the kept pass: its held-out loss, computed afresh, is that pass's.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    held = [s for s in samples if s.id in set(out.info["heldout_ids"])]
+    tok = base_model.load_tokenizer(str(tiny_gemma))
+    template, _ = chat_format.chat_template_for(tok)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_gemma)), str(out.model_path))
+    total, tokens = packing.loss_sums(model, chat_format.encode_all(held, "User1", tok, template, 512))
+    assert round(total / tokens, 4) == pytest.approx(losses[kept], abs=2e-3)
+    print("passes", passes)
+
+
+def test_no_passes_to_choose_from_without_held_out_samples_or_with_it_off(tiny_gemma, tmp_path):
+    samples, _ = build_samples(DIALOG * 2, "User1", 2)
+    out = train.train_lora(samples, "User1", config_for(tiny_gemma, epochs=2, max_steps=2, LOAD_IN_8BIT=False),
+                           tmp_path / "out", tmp_path / "models")
+    assert "passes" not in out.info  # too few samples to hold any out
+    assert config_for(tiny_gemma, KEEP_BEST_PATIENCE=0).keep_best_patience == 0
+    assert config_for(tiny_gemma).keep_best_patience == 2
+
+
+def test_lora_capacity_is_set_in_settings_resolved_and_logged(tiny_gemma, caplog):
+    default = config_for(tiny_gemma)
+    assert (default.lora_r, default.lora_alpha, default.target_modules) == (8, 16, ["q_proj", "v_proj"])
+    with caplog.at_level("INFO", logger="persona_lora.train"):
+        wider = config_for(tiny_gemma, LORA_R=32, LORA_TARGET_MODULES="q_proj, k_proj,v_proj,o_proj")
+    assert (wider.lora_r, wider.lora_alpha, wider.target_modules) == (32, 64, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert "set in settings: ['LORA_R', 'LORA_TARGET_MODULES']" in caplog.text
+    assert config_for(tiny_gemma, LORA_R=4, LORA_ALPHA=32).lora_alpha == 32  # alpha set: not 2 × r
+
+
+def test_all_linear_adapts_every_linear_layer(tiny_gpt2, tmp_path):
+    """'all-linear' (peft's shorthand) reaches layers q_proj/v_proj would miss: GPT-2 has neither."""
+    samples, _ = build_samples(DIALOG * 2, "User1", 2)
+    config = config_for(tiny_gpt2, LORA_TARGET_MODULES="all-linear", LORA_R=4, max_steps=1, LOAD_IN_8BIT=False)
+    out = train.train_lora(samples, "User1", config, tmp_path / "out", tmp_path / "models")
+    adapter = json.loads((out.model_path / "adapter_config.json").read_text())
+    assert {m.rsplit(".", 1)[-1] for m in adapter["target_modules"]} == {"c_attn", "c_proj", "c_fc"}  # attention and MLP
+    assert adapter["r"] == 4 and adapter["lora_alpha"] == 8
+    assert out.info["config"]["target_modules"] == ["all-linear"]
