@@ -34,6 +34,7 @@ from models import Sample, Turn
 
 log = logging.getLogger("persona_lora.memory")
 
+VERSION = 2  # of the index's layout: an index of another version is rebuilt
 SUFFIX = ".fts"  # `.<messages file>.fts`, beside the store's `.<messages file>.index`
 # The newest distinct words of the conversation, less the common ones: a word in more than 1% of the
 # messages says little about which to recall, and its long posting list is what a query spends its
@@ -52,6 +53,7 @@ class Recalled:
     sample_id: str
     text: str
     score: float  # BM25, higher is more relevant (SQLite's bm25() negated)
+    answered: Turn | None = None  # the turn the message answered, as the person's chat had it
 
 
 def words(text: str) -> list[str]:
@@ -61,12 +63,13 @@ def words(text: str) -> list[str]:
 
 
 def near_duplicate(a: str, b: str) -> bool:
-    """Whether two messages say the same thing: the same words, or nearly (Jaccard ≥ NEAR_DUPLICATE,
-    or one's words all within the other's)."""
+    """Whether two messages say the same thing: the same words, or nearly (Jaccard ≥ NEAR_DUPLICATE),
+    or one of three words or more said again inside the other ("I fix trams" in "I fix trams, you
+    know"; "yes" in "yes, the Skoda" is no duplicate)."""
     x, y = set(words(a)), set(words(b))
     if not x or not y:
         return a.strip() == b.strip()
-    return len(x & y) / len(x | y) >= NEAR_DUPLICATE or x <= y or y <= x
+    return len(x & y) / len(x | y) >= NEAR_DUPLICATE or min(len(x), len(y)) >= 3 and (x <= y or y <= x)
 
 
 class Memory:
@@ -76,12 +79,13 @@ class Memory:
         self.db = sqlite3.connect(str(path), timeout=10, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=DELETE")  # no -wal/-shm files beside it: one file to delete
         self.db.executescript(
-            "CREATE VIRTUAL TABLE IF NOT EXISTS lines USING fts5(text, sample_id UNINDEXED,"
+            "CREATE VIRTUAL TABLE IF NOT EXISTS lines USING fts5(text, sample_id UNINDEXED, answered UNINDEXED,"
             " tokenize='unicode61 remove_diacritics 2');"
             "CREATE VIRTUAL TABLE IF NOT EXISTS vocab USING fts5vocab(lines, row);"
             "CREATE TABLE IF NOT EXISTS ids (sample_id TEXT PRIMARY KEY);"
             "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER);"
             "INSERT OR IGNORE INTO meta VALUES ('count', (SELECT count(*) FROM ids));"
+            f"INSERT OR IGNORE INTO meta VALUES ('version', {VERSION});"
         )
 
     def close(self) -> None:
@@ -96,15 +100,19 @@ class Memory:
     def count(self) -> int:
         return self.db.execute("SELECT value FROM meta WHERE key = 'count'").fetchone()[0]
 
-    def add(self, items: Iterable[tuple[str, str]]) -> int:
-        """Index (sample_id, text) pairs not indexed yet; the number added."""
+    def version(self) -> int:
+        return self.db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()[0]
+
+    def add(self, items: Iterable[tuple[str, str, Turn | None]]) -> int:
+        """Index (sample_id, text, the turn it answered) not indexed yet; the number added."""
         added = 0
         with self.db:
-            for sample_id, text in items:
+            for sample_id, text, answered in items:
                 if not text.strip():
                     continue
                 if self.db.execute("INSERT OR IGNORE INTO ids VALUES (?)", (sample_id,)).rowcount:
-                    self.db.execute("INSERT INTO lines (text, sample_id) VALUES (?, ?)", (text, sample_id))
+                    self.db.execute("INSERT INTO lines (text, sample_id, answered) VALUES (?, ?, ?)",
+                                    (text, sample_id, answered.model_dump_json() if answered else None))
                     added += 1
             self.db.execute("UPDATE meta SET value = value + ? WHERE key = 'count'", (added,))
         return added
@@ -134,12 +142,18 @@ class Memory:
             return []
         query = " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
         found, seen = [], []
-        rows = self.db.execute("SELECT sample_id, text, bm25(lines) FROM lines WHERE lines MATCH ? ORDER BY bm25(lines) LIMIT ?",
+        rows = self.db.execute("SELECT sample_id, text, bm25(lines), answered FROM lines WHERE lines MATCH ?"
+                               " ORDER BY bm25(lines) LIMIT ?",
                                (query, 4 * k + len(exclude_ids) + 8))
-        for sample_id, text, rank in rows:
+        for sample_id, text, rank, answered in rows:
             if sample_id in exclude_ids or any(near_duplicate(text, other) for other in [*exclude_texts, *seen]):
                 continue
-            found.append(Recalled(sample_id, text[:RECALL_CHARS], -rank))
+            asked = Turn.model_validate_json(answered) if answered else None
+            if asked is not None and any(near_duplicate(asked.content, other) for other in exclude_texts):
+                asked = None  # the person's own earlier line (two in a row) that the caller must not see
+            if asked is not None and len(asked.content) > RECALL_CHARS:
+                asked = Turn(speaker=asked.speaker, content=asked.content[:RECALL_CHARS])
+            found.append(Recalled(sample_id, text[:RECALL_CHARS], -rank, asked))
             seen.append(text)
             if len(found) == k:
                 break
@@ -157,8 +171,8 @@ _rebuilding = threading.Lock()  # one rebuild at a time in this process; SQLite'
 
 
 def open_index(messages_file: Path, items: callable, expected: int) -> Memory:
-    """The speaker's index, rebuilt from `items()` ((sample_id, text) pairs of every stored message)
-    when it is missing, stale (holds other than `expected` messages) or damaged."""
+    """The speaker's index, rebuilt from `items()` (`triples` of every stored message) when it is
+    missing, stale (holds other than `expected` messages, or was written by an older version) or damaged."""
     path = index_path(messages_file)
     with _rebuilding:
         return _open_or_rebuild(path, items, expected)
@@ -167,7 +181,7 @@ def open_index(messages_file: Path, items: callable, expected: int) -> Memory:
 def _open_or_rebuild(path: Path, items: callable, expected: int) -> Memory:
     try:
         memory = Memory(path)
-        if memory.count() == expected:
+        if memory.count() == expected and memory.version() == VERSION:
             return memory
         memory.close()
         reason = "stale"
@@ -206,9 +220,9 @@ def delete_index(messages_file: Path) -> list[Path]:
 # --- a speaker's memory, from the store -----------------------------------------------------------
 
 
-def pairs(samples: Iterable[Sample]) -> list[tuple[str, str]]:
-    """What memory holds of samples: each one's id and the speaker's reply."""
-    return [(s.id, s.reply) for s in samples]
+def triples(samples: Iterable[Sample]) -> list[tuple[str, str, Turn | None]]:
+    """What memory holds of samples: each one's id, the speaker's reply and the turn it answered."""
+    return [(s.id, s.reply, s.context[-1] if s.context else None) for s in samples]
 
 
 def speaker_memory(data_dir: Path, speaker: str, wait: float = store.LOCK_SECONDS) -> Memory | None:
@@ -219,7 +233,7 @@ def speaker_memory(data_dir: Path, speaker: str, wait: float = store.LOCK_SECOND
 
     def stored() -> list[tuple[str, str]]:
         found = store.load_speaker(data_dir, speaker, wait)
-        return pairs(found.messages) if found else []
+        return triples(found.messages) if found else []
 
     return open_index(store.speaker_file(data_dir, speaker), stored, summary.messages)
 
@@ -274,7 +288,7 @@ def with_memory(samples: list[Sample], pool: list[Sample], speaker: str, k: int)
         return samples
     out = []
     with Memory(":memory:") as memory:
-        memory.add(pairs(pool))
+        memory.add(triples(pool))
         for sample in samples:
             found = memory.recall(conversation_texts(sample.context), k, exclude_ids={sample.id},
                                   exclude_texts=[sample.reply, *(t.content for t in sample.context)])
@@ -283,9 +297,11 @@ def with_memory(samples: list[Sample], pool: list[Sample], speaker: str, k: int)
 
 
 def recalled_turns(found: list[Recalled], speaker: str) -> list[Turn]:
-    """Recalled messages as the speaker's earlier turns, least relevant first (the most relevant
-    nearest the conversation), the form the transcript reads as "what this person said before"."""
-    return [Turn(speaker=speaker, content=r.text) for r in reversed(found)]
+    """Recalled messages as the earlier exchanges of the person's chat: each one after the turn it
+    answered, least relevant first (the most relevant nearest the conversation). On the persona's
+    fact-recall bench this form gave more replies with the fact than the person's lines alone
+    (bench/README.md, "Memory")."""
+    return [turn for r in reversed(found) for turn in ([r.answered] if r.answered else []) + [Turn(speaker=speaker, content=r.text)]]
 
 
 def add_samples(data_dir: Path, speaker: str, samples: list[Sample], wait: float = store.LOCK_SECONDS) -> None:
@@ -293,7 +309,7 @@ def add_samples(data_dir: Path, speaker: str, samples: list[Sample], wait: float
     upload, or one after the index was lost, builds it from everything stored."""
     messages_file = store.speaker_file(data_dir, speaker)
     if index_path(messages_file).exists():
-        add_to_index(messages_file, pairs(samples))
+        add_to_index(messages_file, triples(samples))
     elif built := speaker_memory(data_dir, speaker, wait):
         built.close()
 

@@ -430,7 +430,8 @@ def render_dataset(samples: list[Sample], speaker: str, base: str, models_dir: P
         tokenizer = base_model.text_tokenizer(base, models_dir)  # no torch in the API process
     template, source = chat_format.chat_template_for(tokenizer)
     remembered = memory.with_memory(samples, list(pool), speaker, memory_k)
-    recalled = {s.id: [t.content for t in r.context[: len(r.context) - len(s.context)]] for s, r in zip(samples, remembered)}
+    recalled = {s.id: [t.content for t in r.context[: len(r.context) - len(s.context)] if t.speaker == speaker]
+                for s, r in zip(samples, remembered)}
     rendered = chat_format.render_samples(remembered, speaker, tokenizer, template, max_len)
     for one in rendered:
         one["recalled"] = recalled[one["sample_id"]]

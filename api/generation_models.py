@@ -66,6 +66,7 @@ class RecalledPublic(BaseModel):
     sample_id: str
     text: str
     score: float = Field(description="BM25 relevance to the conversation; higher is more relevant.")
+    answered: Turn | None = Field(None, description="The turn the message answered in the person's chat; recalled with it.")
 
 
 class MemoryPublic(BaseModel):

@@ -201,7 +201,7 @@ def evaluate(model, tokenizer, template: str, speaker: str, held_out: list[Sampl
                           "loss_reduction": round(base["loss"] - adapter["loss"], 4) if base["loss"] and adapter["loss"] else None}
     if memory_k:
         without = _loss(model, tokenizer, template, plain, speaker, max_len)
-        recalled = [len(m.context) - len(s.context) for s, m in zip(plain, held_out)]
+        recalled = [sum(t.speaker == speaker for t in m.context[: len(m.context) - len(s.context)]) for s, m in zip(plain, held_out)]
         report["memory"] = {"k": memory_k, "recalled_per_context": round(sum(recalled) / len(recalled), 2),
                             "adapter_loss_with": adapter["loss"], "adapter_loss_without": without["loss"]}
     report["warnings"] = warnings(report)

@@ -35,19 +35,19 @@ def sample(i: int, reply: str, context: list[tuple[str, str]] = ()) -> Sample:
 
 def test_recall_ranks_the_relevant_message_first_and_ignores_common_words():
     with Memory(":memory:") as m:
-        m.add([(f"x{i}", f"the weather is so nice today {i}") for i in range(40)])
-        m.add([("sis", "my sister moved to Lviv last spring"), ("dog", "our dog Biscuit eats my socks")])
+        m.add([(f"x{i}", f"the weather is so nice today {i}", None) for i in range(40)])
+        m.add([("sis", "my sister moved to Lviv last spring", None), ("dog", "our dog Biscuit eats my socks", None)])
         assert m.count() == 42
         found = m.recall(["where does your sister live now?"], 2)
         assert [r.sample_id for r in found][:1] == ["sis"] and found[0].text == "my sister moved to Lviv last spring"
         assert "the" not in m.query_terms(["the sister"]) and "sister" in m.query_terms(["the sister"])  # in 40 of 42
         assert m.recall(["the is so"], 3) == []  # only common words: nothing is relevant
-        assert m.add([("sis", "again")]) == 0  # an id already indexed is skipped
+        assert m.add([("sis", "again", None)]) == 0  # an id already indexed is skipped
 
 
 def test_recall_excludes_ids_near_duplicates_and_diacritics_fold():
     with Memory(":memory:") as m:
-        m.add([("a", "Zoë moved to Kraków"), ("b", "zoe moved to krakow!"), ("c", "Zoë loves Kraków in spring")])
+        m.add([("a", "Zoë moved to Kraków", None), ("b", "zoe moved to krakow!", None), ("c", "Zoë loves Kraków in spring", None)])
         found = m.recall(["Krakow"], 3, exclude_ids={"a"}, exclude_texts=["Zoe moved to Krakow"])
         assert [r.sample_id for r in found] == ["c"]  # a by id, b as a near duplicate of the excluded text
     assert near_duplicate("I fix trams at night", "i FIX trams at night!!") and not near_duplicate("I fix trams", "I ride trams")
@@ -57,14 +57,17 @@ def test_training_memory_never_leaks_a_samples_own_reply():
     pool = [sample(0, "my sister moved to Lviv", [("Q", "family?")]),
             sample(1, "My sister moved to Lviv!", [("Q", "where is your sister?")]),  # a near duplicate of 0
             sample(2, "she likes Lviv a lot, my sister", [("Q", "sister?")]),
-            sample(3, "I fix trams", [("Q", "work?")])]
+            sample(3, "I fix trams", [("Q", "do trams at the depot need fixing?")]),
+            sample(4, "still at the depot, trams all day", [("Ann", "I fix trams")])]  # Ann twice in a row: 3's reply answered
     out = memory.with_memory(pool, pool, "Ann", k=3)
     for before, after in zip(pool, out):
-        recalled = [t.content for t in after.context[: len(after.context) - len(before.context)]]
+        recalled = after.context[: len(after.context) - len(before.context)]
         assert after.context[len(recalled):] == before.context and after.reply == before.reply
-        assert all(t == "Ann" for t in (x.speaker for x in after.context[: len(recalled)]))
-        assert before.reply not in recalled and not any(near_duplicate(r, before.reply) for r in recalled)
-    assert [t.content for t in out[1].context[:-1]] == ["she likes Lviv a lot, my sister"]  # not 0: it says the same
+        assert not any(near_duplicate(t.content, before.reply) for t in recalled), (before.reply, recalled)
+    # each recalled line after the turn it answered, as the chat had it; never 0, which says what 1 replies
+    assert [(t.speaker, t.content) for t in out[1].context[:-1]] == [("Q", "sister?"), ("Ann", "she likes Lviv a lot, my sister")]
+    # 3 recalls 4 without the turn 4 answered: that turn is 3's own reply
+    assert [(t.speaker, t.content) for t in out[3].context[:-1]] == [("Ann", "still at the depot, trams all day")]
     assert memory.with_memory(pool, pool, "Ann", k=0) == pool
 
 
