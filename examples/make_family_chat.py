@@ -521,7 +521,8 @@ SCENES: list[tuple[str, str, list[tuple[str, str]]]] = [
 ]
 
 
-def main() -> None:
+def render() -> str:
+    """The export's text: the group's system lines, then every scene's messages on its date."""
     rng = random.Random(17)  # the same gaps every run: the file never changes unless the scenes do
     lines = ["01/10/2023, 19:02 - Messages and calls are end-to-end encrypted. No one outside of this chat, "
              "not even WhatsApp, can read or listen to them. Tap to learn more.",
@@ -534,8 +535,12 @@ def main() -> None:
             if i:
                 at += timedelta(minutes=rng.choice([0, 1, 1, 2, 2, 3, 4, 6, 9]))
             lines.append(f"{at:%d/%m/%Y, %H:%M} - {who}: {text}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
     out = Path(__file__).with_name("family_chat.txt")
-    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out.write_text(render(), encoding="utf-8")
     counts = {who: sum(t[0] == who for _, _, turns in SCENES for t in turns) for who in (M, D, G)}
     print(f"{out}: {sum(counts.values())} messages", counts)
 
