@@ -12,7 +12,7 @@ import shlex
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = ROOT / "examples" / "family_chat.txt"
+SAMPLE = ROOT / "examples" / "family_chat.txt"  # written by examples/make_family_chat.py from family_scenes.txt
 PEOPLE = ("Mia", "Dad", "Grandma")
 
 
@@ -34,7 +34,7 @@ def test_sample_is_what_its_script_writes():
 
 
 def test_sample_has_distinct_hand_written_lines():
-    scenes = _script().SCENES
+    scenes = _script().scenes()
     for person in PEOPLE:
         texts = [text for _, _, turns in scenes for who, text in turns if who == person and text != "<Media omitted>"]
         assert len(texts) >= 50, person
