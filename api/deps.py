@@ -25,7 +25,7 @@ import store
 from config import Settings, get_settings
 from errors import Forbidden, ServiceUnavailable, Unauthorized
 from jobs.registry import JobRegistry
-from jobs.runner import open_runner
+from jobs.cluster import open_runner
 from lm import adapters, base_model
 from lm import export as model_export
 from lm.infer import PersonaEngine

@@ -41,6 +41,11 @@ NOT_SENT = ("API_KEY", "EXECUTOR", "RAY_ADDRESS")  # settings a worker has no us
 INSTALL = "EXECUTOR=ray needs Ray, which is not installed: pip install -r requirements-ray.txt"
 
 
+def open_runner(registry: JobRegistry, settings: Settings) -> JobRunner:
+    """The executor EXECUTOR names: jobs.runner's local children, or jobs on a Ray cluster."""
+    return RayRunner(registry, settings) if settings.EXECUTOR == "ray" else JobRunner(registry, settings)
+
+
 def submission_id(job_id: str, attempt: int) -> str:
     return f"persona-lora-{job_id}-{attempt}"
 

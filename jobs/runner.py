@@ -212,15 +212,6 @@ class Exit:
         return text + (f" ({self.note})" if self.note else "")
 
 
-def open_runner(registry: JobRegistry, settings: Settings) -> JobRunner:
-    """The executor EXECUTOR names: this module's children, or jobs on a Ray cluster (jobs.cluster)."""
-    if settings.EXECUTOR == "ray":
-        from jobs.cluster import RayRunner
-
-        return RayRunner(registry, settings)
-    return JobRunner(registry, settings)
-
-
 def outcome(job: JobPublic) -> str:
     """A finished job in one line of the server's log: its status and duration, a training's figures
     and warnings, a failure's reason (its first line: the rest quotes the child's log)."""
