@@ -130,6 +130,24 @@ class Settings(BaseSettings):
         1, ge=1, le=64,
         description="Processes per training job: above 1, a job runs under `accelerate launch` with data parallelism (one per GPU; gloo on CPUs).",
     )
+    EXECUTOR: Literal["local", "ray"] = Field(
+        "local",
+        description=(
+            "Where jobs run: 'local', a child process of the server; 'ray', a job on the Ray cluster at RAY_ADDRESS "
+            "(pip install -r requirements-ray.txt; DATA_DIR, OUTPUT_DIR, MODELS_DIR and EXPORTS_DIR on storage every "
+            "node sees at the same path: README, 'Beyond one machine')."
+        ),
+    )
+    RAY_ADDRESS: str = Field(
+        "http://127.0.0.1:8265",
+        description="With EXECUTOR=ray: the cluster's dashboard (Jobs API) address. Its token, when the cluster uses "
+                    "token auth, is Ray's own RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, which this service never reads or logs.",
+    )
+    TRAIN_GPUS: float = Field(
+        1, ge=0, le=64,
+        description="With EXECUTOR=ray: GPUs each training job asks the cluster for (entrypoint_num_gpus; 0 on a "
+                    "CPU-only cluster, where a job asking for one would wait forever). Exports ask for none.",
+    )
     SEED: int = Field(42, description="Seed for training (data order, LoRA init, dropout).")
     CHECKPOINT_STEPS: int = Field(
         0, ge=0, description="Save a resumable checkpoint every N steps (0: off, right for short runs)."

@@ -25,7 +25,7 @@ import store
 from config import Settings, get_settings
 from errors import Forbidden, ServiceUnavailable, Unauthorized
 from jobs.registry import JobRegistry
-from jobs.runner import JobRunner
+from jobs.cluster import open_runner
 from lm import adapters, base_model
 from lm import export as model_export
 from lm.infer import PersonaEngine
@@ -84,6 +84,7 @@ async def queue_job(request: Request, speaker: str, config, max_queued: int, wai
     """Queue a job and hand it to the runner: without `wait`, a 202 answer with the job and its Location;
     with `wait`, the job as it finished (any status: the route says what a failure means). The registry is
     called on a thread: a database another process holds locked made /health wait for it too."""
+    await asyncio.to_thread(request.app.state.runner.check_available)  # 503 while the cluster cannot be reached
     job = await asyncio.to_thread(registry(request).create, speaker, config, max_queued, kind=kind)
     future = request.app.state.runner.submit(job.job_id)
     if not wait:
@@ -169,7 +170,7 @@ def generation(request: Request) -> GenerationGate:
 
 def open_services(app, settings: Settings) -> None:
     """Start-up: the folders, what interrupted runs left removed, the registry with its interrupted jobs
-    queued again, the runner, the persona engine, the generation queue and the base model's warm-up."""
+    queued again (or, on a cluster, followed again), the runner, the persona engine, the generation queue and the base model's warm-up."""
     for folder in (settings.DATA_DIR, settings.OUTPUT_DIR, settings.MODELS_DIR):
         folder.mkdir(parents=True, exist_ok=True)
     adapters.clean_stale(settings.OUTPUT_DIR)
@@ -180,9 +181,8 @@ def open_services(app, settings: Settings) -> None:
     if stale := model_export.discard_partial(settings.EXPORTS_DIR):
         log.info("removed %d half-made exports left by an interrupted server", len(stale))
     jobs = JobRegistry(settings.db_path, replace_damaged=True)
-    runner = JobRunner(jobs, settings)
-    for job_id in jobs.recover():
-        runner.submit(job_id)
+    runner = open_runner(jobs, settings)
+    runner.recover()
     app.state.registry, app.state.runner = jobs, runner
     app.state.engine = PersonaEngine(settings.BASE_MODEL, settings.MODELS_DIR, settings.OUTPUT_DIR, settings.DEVICE,
                                      settings.LOAD_IN_8BIT, settings.ADAPTER_CACHE_SIZE)

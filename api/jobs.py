@@ -49,6 +49,7 @@ router = guarded_router()
         404: error("No stored messages for the speaker: upload first."),
         409: error("The speaker already has a queued or running job."),
         429: error("MAX_QUEUED_JOBS jobs are already queued."),
+        503: error("EXECUTOR=ray and the cluster cannot be reached: nothing was queued."),
         500: error("With `wait`: training failed; `detail` says why."),
         **BODY_ERRORS,
     },
@@ -153,10 +154,12 @@ def cancel_job(job_id: str, request: Request) -> JobPublic:
     "/jobs/{job_id}/resume",
     status_code=202,
     response_model=JobPublic,
-    responses={404: error("No such job."), 409: error("Not failed/cancelled, no checkpoint, or the speaker is busy.")},
+    responses={404: error("No such job."), 409: error("Not failed/cancelled, no checkpoint, or the speaker is busy."),
+               503: error("EXECUTOR=ray and the cluster cannot be reached.")},
 )
 def resume_job(job_id: str, request: Request) -> JobPublic:
     """Queue a failed or cancelled job again; it continues from its last checkpoint."""
+    request.app.state.runner.check_available()  # 503 while the cluster cannot be reached
     job = registry(request).resume(job_id)
     request.app.state.runner.submit(job.job_id)
     return job

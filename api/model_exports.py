@@ -59,6 +59,7 @@ def public(settings: Settings, speaker: str, kind: str) -> ExportPublic | None:
         409: error("The speaker already has a queued or running job (a training or an export); or, with `wait`, "
                    "the export was cancelled."),
         429: error("MAX_QUEUED_JOBS jobs are already queued."),
+        503: error("EXECUTOR=ray and the cluster cannot be reached: nothing was queued."),
         500: error("With `wait`: the export failed; `detail` says why."), **ERRORS,
     },
 )

@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     checkpoint TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
-    kind TEXT NOT NULL DEFAULT 'train'
+    kind TEXT NOT NULL DEFAULT 'train',
+    reported INTEGER NOT NULL DEFAULT 0 -- the last line a cluster worker reported and we recorded (jobs.report)
 );
 -- At most one queued or running job per speaker (a training and an export of the same adapter never overlap), enforced by the database itself.
 CREATE UNIQUE INDEX IF NOT EXISTS one_active_job_per_speaker ON jobs(speaker) WHERE status IN ('queued', 'running');
@@ -75,7 +76,7 @@ CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, id);
 """
 # Columns added after the first release, with their declarations, for upgrading old databases.
 _ADDED_COLUMNS = {"progress": "TEXT", "checkpoint": "TEXT", "cancel_requested": "INTEGER NOT NULL DEFAULT 0",
-                  "kind": "TEXT NOT NULL DEFAULT 'train'"}
+                  "kind": "TEXT NOT NULL DEFAULT 'train'", "reported": "INTEGER NOT NULL DEFAULT 0"}
 # What each kind of job is called in messages.
 KIND_NAMES = {"train": "training", "export_merged": "merged-model export", "export_gguf": "GGUF export"}
 
@@ -181,14 +182,22 @@ class JobRegistry:
             row = db.execute("SELECT status, cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return (row["status"], bool(row["cancel_requested"])) if row else None
 
-    def _set(self, job_id: str, event: tuple[str, dict] | None = None, when: str | None = None, **fields: Any) -> int:
+    def _set(self, job_id: str, event: tuple[str, dict] | None = None, when: str | None = None,
+             seq: int | None = None, **fields: Any) -> int:
         """Update a job's columns (only while its status is in `when`, if given) and add an event,
-        in one transaction. Returns the number of rows changed."""
+        in one transaction. With `seq` (the number of a line a cluster worker reported), only once:
+        a line at or before the last one recorded changes nothing, so a log read again after a
+        restart adds no event twice. Returns the number of rows changed."""
+        if seq is not None:
+            fields["reported"] = seq
         cols = ", ".join(f"{name} = ?" for name in fields)
         sql, params = f"UPDATE jobs SET {cols} WHERE id = ?", [*fields.values(), job_id]
         if when:
             sql += f" AND status IN ({', '.join('?' * len(when))})"
             params += list(when)
+        if seq is not None:
+            sql += " AND reported < ?"
+            params.append(seq)
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             changed = db.execute(sql, params).rowcount
@@ -200,7 +209,10 @@ class JobRegistry:
                      extra={"state_change": True})
         return changed
 
-    def add_event(self, job_id: str, type_: str, data: dict[str, Any]) -> None:
+    def add_event(self, job_id: str, type_: str, data: dict[str, Any], seq: int | None = None) -> None:
+        if seq is not None:
+            self._set(job_id, (type_, data), seq=seq)
+            return
         with self._db() as db:
             _insert_event(db, job_id, type_, data)
 
@@ -301,26 +313,32 @@ class JobRegistry:
     def mark_running(self, job_id: str) -> bool:
         """queued → running; False if the job is no longer queued (cancelled meanwhile)."""
         return bool(self._set(job_id, ("status", {"status": "running"}), when=("queued",),
-                              status="running", started_at=_now(), progress=None))
+                              status="running", started_at=_now(), progress=None, reported=0))
 
-    def mark_succeeded(self, job_id: str, result: dict[str, Any]) -> None:
-        self._set(job_id, ("status", {"status": "succeeded", "result": result}), when=ACTIVE, status="succeeded",
+    def attempts(self, job_id: str) -> int:
+        """How many times the job has started running (1 for a first run, 2 after one resume...)."""
+        with self._db() as db:
+            return db.execute("SELECT COUNT(*) FROM events WHERE job_id = ? AND type = 'status' AND "
+                              "json_extract(data, '$.status') = 'running'", (job_id,)).fetchone()[0]
+
+    def mark_succeeded(self, job_id: str, result: dict[str, Any], seq: int | None = None) -> None:
+        self._set(job_id, ("status", {"status": "succeeded", "result": result}), when=ACTIVE, seq=seq, status="succeeded",
                   finished_at=_now(), result=json.dumps(result, ensure_ascii=False), error=None,
                   checkpoint=None)  # a succeeded job's checkpoints are removed: nothing to resume from
 
-    def mark_failed(self, job_id: str, error: str) -> None:
-        self._set(job_id, ("error", {"status": "failed", "error": error}), when=ACTIVE, status="failed",
+    def mark_failed(self, job_id: str, error: str, seq: int | None = None) -> None:
+        self._set(job_id, ("error", {"status": "failed", "error": error}), when=ACTIVE, seq=seq, status="failed",
                   finished_at=_now(), error=error)
 
     def mark_cancelled(self, job_id: str) -> None:
         self._set(job_id, ("status", {"status": "cancelled"}), when=ACTIVE, status="cancelled", finished_at=_now())
 
-    def update_progress(self, job_id: str, progress: JobProgress) -> None:
+    def update_progress(self, job_id: str, progress: JobProgress, seq: int | None = None) -> None:
         data = progress.model_dump()
-        self._set(job_id, ("progress", data), when=("running",), progress=json.dumps(data))
+        self._set(job_id, ("progress", data), when=("running",), seq=seq, progress=json.dumps(data))
 
-    def set_checkpoint(self, job_id: str, path: str) -> None:
-        self._set(job_id, ("log", {"message": f"checkpoint saved: {path}"}), checkpoint=path)
+    def set_checkpoint(self, job_id: str, path: str, seq: int | None = None) -> None:
+        self._set(job_id, ("log", {"message": f"checkpoint saved: {path}"}), seq=seq, checkpoint=path)
 
     def clear_checkpoint(self, job_id: str) -> None:
         self._set(job_id, ("log", {"message": "checkpoint deleted"}), checkpoint=None)
@@ -359,12 +377,16 @@ class JobRegistry:
             raise Conflict(f"job '{job_id}' changed state meanwhile; look at GET /jobs/{job_id}")
         return self.get(job_id)
 
-    def recover(self) -> list[str]:
-        """At start-up: jobs a dead server left running failed; queued ones are returned, oldest
-        first, to be run again."""
+    def running(self) -> list[str]:
+        """The running jobs, oldest first."""
         with self._db() as db:
-            running = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE status = 'running'")]
-        for job_id in running:
+            return [r["id"] for r in db.execute("SELECT id FROM jobs WHERE status = 'running' ORDER BY created_at, rowid")]
+
+    def recover(self, keep_running: bool = False) -> list[str]:
+        """At start-up: jobs a dead server left running failed (unless `keep_running`: jobs on a
+        cluster outlive the server, which follows them again); queued ones are returned, oldest
+        first, to be run again."""
+        for job_id in [] if keep_running else self.running():
             self.mark_failed(job_id, INTERRUPTED)
         with self._db() as db:
             rows = db.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at, rowid").fetchall()

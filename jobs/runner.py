@@ -22,12 +22,14 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import store
 from config import Settings, get_settings
 from errors import InsufficientStorage, StorageError, TrainingError
 from jobs.registry import INTERRUPTED, JobRegistry
+from jobs.report import StdoutReport
 from lm import adapters
 from lm import export as model_export
 from models import JobProgress, JobPublic, JobStatus, Sample
@@ -61,17 +63,27 @@ class JobRunner:
     def submit(self, job_id: str) -> Future:
         return self._pool.submit(self._run, job_id)
 
+    def recover(self) -> None:
+        """At start-up: jobs a dead server left running failed (their children died with it); queued
+        ones run again, oldest first."""
+        for job_id in self.registry.recover():
+            self.submit(job_id)
+
+    def check_available(self) -> None:
+        """Raise ServiceUnavailable when jobs cannot be started now (a local child always can)."""
+
     def shutdown(self) -> None:
         """Stop running trainings at their next step (the jobs fail as interrupted) and drop the
         queue; queued jobs stay queued in the database and run after the next start."""
         self.stop.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _run(self, job_id: str) -> None:
-        """Supervise one job. Never ends silently: whatever goes wrong here is logged, and the job
-        ends failed with the reason (retried until the registry can be written, e.g. after a full disk)."""
+    def _run(self, job_id: str, supervise=None) -> None:
+        """Supervise one job (with `supervise(job_id)`, by default `_supervise`). Never ends silently:
+        whatever goes wrong here is logged, and the job ends failed with the reason (retried until the
+        registry can be written, e.g. after a full disk)."""
         try:
-            self._supervise(job_id)
+            (supervise or self._supervise)(job_id)
         except Exception as exc:
             log.exception("job %s: its supervisor failed", job_id)
             reason = f"the job's supervisor failed ({describe_failure(exc)}); train again"
@@ -95,7 +107,12 @@ class JobRunner:
         if self.stop.is_set() or not self._until_written(job_id, lambda: self.registry.mark_running(job_id)):
             return  # shutting down, or cancelled while queued
         job = self.registry.get(job_id)
-        log_path = job_log_path(self.settings, job_id)
+        self._finish(job, self._execute(job))
+
+    def _execute(self, job: JobPublic) -> Exit | None:
+        """Run the job's child process to its end; how it ended (None: it runs on without us, and the
+        next start follows it again: only a cluster's jobs do)."""
+        job_id, log_path = job.job_id, job_log_path(self.settings, job.job_id)
         env = {
             **os.environ,
             "DATA_DIR": str(self.settings.DATA_DIR),
@@ -133,7 +150,15 @@ class JobRunner:
         finally:
             if log_file is not subprocess.DEVNULL:
                 log_file.close()
-        self._until_written(job_id, lambda: self._record_exit(job_id, child.returncode, cancelled, log_path, job.kind))
+        return Exit(child.returncode, cancelled, interrupted=self.stop.is_set())
+
+    def _finish(self, job: JobPublic, ended: Exit | None) -> None:
+        """Record how the job's process ended, if it recorded nothing itself, and remove what a job that
+        did not succeed left half-made."""
+        if ended is None:
+            return
+        job_id = job.job_id
+        self._until_written(job_id, lambda: self._record_exit(job_id, ended, job_log_path(self.settings, job_id), job.kind))
         finished = self.registry.get(job_id)
         log.info("job %s (%s): %s", job_id, job.speaker, outcome(finished))
         if finished.status == JobStatus.succeeded:
@@ -150,21 +175,41 @@ class JobRunner:
             return False  # asked again in half a second
         return bool(state and state[1])
 
-    def _record_exit(self, job_id: str, returncode: int, cancelled: bool, log_path: Path, kind: str) -> None:
+    def _record_exit(self, job_id: str, ended: Exit, log_path: Path, kind: str) -> None:
         """The outcome of a child that recorded none itself."""
         state = self.registry.state(job_id)
         if not state or state[0] != JobStatus.running.value:
             return
-        if cancelled:
+        if ended.cancelled:
             self.registry.mark_cancelled(job_id)
-        elif self.stop.is_set():
+        elif ended.interrupted:
             self.registry.mark_failed(job_id, INTERRUPTED)
-        elif returncode == DISK_FULL_EXIT:
+        elif ended.returncode == DISK_FULL_EXIT:
             self.registry.mark_failed(job_id, DISK_FULL)
         else:
             self.registry.mark_failed(
-                job_id, f"the {'training' if kind == 'train' else 'export'} process exited with status {returncode}; "
+                job_id, f"the {'training' if kind == 'train' else 'export'} process {ended.how}; "
                         f"last log lines:\n{_tail(log_path)}")
+
+
+@dataclass(frozen=True)
+class Exit:
+    """How a job's process ended: its exit status (negative: the signal that killed it, as subprocess
+    has it), whether it was stopped on a cancel or because the server stopped, and what the
+    system that ran it said of the end (a cluster's reason: a node that died)."""
+
+    returncode: int | None
+    cancelled: bool = False
+    interrupted: bool = False
+    note: str | None = None
+
+    @property
+    def how(self) -> str:
+        code = self.returncode
+        text = f"exited with status {code}" if code is not None else "ended without an exit status"
+        if code is not None and code < 0:
+            text += f" (killed by {signal.Signals(-code).name})" if -code in signal.valid_signals() else ""
+        return text + (f" ({self.note})" if self.note else "")
 
 
 def outcome(job: JobPublic) -> str:
@@ -241,7 +286,7 @@ def _tail(path: Path, lines: int = 20) -> str:
 class _EventLogHandler(logging.Handler):
     """The child's own log lines (INFO and up) become the job's `log` events."""
 
-    def __init__(self, registry: JobRegistry, job_id: str):
+    def __init__(self, registry: JobRegistry | StdoutReport, job_id: str):
         super().__init__(logging.INFO)
         self.registry, self.job_id = registry, job_id
 
@@ -268,11 +313,13 @@ def _training_samples(settings: Settings, job: JobPublic) -> list[Sample]:
     return samples
 
 
-def run_job(job_id: str) -> int:
+def run_job(job_id: str, report: str = "registry") -> int:
     """The child process: train one job, evaluate the trained model, and record the outcome; or make
-    an export job's export."""
+    an export job's export. With `report="stdout"` (a worker on a cluster, jobs.cluster), the job's
+    record comes from the environment and every record is a line on stdout (jobs.report), so the
+    worker never opens the registry."""
     settings = get_settings()
-    registry = JobRegistry(settings.db_path)
+    registry = StdoutReport.from_env() if report == "stdout" else JobRegistry(settings.db_path)
     job = registry.get(job_id)
     if job.kind != "train":
         return run_export(job, registry, settings)
@@ -339,7 +386,7 @@ def run_job(job_id: str) -> int:
     return 0
 
 
-def run_export(job: JobPublic, registry: JobRegistry, settings: Settings) -> int:
+def run_export(job: JobPublic, registry: JobRegistry | StdoutReport, settings: Settings) -> int:
     """The child process of an export job: make the export, reporting each stage as progress, and
     record the outcome. SIGTERM (cancel) ends it at once; the supervisor removes what it left."""
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(128 + signum))
@@ -411,6 +458,8 @@ def display_path(path: Path) -> str:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if len(sys.argv) != 3 or sys.argv[1] != "run":
-        sys.exit("usage: python -m jobs.runner run JOB_ID   (started by the server for each training job)")
-    sys.exit(run_job(sys.argv[2]))
+    args = sys.argv[1:]
+    if len(args) not in (2, 4) or args[0] != "run" or (len(args) == 4 and args[2:] != ["--report", "stdout"]):
+        sys.exit("usage: python -m jobs.runner run JOB_ID [--report stdout]   (started by the server for each job; "
+                 "--report stdout on a cluster, with the job in $PERSONA_LORA_JOB)")
+    sys.exit(run_job(args[1], "stdout" if len(args) == 4 else "registry"))

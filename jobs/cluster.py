@@ -1,0 +1,243 @@
+"""Jobs on a Ray cluster (EXECUTOR=ray), through Ray's Jobs API: each attempt of a job is a Ray job
+whose entrypoint is the local runner's own child command with `--report stdout`, submitted with a
+`submission_id` made of our job id and attempt (submitting it again changes nothing), the GPUs it
+needs, and the service's settings as its environment.
+
+The worker never opens the registry (SQLite must not be shared over a network filesystem): it prints
+its progress and outcome as report lines (jobs.report), which a thread here follows through
+`tail_job_logs` and records, the same calls the local child makes. A Ray job outlives the server
+that submitted it: at the next start the running ones are followed again by their submission_id.
+Files are shared by path: DATA_DIR, OUTPUT_DIR, MODELS_DIR and EXPORTS_DIR (and this code, and
+Python) must be at the same paths on every node, e.g. on NFS. Knows nothing of HTTP.
+
+Ray is an optional install (requirements-ray.txt), imported only here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+import threading
+import time
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from config import Settings
+from errors import ServiceUnavailable
+from jobs import report
+from jobs.registry import JobRegistry
+from jobs.runner import ROOT, STOP_GRACE_S, Exit, JobRunner, job_command, job_log_path
+from models import JobPublic
+
+log = logging.getLogger("persona_lora.jobs")
+
+POLL_S = 1.0  # how often a running job's status and cancel flag are read
+UNREACHABLE_RETRY_S = 5  # a queued job waiting for an unreachable cluster tries again this often
+LOST_AFTER_S = 300  # a running job whose cluster stays unreachable this long is failed (a head restarted without
+#                     GCS fault tolerance forgets its jobs; five minutes covers a head pod's restart)
+NOT_SENT = ("API_KEY", "EXECUTOR", "RAY_ADDRESS")  # settings a worker has no use for; API_KEY is a secret
+INSTALL = "EXECUTOR=ray needs Ray, which is not installed: pip install -r requirements-ray.txt"
+
+
+def open_runner(registry: JobRegistry, settings: Settings) -> JobRunner:
+    """The executor EXECUTOR names: jobs.runner's local children, or jobs on a Ray cluster."""
+    return RayRunner(registry, settings) if settings.EXECUTOR == "ray" else JobRunner(registry, settings)
+
+
+def submission_id(job_id: str, attempt: int) -> str:
+    return f"persona-lora-{job_id}-{attempt}"
+
+
+def connect(address: str):
+    """A Jobs API client; OSError (ConnectionError) when the cluster cannot be reached. Ray finds the
+    cluster's token itself (RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH); this module never sees it."""
+    try:
+        from ray.job_submission import JobSubmissionClient
+    except ImportError:
+        raise RuntimeError(INSTALL) from None
+    return JobSubmissionClient(address)
+
+
+def worker_env(settings: Settings, job: JobPublic) -> dict[str, str]:
+    """The worker's environment: the server's settings as variables (folders made absolute: a Ray
+    job runs in a directory of its own), the job's record, the project on PYTHONPATH; no secrets
+    (Ray shows a job's environment to whoever can read its dashboard)."""
+    env = {}
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        if name in NOT_SENT or value is None or isinstance(value, SecretStr):
+            continue
+        if isinstance(value, Path):
+            value = value.resolve()
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, list):
+            value = ",".join(value)
+        env[name] = str(value)
+    return {**env, report.JOB_ENV: job.model_dump_json(), "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
+            "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S)}  # Ray's SIGKILL after SIGTERM, as the local runner's
+
+
+def entrypoint(job: JobPublic, processes: int) -> str:
+    """The local child's command, reporting on stdout; `exec`, so that Ray's exit status is the
+    child's own (-9 for a kill, not the shell's 137). The same Python path on every node (one image)."""
+    return "exec " + shlex.join([*job_command(job.job_id, processes if job.kind == "train" else 1), "--report", "stdout"])
+
+
+class RayRunner(JobRunner):
+    """The JobRunner whose jobs run on a Ray cluster: TRAIN_WORKERS of them submitted at a time, each
+    followed by a thread of the runner's pool (and one that reads its log)."""
+
+    def __init__(self, registry: JobRegistry, settings: Settings):
+        try:
+            import ray.job_submission  # noqa: F401  (fail at start-up, saying what to install)
+        except ImportError:
+            raise RuntimeError(INSTALL) from None
+        super().__init__(registry, settings)
+        self.address = settings.RAY_ADDRESS
+
+    def recover(self) -> None:
+        """At start-up: running jobs are followed again on the cluster (they ran on without us), then
+        queued ones are submitted."""
+        for job_id in self.registry.running():
+            self._pool.submit(self._run, job_id, self._reattach)
+        for job_id in self.registry.recover(keep_running=True):
+            self.submit(job_id)
+
+    def check_available(self) -> None:
+        try:
+            connect(self.address)
+        except OSError as exc:
+            raise ServiceUnavailable(self._unreachable(exc) + "; nothing was queued. Retry after the Retry-After "
+                                     "seconds, or start the cluster (README, 'Beyond one machine')", UNREACHABLE_RETRY_S)
+
+    def _unreachable(self, exc: BaseException) -> str:
+        return f"the Ray cluster at {self.address} (RAY_ADDRESS) cannot be reached ({type(exc).__name__})"
+
+    def _supervise(self, job_id: str) -> None:
+        client = self._wait_for_cluster(job_id)
+        if client is None or not self._until_written(job_id, lambda: self.registry.mark_running(job_id)):
+            return  # shutting down, or cancelled while queued
+        job = self.registry.get(job_id)
+        sid = submission_id(job_id, self.registry.attempts(job_id))
+        try:
+            client.submit_job(
+                entrypoint=entrypoint(job, self.settings.TRAIN_PROCESSES), submission_id=sid,
+                entrypoint_num_cpus=1,  # the cluster's CPU slots bound how many run at once
+                entrypoint_num_gpus=self.settings.TRAIN_GPUS if job.kind == "train" else 0,
+                runtime_env={"env_vars": worker_env(self.settings, job)},
+            )
+        except RuntimeError as exc:
+            if "already exists" not in str(exc):  # a submission made before a crash: follow it
+                raise
+        log.info("job %s: submitted to the Ray cluster as %s", job_id, sid)
+        self._finish(job, self._follow(client, job, sid))
+
+    def _reattach(self, job_id: str) -> None:
+        job = self.registry.get(job_id)
+        sid = submission_id(job_id, self.registry.attempts(job_id))
+        client = self._reach(job_id, time.monotonic())
+        if client is None:
+            return
+        try:
+            client.get_job_info(sid)
+        except RuntimeError:
+            self._finish(job, Exit(None, note=f"its Ray job {sid} is not on the cluster at {self.address}: did the "
+                                              "cluster restart? Resume the job or train again"))
+            return
+        log.info("job %s: following its Ray job %s again", job_id, sid)
+        self._finish(job, self._follow(client, job, sid))
+
+    def _wait_for_cluster(self, job_id: str):
+        """A client once the cluster answers; None if the server stops or the job leaves the queue first
+        (a queued job waits for an unreachable cluster rather than fail)."""
+        warned = False
+        while True:
+            state = self.registry.state(job_id)
+            if not state or state[0] != "queued":
+                return None
+            try:
+                return connect(self.address)
+            except OSError as exc:
+                if not warned:
+                    log.warning("job %s: %s; it stays queued, retrying every %d s", job_id, self._unreachable(exc),
+                                UNREACHABLE_RETRY_S)
+                    warned = True
+            if self.stop.wait(UNREACHABLE_RETRY_S):
+                return None
+
+    def _reach(self, job_id: str, since: float):
+        """A client, retried while the cluster is unreachable for up to LOST_AFTER_S after `since`;
+        None if the server stops first. Raises the last error after that."""
+        while True:
+            try:
+                return connect(self.address)
+            except OSError:
+                if time.monotonic() - since > LOST_AFTER_S:
+                    raise
+            if self.stop.wait(UNREACHABLE_RETRY_S):
+                return None
+
+    def _follow(self, client, job: JobPublic, sid: str) -> Exit | None:
+        """Follow the Ray job to its end: its report lines recorded as they come, a cancel passed on
+        as stop_job (SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S), the whole log kept at the
+        end. None when the server stops first: the job runs on, and the next start follows it."""
+        job_id = job.job_id
+        tail = threading.Thread(target=self._tail, args=(client, job_id, sid), name=f"tail-{job_id[:8]}", daemon=True)
+        tail.start()
+        cancelled, lost_since = False, None
+        while True:
+            if self.stop.wait(POLL_S):
+                return None
+            if not cancelled and self._cancel_requested(job_id):
+                cancelled = True
+                client.stop_job(sid)
+            try:
+                info = client.get_job_info(sid)
+            except OSError as exc:
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > LOST_AFTER_S:
+                    return Exit(None, note=f"{self._unreachable(exc)} for {LOST_AFTER_S} s while the job ran")
+                continue
+            lost_since = None
+            if info.status.is_terminal():
+                break
+        tail.join(timeout=10)
+        logs = client.get_job_logs(sid)
+        self._record_lines(job_id, report.Lines().feed(logs + "\n"))  # anything the tail missed, once
+        self._keep_log(job_id, logs)
+        note = None
+        if info.status.value == "STOPPED" and not cancelled:
+            note = "stopped on the Ray cluster, not by this service"
+        elif info.status.value == "FAILED" and info.error_type != "JOB_ENTRYPOINT_COMMAND_ERROR":
+            note = f"Ray: {(info.message or info.error_type or '').split(', last available logs')[0][:500]}"
+        return Exit(info.driver_exit_code, cancelled, note=note)
+
+    def _tail(self, client, job_id: str, sid: str) -> None:
+        """Record the job's report lines as Ray streams its log (an event loop of this thread's own)."""
+        lines = report.Lines()
+
+        async def follow() -> None:
+            async for chunk in client.tail_job_logs(sid):
+                self._record_lines(job_id, lines.feed(chunk))
+
+        try:
+            asyncio.run(follow())
+        except Exception as exc:  # the end is read from the whole log (_follow)
+            log.info("job %s: following its log stopped (%s: %s)", job_id, type(exc).__name__, str(exc)[:200])
+
+    def _record_lines(self, job_id: str, reports) -> None:
+        for line in reports:
+            self._until_written(job_id, lambda: report.record(self.registry, job_id, line))
+
+    def _keep_log(self, job_id: str, logs: str) -> None:
+        """The job's log where the local runner keeps it (each attempt appended)."""
+        path = job_log_path(self.settings, job_id)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(logs)
+        except OSError as exc:
+            log.warning("job %s: its log could not be kept in %s (%s)", job_id, path, exc)
