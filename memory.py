@@ -179,6 +179,11 @@ def open_index(messages_file: Path, items: callable, expected: int) -> Memory:
 
 
 def _open_or_rebuild(path: Path, items: callable, expected: int) -> Memory:
+    if not path.exists():
+        log.info("memory index %s: building it from the stored messages", path.name)
+        memory = Memory(path)
+        memory.add(items())
+        return memory
     try:
         memory = Memory(path)
         if memory.count() == expected and memory.version() == VERSION:

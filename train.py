@@ -230,9 +230,7 @@ def prepare(samples: list[Sample], speaker: str, config: TrainConfig, models_dir
 
     train_samples, held_out = holdout_split(samples, config.eval_fraction, config.eval_min_samples)
     pool = train_samples  # what memory holds in training and evaluation: the training split only
-    if config.memory_k:  # trained with the memory it will have at generation
-        train_samples = memory.with_memory(train_samples, pool, speaker, config.memory_k)
-        log.info("memory: up to %d of the speaker's training messages recalled into each sample", config.memory_k)
+    train_samples = memory.with_memory(train_samples, pool, speaker, config.memory_k)  # the memory it will have
     kept = chat_format.encode_all(train_samples, speaker, tokenizer, template, config.max_seq_length)
     if not kept:
         raise TrainingError(
