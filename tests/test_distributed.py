@@ -94,7 +94,7 @@ def test_a_killed_training_process_fails_the_job_with_status_and_log(env, stored
         children[0].kill()
         failed = wait_for_job(http, job["job_id"], finished, timeout=120)
         assert failed["status"] == "failed"
-        assert failed["error"].startswith("the training process exited with status -9; last log lines:\n")
+        assert failed["error"].startswith("the training process exited with status -9 (killed by SIGKILL); last log lines:\n")
         assert len(failed["error"].splitlines()) > 2
         assert not (Path(env["OUTPUT_DIR"]) / "A").exists()
         assert http.get("/health").status_code == 200
