@@ -167,14 +167,22 @@ def index_path(messages_file: Path) -> Path:
     return messages_file.with_name(f".{messages_file.name}{SUFFIX}")
 
 
-_rebuilding = threading.Lock()  # one rebuild at a time in this process; SQLite's own lock between processes
+_locks: dict[Path, threading.RLock] = {}
+_locks_guard = threading.Lock()
+
+
+def _lock(path: Path) -> threading.RLock:
+    """One writer of an index at a time in this process (50 uploads at once for one speaker raced to
+    build and update it: 'attempt to write a readonly database'); SQLite's own lock between processes."""
+    with _locks_guard:
+        return _locks.setdefault(path, threading.RLock())
 
 
 def open_index(messages_file: Path, items: callable, expected: int) -> Memory:
     """The speaker's index, rebuilt from `items()` (`triples` of every stored message) when it is
     missing, stale (holds other than `expected` messages, or was written by an older version) or damaged."""
     path = index_path(messages_file)
-    with _rebuilding:
+    with _lock(path):
         return _open_or_rebuild(path, items, expected)
 
 
@@ -186,10 +194,17 @@ def _open_or_rebuild(path: Path, items: callable, expected: int) -> Memory:
         return memory
     try:
         memory = Memory(path)
-        if memory.count() == expected and memory.version() == VERSION:
+        held = memory.count()
+        if memory.version() == VERSION and held == expected:
+            return memory
+        if memory.version() == VERSION and held < expected:  # an update lost (a kill between the two writes)
+            log.info("memory index %s is %d messages behind the store; adding them", path.name, expected - held)
+            memory.add(items())
             return memory
         memory.close()
-        reason = "stale"
+        reason = "of another layout" if memory.version() != VERSION else "ahead of the store"
+    except sqlite3.OperationalError:
+        raise  # locked or unreadable just now: not damage, nothing is rebuilt
     except sqlite3.DatabaseError as exc:
         reason = f"damaged ({exc})"
     log.info("memory index %s is %s; rebuilding it from the stored messages", path.name, reason)
@@ -204,21 +219,25 @@ def add_to_index(messages_file: Path, items: list[tuple[str, str]]) -> None:
     path = index_path(messages_file)
     if not path.exists():
         return
-    try:
-        with closing(Memory(path)) as memory:
-            memory.add(items)
-    except sqlite3.DatabaseError as exc:  # rebuilt at the next recall
-        log.warning("memory index %s could not be updated (%s); it will be rebuilt", path.name, exc)
-        path.unlink(missing_ok=True)
+    with _lock(path):
+        try:
+            with closing(Memory(path)) as memory:
+                memory.add(items)
+        except sqlite3.OperationalError as exc:  # locked: it catches up at the next recall
+            log.warning("memory index %s could not be updated (%s); it catches up when next used", path.name, exc)
+        except sqlite3.DatabaseError as exc:  # damaged: rebuilt at the next recall
+            log.warning("memory index %s could not be updated (%s); it will be rebuilt", path.name, exc)
+            path.unlink(missing_ok=True)
 
 
 def delete_index(messages_file: Path) -> list[Path]:
     """Remove the speaker's index and its journal; the paths removed."""
     removed = []
-    for path in (index_path(messages_file), index_path(messages_file).with_name(index_path(messages_file).name + "-journal")):
-        if path.exists():
-            path.unlink()
-            removed.append(path)
+    with _lock(index_path(messages_file)):
+        for path in (index_path(messages_file), index_path(messages_file).with_name(index_path(messages_file).name + "-journal")):
+            if path.exists():
+                path.unlink()
+                removed.append(path)
     return removed
 
 
@@ -259,11 +278,15 @@ def recall(data_dir: Path, speaker: str, turns: list[Turn], k: int, wait: float 
     """The speaker's k earlier messages most relevant to the conversation, never one already in it."""
     if k <= 0:
         return []
-    memory = speaker_memory(data_dir, speaker, wait)
-    if memory is None:
+    try:
+        memory = speaker_memory(data_dir, speaker, wait)
+        if memory is None:
+            return []
+        with memory:
+            return memory.recall(conversation_texts(turns), k, exclude_texts=[t.content for t in turns])
+    except sqlite3.Error as exc:  # the reply goes on without memory rather than fail
+        log.warning("memory of a speaker could not be read (%s); replying without it", type(exc).__name__)
         return []
-    with memory:
-        return memory.recall(conversation_texts(turns), k, exclude_texts=[t.content for t in turns])
 
 
 def search(data_dir: Path, speaker: str, text: str, limit: int,
@@ -313,10 +336,14 @@ def add_samples(data_dir: Path, speaker: str, samples: list[Sample], wait: float
     """Keep the speaker's index in step with an upload (ids already indexed are skipped); the first
     upload, or one after the index was lost, builds it from everything stored."""
     messages_file = store.speaker_file(data_dir, speaker)
-    if index_path(messages_file).exists():
-        add_to_index(messages_file, triples(samples))
-    elif built := speaker_memory(data_dir, speaker, wait):
-        built.close()
+    with _lock(index_path(messages_file)):
+        try:
+            if index_path(messages_file).exists():
+                add_to_index(messages_file, triples(samples))
+            elif built := speaker_memory(data_dir, speaker, wait):
+                built.close()
+        except (sqlite3.Error, OSError) as exc:  # the messages are stored; the index catches up when next used
+            log.warning("memory index %s not updated (%s)", index_path(messages_file).name, type(exc).__name__)
 
 
 def size_if_built(data_dir: Path, speaker: str) -> int | None:

@@ -131,7 +131,7 @@ def test_the_repetition_penalty_counts_the_reply_not_the_prompt(tiny_gemma, adap
 
     e = engine(tiny_gemma, adapters)
     with e.session("Ann") as (model, tokenizer, template):
-        ids, mask = infer._inputs(model, tokenizer, template, PROMPT, "Ann")
+        ids, mask, _ = infer._inputs(model, tokenizer, template, PROMPT, "Ann", Decoding(max_new_tokens=4))
 
         def scores(penalty: float):
             kwargs = infer._generate_kwargs(tokenizer, template, Decoding(max_new_tokens=4, repetition_penalty=penalty),

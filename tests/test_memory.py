@@ -131,14 +131,29 @@ def test_a_damaged_index_is_rebuilt_with_a_log_line(stored, caplog):
     assert stored.get("/speakers/Ann/messages").status_code == 200  # the other routes never depended on it
 
 
-def test_a_stale_index_is_rebuilt_from_the_stored_messages(stored):
+def test_an_index_behind_the_store_catches_up(stored):
+    import store
     from config import get_settings
 
+    data = get_settings().DATA_DIR
     stored.get("/speakers/Ann/memory", params={"q": "sister"})
-    index = get_settings().DATA_DIR / ".Ann_messages.json.fts"
-    with sqlite3.connect(index) as db:  # as if an upload's index update was lost (a kill between the two writes)
-        db.execute("DELETE FROM ids WHERE rowid = 1")
-    assert stored.get("/speakers/Ann/memory", params={"q": "sister"}).json()["count"] == 5
+    late = sample(9, "the Skoda is older than me", [("Q", "your car?")])
+    store.append_samples(data, "Ann", [late])  # as if the index update was lost: a kill between the two writes
+    body = stored.get("/speakers/Ann/memory", params={"q": "what about the Skoda?"}).json()
+    assert body["count"] == 6 and body["data"][0]["text"] == "the Skoda is older than me"
+
+
+def test_uploads_at_once_for_one_speaker_keep_the_index_whole(stored):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def upload(i: int) -> int:
+        dialog = [{"speaker": "Q", "content": f"question {i}?"}, {"speaker": "Ann", "content": f"answer number {i} wombat{i}"}]
+        return stored.post("/upload-text", json={"dialog": dialog, "speaker": "Ann"}).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        assert list(pool.map(upload, range(48))) == [200] * 48
+    body = stored.get("/speakers/Ann/memory", params={"q": "wombat17"}).json()
+    assert body["count"] == 5 + 48 and body["data"][0]["text"] == "answer number 17 wombat17"
 
 
 def test_dataset_shows_the_recalled_lines(stored):
