@@ -95,7 +95,7 @@ def test_the_log_says_what_happened_and_nothing_else(env, tmp_path):
     held = done["result"]["evaluation"]["held_out"]
     assert re.fullmatch(rf"job {job['job_id']} \(User1\): succeeded in \d+\.\d s: 3 steps on \d+ samples, training loss "
                         rf"\d+\.\d{{3}}, held-out loss {held['base']['loss']:.3f} \(base\) → {held['adapter']['loss']:.3f}"
-                        r"(; warning: .*)?", job_lines[2]), job_lines
+                        r"(, sounds like User1: .*?)?(; warning: .*)?", job_lines[2]), job_lines  # the judge's sentence, then warnings
     assert secret not in log
 
     server = LiveServer({**env, "LOG_LEVEL": "debug"}, tmp_path / "debug.log")
