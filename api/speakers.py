@@ -152,7 +152,7 @@ def list_speakers(settings: SettingsDep) -> SpeakersPublic:
         data.append(SpeakerPublic(  # a damaged file (a DamagedFile) has no messages, only an error
             speaker=stored.speaker, messages=getattr(stored, "messages", 0), last_upload=getattr(stored, "last_upload", None),
             adapter=info is not None, trained_at=info.get("created_at") if info else None, error=getattr(stored, "error", None),
-            memory=memory.size_if_built(settings.DATA_DIR, stored.speaker),
+            memory=None if isinstance(stored, store.DamagedFile) else memory.size_if_built(settings.DATA_DIR, stored.speaker),
         ))
     return SpeakersPublic(data=data, count=len(data))
 

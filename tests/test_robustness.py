@@ -126,7 +126,8 @@ def test_a_damaged_messages_file_affects_only_its_speaker(client, env):
     listed = {s["speaker"]: s for s in r.json()["data"]}
     assert listed["A"]["messages"] == 2 and listed["A"]["adapter"] is True and listed["A"]["error"] is None
     error = listed["Bad"].pop("error")
-    assert listed["Bad"] == {"speaker": "Bad", "messages": 0, "last_upload": None, "adapter": False, "trained_at": None}
+    assert listed["Bad"] == {"speaker": "Bad", "messages": 0, "last_upload": None, "adapter": False, "trained_at": None,
+                             "memory": None}
     assert error.startswith("Bad_messages.json is not a valid messages file (1 problems, first: Invalid JSON: EOF")
     assert error.endswith("; nothing was changed. Repair or move it, then retry.")
     assert client.post("/speakers/A/evaluate").status_code == 200

@@ -96,5 +96,5 @@ def test_a_whole_request_is_answered_and_a_slow_answer_is_not_cut(server):
     sock.sendall(body)
     status, answer = response(sock)
     assert (status, answer) == (404, b'{"detail":"no messages stored for speaker \'Nobody\'; upload a dialog with POST '
-                                     b'/upload-text first"}')
+                                     b'/upload-text or an export with POST /upload-file first"}')
     sock.close()

@@ -53,6 +53,7 @@ def test_delete_removes_messages_and_adapter(client, env):
     assert r.status_code == 200
     assert r.json() == {"message": "Deleted the data of User1",
                         "deleted": [f"{env['DATA_DIR']}/User1_messages.json", f"{env['DATA_DIR']}/.User1_messages.json.index",
+                                    f"{env['DATA_DIR']}/.User1_messages.json.fts",
                                     f"{env['OUTPUT_DIR']}/User1", f"{env['DATA_DIR']}/logs/{job['job_id']}.log"]}
     assert not (Path(env["OUTPUT_DIR"]) / "User1").exists()
     assert list(Path(env["DATA_DIR"]).glob("*User1*")) == []  # pathlib's * matches hidden files: no index, no lock
@@ -67,6 +68,7 @@ def test_delete_can_keep_the_adapter(client, env):
     assert report.is_file()
     r = client.delete("/speakers/User1", params={"keep_adapter": "true"})
     assert r.json()["deleted"] == [f"{env['DATA_DIR']}/User1_messages.json", f"{env['DATA_DIR']}/.User1_messages.json.index",
+                                    f"{env['DATA_DIR']}/.User1_messages.json.fts",
                                    str(report), f"{env['DATA_DIR']}/logs/{job['job_id']}.log"]
     assert (Path(env["OUTPUT_DIR"]) / "User1" / "adapter_model.safetensors").exists()
 
@@ -95,6 +97,7 @@ def test_delete_removes_the_speakers_checkpoints(client, env, monkeypatch):
     r = client.delete("/speakers/User1")
     assert r.status_code == 200, r.text
     assert r.json()["deleted"] == [f"{env['DATA_DIR']}/User1_messages.json", f"{env['DATA_DIR']}/.User1_messages.json.index",
+                                    f"{env['DATA_DIR']}/.User1_messages.json.fts",
                                    str(folder), f"{env['DATA_DIR']}/logs/{job['job_id']}.log"]
     assert not folder.exists()
 
@@ -132,7 +135,7 @@ def test_delete_removes_every_file_that_holds_the_speakers_messages(client, env)
     r = client.delete("/speakers/P1", params={"keep_adapter": True})
     assert r.status_code == 200, r.text
     assert sorted(r.json()["deleted"]) == sorted([
-        f"{data}/P1_messages.json", f"{data}/.P1_messages.json.index", f"{tmp}", f"{output}/P1/eval.json",
+        f"{data}/P1_messages.json", f"{data}/.P1_messages.json.index", f"{tmp}", f"{data}/.P1_messages.json.fts", f"{output}/P1/eval.json",
         f"{data}/logs/{job['job_id']}.log"])
     assert (output / "P1" / "training_info.json").is_file()  # the adapter is kept
     holding = [p for root in (data, output) for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
@@ -179,12 +182,12 @@ def test_delete_removes_the_half_made_adapters_of_killed_trainings(client, env):
     data = env["DATA_DIR"]
     r = client.delete("/speakers/B", params={"keep_adapter": "true"})
     assert r.status_code == 200, r.text
-    assert r.json()["deleted"] == [f"{data}/B_messages.json", f"{data}/.B_messages.json.index",
+    assert r.json()["deleted"] == [f"{data}/B_messages.json", f"{data}/.B_messages.json.index", f"{data}/.B_messages.json.fts",
                                    *(str(left[name]) for name in (".del-B-0a1b2c3d", ".tmp-B-1a2b3c4d", ".tmp-B-5e6f7a8b")),
                                    f"{output}/B/eval.json"]
     assert sorted(p.name for p in (output / "B").iterdir()) == ["adapter_model.safetensors", "training_info.json"]
     upload(client, "B")
     r = client.delete("/speakers/B")
     assert r.status_code == 200, r.text
-    assert r.json()["deleted"] == [f"{data}/B_messages.json", f"{data}/.B_messages.json.index", f"{output}/B"]
+    assert r.json()["deleted"] == [f"{data}/B_messages.json", f"{data}/.B_messages.json.index", f"{data}/.B_messages.json.fts", f"{output}/B"]
     assert sorted(p.name for p in output.iterdir()) == [".tmp-B-x-1a2b3c4d", ".tmp-E-1a2b3c4d"]  # other speakers'
