@@ -84,7 +84,8 @@ class GenerateResponse(BaseModel):
 
 
 class MemoryQuery(BaseModel):
-    q: str = Field(min_length=1, max_length=MAX_MESSAGE_CHARS, description="A message or conversation to recall for.")
+    # 500 characters: a query string fits in a request head (10,000, percent-encoded, was a 400 from the server)
+    q: str = Field(min_length=1, max_length=500, description="A message or conversation to recall for (recall reads its newest words).")
     limit: int = Field(5, ge=1, le=MAX_RECALL)
 
 
