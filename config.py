@@ -97,6 +97,12 @@ class Settings(BaseSettings):
         2, ge=0, le=100, description="When a training makes several passes and holds samples out, the held-out loss is "
         "measured after each pass and the best pass is kept; training stops after this many passes without improvement. "
         "0: every pass is kept as trained, the last one is the adapter.")
+    PREFERENCE_WEIGHT: float = Field(
+        0.0, ge=0, le=100, description="Weight of the preference term beside the SFT loss: each reply is preferred over a "
+        "line another participant said, in the same recent context, with the frozen base as reference (DPO). 0: SFT only.")
+    PREFERENCE_BETA: float = Field(0.1, gt=0, le=10, description="DPO's beta: how far the preference may move the adapter from the base.")
+    PREFERENCE_CONTEXT_TURNS: int = Field(
+        2, ge=0, le=64, description="Turns of context before each preference pair's two lines (few: the pairs cost training time).")
     EVAL_GENERATIONS: int = Field(
         16, ge=0, le=200, description="Held-out contexts the evaluation generates replies for (base and adapter)."
     )

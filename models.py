@@ -329,6 +329,9 @@ class TrainConfig(BaseModel):
     eval_min_samples: int = Field(10, description="Hold out only from speakers with at least this many samples.")
     memory_k: int = Field(0, description="Messages recalled into each sample's context from the training split (MEMORY_K).")
     keep_best_patience: int = Field(0, description="Passes without a better held-out loss before training stops; the best pass is kept (KEEP_BEST_PATIENCE; 0: off).")
+    preference_weight: float = Field(0.0, description="Weight of the DPO term against other participants' lines (PREFERENCE_WEIGHT; 0: off).")
+    preference_beta: float = Field(0.1, description="DPO's beta (PREFERENCE_BETA).")
+    preference_context_turns: int = Field(2, description="Context turns of each preference pair (PREFERENCE_CONTEXT_TURNS).")
     report_to: list[str] = Field(["none"], description="Experiment trackers (transformers' report_to).")
 
 

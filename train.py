@@ -29,8 +29,8 @@ from typing import Any, Callable
 import memory
 from config import DEFAULT_BASE_MODEL, Settings, get_settings
 from errors import TrainingError
-from lm import adapters, base_model, chat_format, packing, passes
-from models import JobProgress, Sample, TrainConfig, TrainRequest
+from lm import adapters, base_model, callbacks as run_callbacks, chat_format, packing, passes, preference
+from models import Sample, TrainConfig, TrainRequest
 
 log = logging.getLogger("persona_lora.train")
 
@@ -69,12 +69,16 @@ def resolve_config(settings: Settings, request: TrainRequest) -> TrainConfig:
         lora_r=settings.LORA_R,
         lora_alpha=settings.LORA_ALPHA or 2 * settings.LORA_R,
         target_modules=settings.LORA_TARGET_MODULES,
+        preference_weight=settings.PREFERENCE_WEIGHT,
+        preference_beta=settings.PREFERENCE_BETA,
+        preference_context_turns=settings.PREFERENCE_CONTEXT_TURNS,
         report_to=settings.REPORT_TO,
     )
     sent = request.model_fields_set - {"speaker", "wait"}
-    from_settings = sorted(settings.model_fields_set & {"LORA_R", "LORA_ALPHA", "LORA_TARGET_MODULES", "KEEP_BEST_PATIENCE"})
+    from_settings = sorted(settings.model_fields_set & {"LORA_R", "LORA_ALPHA", "LORA_TARGET_MODULES", "KEEP_BEST_PATIENCE",
+                                                         "PREFERENCE_WEIGHT", "PREFERENCE_BETA", "PREFERENCE_CONTEXT_TURNS"})
     log.info("training config for %s: %s (from request: %s; set in settings: %s; rest from defaults)", request.speaker,
-             config.model_dump(), sorted(sent) or "none", from_settings or "none of LORA_R, LORA_ALPHA, LORA_TARGET_MODULES, KEEP_BEST_PATIENCE")
+             config.model_dump(), sorted(sent) or "none", from_settings or "none of the LoRA, best-pass and preference settings")
     return config
 
 
@@ -107,85 +111,6 @@ def data_hash(samples: list[Sample]) -> str:
     return hashlib.sha256("\n".join(sorted(s.id for s in samples)).encode()).hexdigest()
 
 
-# --- callbacks ---------------------------------------------------------------------------------
-
-
-def _stop_callback(stop: threading.Event):
-    from transformers import TrainerCallback
-
-    class StopOnEvent(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if stop.is_set():
-                control.should_training_stop = True
-
-    return StopOnEvent()
-
-
-def started_callback(started: threading.Event):
-    """Sets `started` when the first training step begins (model loaded, data formatted)."""
-    from transformers import TrainerCallback
-
-    class Started(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            started.set()
-
-    return Started()
-
-
-def progress_callback(report, interval_s: float = 1.0):
-    """Calls `report(JobProgress)` at most once per `interval_s` seconds, and at the last step."""
-    from transformers import TrainerCallback
-
-
-    class Progress(TrainerCallback):
-        """Reports from on_log (logging_steps=1), which runs after the step's loss is known."""
-
-        def __init__(self):
-            # last = -inf: the first step is always reported (time.monotonic() may be under interval_s after boot)
-            self.loss, self.last, self.began, self.first_step, self.reported = None, float("-inf"), None, 0, -1
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.began, self.first_step = time.monotonic(), state.global_step
-            self.tokens0 = state.num_input_tokens_seen
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                self.loss = float(logs["loss"])
-                self._report(state, final=state.global_step >= state.max_steps or control.should_training_stop)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self._report(state, final=True)
-
-        def _report(self, state, final: bool):
-            now = time.monotonic()
-            if (now - self.last < interval_s and not final) or state.global_step == self.reported:
-                return
-            self.last, self.reported = now, state.global_step
-            elapsed = max(now - self.began, 1e-9)
-            steps = state.global_step - self.first_step
-            report(JobProgress(
-                step=state.global_step,
-                total_steps=state.max_steps,
-                epoch=round(state.epoch or 0.0, 4),
-                loss=self.loss,
-                tokens_per_second=round((state.num_input_tokens_seen - self.tokens0) / elapsed, 2),
-                eta_s=round(elapsed / steps * (state.max_steps - state.global_step), 1) if steps else None,
-            ))
-
-    return Progress()
-
-
-def checkpoint_callback(report):
-    """Calls `report(path)` with each checkpoint folder the Trainer saves."""
-    from transformers import TrainerCallback
-
-    class Checkpoints(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            report(str(Path(args.output_dir) / f"checkpoint-{state.global_step}"))
-
-    return Checkpoints()
-
-
 @dataclass
 class TrainOutcome:
     model_path: Path
@@ -212,6 +137,7 @@ class Prepared:
     learning_rate: float
     epochs: float
     pool: list[Sample]  # the training split without memory: what memory recalls from
+    objective: preference.Objective | None = None  # with preference pairs in the packs
 
 
 def prepare(samples: list[Sample], speaker: str, config: TrainConfig, models_dir: Path, device: str) -> Prepared:
@@ -231,7 +157,12 @@ def prepare(samples: list[Sample], speaker: str, config: TrainConfig, models_dir
     train_samples, held_out = holdout_split(samples, config.eval_fraction, config.eval_min_samples)
     pool = train_samples  # what memory holds in training and evaluation: the training split only
     train_samples = memory.with_memory(train_samples, pool, speaker, config.memory_k)  # the memory it will have
-    kept = chat_format.encode_all(train_samples, speaker, tokenizer, template, config.max_seq_length)
+    encoded = [chat_format.format_sample(s, speaker, tokenizer, template, config.max_seq_length) for s in train_samples]
+    pairs = preference.encode_pairs(pool, speaker, tokenizer, template, config.max_seq_length, config.preference_context_turns,
+                                    config.seed) if config.preference_weight else []
+    kept = [e for e in encoded if e is not None]
+    pairs = [p for e, p in zip(encoded, pairs) if e is not None]
+    pairs = pairs if any(pairs) else []  # one voice: nobody else's lines to prefer the person's over
     if not kept:
         raise TrainingError(
             f"none of the {len(train_samples)} samples of {speaker!r} keeps a reply token within "
@@ -239,11 +170,19 @@ def prepare(samples: list[Sample], speaker: str, config: TrainConfig, models_dir
         )
     log.info("%d of %d samples fit max_seq_length=%d; %d supervised tokens", len(kept), len(train_samples),
              config.max_seq_length, sum(e.supervised for e in kept))
+    if pairs:  # the reference: the base, before any LoRA layer
+        started = time.monotonic()
+        preference.reference_logps(model, pairs)
+        log.info("preference: %d of %d samples paired with another participant's line (weight %s, beta %s, %d context "
+                 "turns); the base scored the pairs in %.1f s", sum(p is not None for p in pairs), len(kept),
+                 config.preference_weight, config.preference_beta, config.preference_context_turns, time.monotonic() - started)
     if config.batch_tokens:
-        budget = packing.step_tokens(sum(len(e.input_ids) for e in kept), config.batch_tokens)
-        items = packing.pack_examples(kept, budget, config.seed, packing.row_tokens_for(device, budget))
+        sft_tokens = sum(len(e.input_ids) for e in kept)
+        budget = packing.step_tokens(sft_tokens, config.batch_tokens)
+        budget += budget * sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs if p) // sft_tokens  # SFT's steps
+        items = packing.pack_examples(kept, budget, config.seed, packing.row_tokens_for(device, budget), pairs)
     else:
-        items = packing.single_examples(kept)
+        items = packing.pack_examples(kept, 1, config.seed, pairs=pairs) if pairs else packing.single_examples(kept)
     samples_per_step = len(kept) / len(items) * config.batch_size * int(os.environ.get("WORLD_SIZE", 1))
     learning_rate = packing.scaled_learning_rate(config.learning_rate, samples_per_step) if config.batch_tokens else config.learning_rate
     epochs = config.epochs or auto_epochs(len(kept))
@@ -258,7 +197,9 @@ def prepare(samples: list[Sample], speaker: str, config: TrainConfig, models_dir
     log.info("LoRA r=%d, alpha=%d, dropout %s on %s", config.lora_r, config.lora_alpha, config.lora_dropout, targets)
     model = get_peft_model(model, lora)
     return Prepared(model_path, quant, tokenizer, template, template_source, model, train_samples, held_out, kept, items,
-                    samples_per_step, learning_rate, epochs, pool)
+                    samples_per_step, learning_rate, epochs, pool,
+                    preference.Objective(config.preference_weight, config.preference_beta, {"pairs": sum(p is not None for p in pairs)})
+                    if pairs else None)
 
 
 def make_trainer(run: Prepared, config: TrainConfig, device: str, output_dir: Path, checkpointing: bool,
@@ -295,7 +236,8 @@ def make_trainer(run: Prepared, config: TrainConfig, device: str, output_dir: Pa
         train_dataset=Dataset.from_list(run.items),
         processing_class=run.tokenizer,  # lets the Trainer count non-padding tokens
         data_collator=packing.PackedCollator(run.tokenizer.pad_token_id or 0),
-        callbacks=[_stop_callback(stop), *callbacks],
+        callbacks=[run_callbacks.stop_callback(stop), *callbacks],
+        preference=run.objective,
     )
     if not progress_bar:  # the service logs through its job registry, not stdout
         trainer.remove_callback(PrinterCallback)
@@ -343,6 +285,7 @@ def train_lora(
             return TrainOutcome(adapters.folder(output_root, speaker), {"steps": trainer.state.global_step})
         info = _info(run, config, speaker, trainer, result, started)
         info.update({"passes": best.passes} if best else {})
+        info.update({"preference": preference.summary(run.objective.stats)} if run.objective else {})
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
         run.model.save_pretrained(tmp)
         run.tokenizer.chat_template = run.template

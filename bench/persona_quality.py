@@ -12,7 +12,10 @@ median length against the person's, distinct-2, style distance against the base'
 held-out loss against the base's; and for all characters together the **attribution accuracy**:
 for every held-out line, the character whose adapter lowers its loss most below the base's,
 against the true one (chance = 1/characters), and each adapter's mean gain on each character's
-lines (an adapter that learnt its person gains most on that person's lines).
+lines (an adapter that learnt its person gains most on that person's lines); and the **judge of
+style** over all characters (lm/judge.py's classifier trained on their training-split lines): the
+share of each character's real held-out lines it names right (its ceiling), of its adapter's
+generated replies and of the base's, with the issue's targets checked.
 
 Writes bench/results/persona_quality.json and prints a table. Minutes per character on a CPU.
 """
@@ -118,6 +121,8 @@ def main() -> int:
             "end_of_turn_probability": report.get("end_of_turn"),
             "specificity_margin": (report.get("specificity") or {}).get("margin"),
             "examples": report["samples"][:3],
+            "all_replies": {k: [x[k] for x in report["samples"]] for k in ("adapter", "base")},
+            "preference": info.get("preference"),
         }
         print(f"{who}: trained {info['steps']} steps in {info['train_runtime_s']:.0f} s; held-out loss "
               f"{json.dumps(results['characters'][who]['held_out_loss'])}; "
@@ -141,6 +146,28 @@ def main() -> int:
     results["attribution"] = {"accuracy": round(sum(right) / len(right), 3), "chance": round(1 / len(ns.characters), 3),
                               "lines": len(right), "per_character": per_character, "mean_gain": mean_gain}
 
+    # The judge of style over all characters: trained on their training-split lines, asked who said each
+    # character's real held-out lines (its ceiling), its adapter's generated replies and the base's.
+    from lm import judge
+
+    train_lines = [(who, s.reply) for who in ns.characters for s in store.load_speaker(settings.DATA_DIR, who).messages
+                   if s.id not in {h.id for h in held_out[who]}]
+    clf = judge.classifier(train_lines, settings.SEED)
+    share = lambda who, texts: round(sum(p == who for p in clf.predict(texts)) / len(texts), 3) if texts else None  # noqa: E731
+    per = {}
+    for who in ns.characters:
+        replies = results["characters"][who]["all_replies"]
+        per[who] = {"ceiling": share(who, [s.reply for s in held_out[who]]), "adapter": share(who, replies["adapter"]),
+                    "base": share(who, replies["base"]), "generated": len(replies["adapter"])}
+    mean = lambda key: round(sum(p[key] for p in per.values() if p[key] is not None) / len(per), 3)  # noqa: E731
+    chance = round(1 / len(ns.characters), 3)
+    overall = {"ceiling": mean("ceiling"), "adapter": mean("adapter"), "base": mean("base"), "chance": chance}
+    gap = overall["ceiling"] - chance
+    results["judge"] = {"per_character": per, **overall, "train_lines": len(train_lines),
+                        "targets": {"adapter >= chance + gap/2": overall["adapter"] >= chance + gap / 2,
+                                    "adapter - base >= gap/4": overall["adapter"] - overall["base"] >= gap / 4,
+                                    "attribution >= ceiling": results["attribution"]["accuracy"] >= overall["ceiling"]}}
+
     ns.out.parent.mkdir(parents=True, exist_ok=True)
     ns.out.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
     print(f"\n{'character':<12} {'ends turn':>9} {'loops':>6} {'len/person':>10} {'distinct-2':>10} "
@@ -158,6 +185,10 @@ def main() -> int:
           f"per character {a['per_character']}")
     for c, row in a["mean_gain"].items():
         print(f"  {c}'s adapter, mean gain over the base (nats/token) on the lines of {row}")
+    j = results["judge"]
+    print(f"judge of style over {len(ns.characters)} characters (chance {j['chance']:.0%}): ceiling {j['ceiling']:.0%}, "
+          f"adapters' replies {j['adapter']:.0%}, base's {j['base']:.0%}; per character {j['per_character']}")
+    print(f"targets: {j['targets']}")
     print(f"wrote {ns.out}")
     return 0
 

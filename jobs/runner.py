@@ -31,6 +31,7 @@ from errors import InsufficientStorage, StorageError, TrainingError
 from jobs.registry import INTERRUPTED, JobRegistry
 from jobs.report import StdoutReport
 from lm import adapters
+from lm import callbacks as run_callbacks
 from lm import export as model_export
 from models import JobProgress, JobPublic, JobStatus, Sample
 
@@ -355,9 +356,9 @@ def run_job(job_id: str, report: str = "registry") -> int:
             _training_samples(settings, job), job.speaker, job.config, settings.OUTPUT_DIR, settings.MODELS_DIR,
             stop=stop,
             callbacks=[
-                train.started_callback(training),
-                *([train.progress_callback(lambda p: registry.update_progress(job_id, p), settings.PROGRESS_INTERVAL_S),
-                   train.checkpoint_callback(lambda path: registry.set_checkpoint(job_id, path))] if main_process else []),
+                run_callbacks.started_callback(training),
+                *([run_callbacks.progress_callback(lambda p: registry.update_progress(job_id, p), settings.PROGRESS_INTERVAL_S),
+                   run_callbacks.checkpoint_callback(lambda path: registry.set_checkpoint(job_id, path))] if main_process else []),
             ],
             checkpoint_dir=ckpt_dir if job.config.checkpoint_steps else None,
             resume_from=resume_from,

@@ -66,6 +66,12 @@ def _pipeline(seed: int):
                                                       random_state=seed))
 
 
+def classifier(messages: list[tuple[str, str]], seed: int = 0):
+    """The judge's classifier, fitted on `messages` ((name, text)): `.predict(texts)` gives names. For a
+    judge over other classes than one person's conversations (the persona bench: all its characters)."""
+    return _pipeline(seed).fit([t for _, t in messages], [n for n, _ in messages])
+
+
 def judge(speaker: str, messages: list[tuple[str, str]], real: list[str], adapter: list[str] | None = None,
           base: list[str] | None = None, seed: int = 0) -> dict[str, Any]:
     """The judge block of a report: trained on `messages` ((name, text)), the share of `real` (the

@@ -100,23 +100,49 @@ LOSS_CHUNK = 1024
 
 
 def pack_examples(encoded: Sequence[Any], batch_tokens: int, seed: int,
-                  row_tokens: int = ROW_TOKENS) -> list[dict[str, list[list[int]]]]:
+                  row_tokens: int = ROW_TOKENS, pairs: Sequence[Any] = ()) -> list[dict[str, list]]:
     """One dataset item per pack: its rows of input_ids, labels and position_ids (unpadded). Each
-    sample's first label is IGNORE, so no position predicts the first token of the next sample."""
+    sample's first label is IGNORE, so no position predicts the first token of the next sample.
+
+    `pairs` (lm.preference.Pair: chosen, rejected, ref; or None) go with the samples: `pairs[i]` is
+    packed with `encoded[i]`, its own sample, both lines in the same pack (so no pack is without SFT
+    tokens); pairs past the end of `encoded` are packed alone. Their supervised tokens are
+    `pair_labels`, not `labels` (the SFT loss and the Trainer's token count see none of them), `seq`
+    names each token's line (2 × the pair's index in the pack, + 1 for the rejected line; −1
+    elsewhere), `refs` holds the pairs' base log-likelihoods (chosen, rejected, ...) and `pair_index`
+    their indices in `pairs`."""
+    units = [[(e, -1)] for e in encoded] + [[] for _ in range(len(pairs) - len(encoded))]
+    for i, p in enumerate(pairs):
+        if p is not None:
+            units[i] += [(p.chosen, i), (p.rejected, i)]
+    units = [u for u in units if u]
     items = []
-    for pack in plan_packs([len(e.input_ids) for e in encoded], batch_tokens, seed):
-        lengths = [len(encoded[i].input_ids) for i in pack]
-        item: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for pack in plan_packs([sum(len(e.input_ids) for e, _ in u) for u in units], batch_tokens, seed):
+        members = [m for u in pack for m in units[u]]
+        in_pack = list(dict.fromkeys(i for _, i in members if i >= 0))
+        local = {i: k for k, i in enumerate(in_pack)}
+        item: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
+        if pairs:
+            item.update(pair_labels=[], seq=[], refs=[r for i in in_pack for r in pairs[i].ref], pair_index=in_pack)
+        lengths = [len(e.input_ids) for e, _ in members]
         for row in rows_of(lengths, max(row_tokens, max(lengths))):
-            ids, labels, positions = [], [], []
+            ids, labels, pair_labels, seq, positions = [], [], [], [], []
             for j in row:
-                e = encoded[pack[j]]
+                e, pair = members[j]
+                supervised = [IGNORE] + list(e.labels[1:])
+                ignored = [IGNORE] * len(e.input_ids)
                 ids += e.input_ids
-                labels += [IGNORE] + list(e.labels[1:])
+                labels += ignored if pair >= 0 else supervised
+                pair_labels += supervised if pair >= 0 else ignored
+                rejected = pair >= 0 and e is pairs[pair].rejected
+                seq += [2 * local[pair] + rejected if pair >= 0 else -1] * len(e.input_ids)
                 positions += range(len(e.input_ids))
             item["input_ids"].append(ids)
             item["labels"].append(labels)
             item["position_ids"].append(positions)
+            if pairs:
+                item["pair_labels"].append(pair_labels)
+                item["seq"].append(seq)
         items.append(item)
     return items
 
@@ -166,11 +192,23 @@ class PackedCollator:
         input_ids[row_of, col] = flat("input_ids")
         labels[row_of, col] = flat("labels")
         position_ids[row_of, col] = flat("position_ids")
-        keep = torch.nn.functional.pad(labels[:, 1:] != IGNORE, (0, 1))
+        batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+        supervised = labels
+        if "pair_labels" in items[0]:  # preference pairs: their lines are scored, and are not SFT's
+            offsets = list(itertools.accumulate((len(item["pair_index"]) for item in items), initial=0))
+            shifted = [[v + 2 * offsets[k] if v >= 0 else -1 for v in row] for k, item in enumerate(items) for row in item["seq"]]
+            pair_labels, seq = torch.full_like(labels, IGNORE), torch.full_like(labels, -1)
+            pair_labels[row_of, col] = flat("pair_labels")
+            seq[row_of, col] = torch.tensor(list(itertools.chain.from_iterable(shifted)), dtype=torch.long)
+            supervised = torch.where(labels != IGNORE, labels, pair_labels)
+            batch["refs"] = torch.tensor([r for item in items for r in item["refs"]], dtype=torch.float32).view(-1, 2)
+        keep = torch.nn.functional.pad(supervised[:, 1:] != IGNORE, (0, 1))
         keep_index = keep.flatten().nonzero().flatten()
-        targets = labels.flatten()[keep_index + 1]
-        return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "logits_to_keep": keep,
-                "keep_index": keep_index, "targets": targets}
+        batch.update(logits_to_keep=keep, keep_index=keep_index, targets=supervised.flatten()[keep_index + 1])
+        if "refs" in batch:
+            batch["sft"] = labels.flatten()[keep_index + 1] != IGNORE  # which kept positions SFT counts
+            batch["seq"] = seq.flatten()[keep_index + 1]  # and which line of which pair the others score
+        return batch
 
 
 def supervised_loss(outputs, labels, num_items_in_batch=None):
@@ -188,9 +226,10 @@ def supervised_loss(outputs, labels, num_items_in_batch=None):
     return loss / count
 
 
-def linear_cross_entropy(hidden, weight, targets, chunk: int = LOSS_CHUNK, softcap: float | None = None):
-    """sum over i of −log softmax(softcap(hidden[i] @ weight.T))[targets[i]], the output layer and the
-    loss in one, `chunk` rows at a time: at most (chunk × vocabulary) logits exist at once, in
+def linear_cross_entropy(hidden, weight, targets, chunk: int = LOSS_CHUNK, softcap: float | None = None,
+                         per_token: bool = False):
+    """sum over i of −log softmax(softcap(hidden[i] @ weight.T))[targets[i]] (each i's term with
+    `per_token`), the output layer and the loss in one, `chunk` rows at a time: at most (chunk × vocabulary) logits exist at once, in
     float32, and they are freed before the next chunk. The gradient for `hidden` is computed in the
     same pass (softmax − one-hot, times the weight), as Liger's fused linear cross-entropy does, so
     nothing is recomputed in backward. `weight` must be frozen (it is: LoRA trains neither the
@@ -202,7 +241,7 @@ def linear_cross_entropy(hidden, weight, targets, chunk: int = LOSS_CHUNK, softc
         def forward(ctx, hidden, weight):
             w = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
             grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
             for s in range(0, hidden.shape[0], chunk):
                 t = targets[s:s + chunk]
                 z = (hidden[s:s + chunk] @ w.T).to(torch.promote_types(w.dtype, torch.float32))
@@ -210,7 +249,7 @@ def linear_cross_entropy(hidden, weight, targets, chunk: int = LOSS_CHUNK, softc
                     tanh = torch.tanh(z / softcap)
                     z = tanh * softcap
                 lse = torch.logsumexp(z, dim=-1)
-                total += (lse - z.gather(1, t[:, None]).squeeze(1)).sum()
+                losses[s:s + chunk] = lse - z.gather(1, t[:, None]).squeeze(1)
                 if grad is not None:
                     g = torch.exp(z.sub_(lse[:, None]))  # softmax, in z's memory
                     g[torch.arange(len(t), device=g.device), t] -= 1
@@ -218,12 +257,13 @@ def linear_cross_entropy(hidden, weight, targets, chunk: int = LOSS_CHUNK, softc
                         g *= 1 - tanh * tanh
                     grad[s:s + chunk] = g.to(w.dtype) @ w
             ctx.save_for_backward(grad)
-            return total
+            return losses if per_token else losses.sum()
 
         @staticmethod
-        def backward(ctx, grad_output):
+        def backward(ctx, grad_output):  # each term depends on its own row of `hidden` only
             (grad,) = ctx.saved_tensors
-            return grad * grad_output.to(grad.dtype), None
+            scale = grad_output.to(grad.dtype)
+            return grad * (scale[:, None] if per_token else scale), None
 
     if weight.requires_grad:
         raise ValueError("linear_cross_entropy computes no gradient for the output layer; freeze it")
@@ -275,37 +315,79 @@ def fused_loss_supported(model) -> bool:
 FUSED_LOSS = True
 
 
-def packed_loss(model, batch: dict[str, Any], num_items_in_batch=None):
-    """(loss, number of supervised tokens) of a collated batch: the mean negative log-likelihood of
-    each supervised next token, or the sum over `num_items_in_batch`. The model runs its body
-    (`input_ids` and `position_ids`, no attention_mask), and then the output layer and the loss run
-    only at `keep_index`, in chunks (linear_cross_entropy). No step of it waits for the GPU."""
+def token_losses(model, batch: dict[str, Any], per_token: bool = True):
+    """−log p(target) at each kept position (`keep_index` order; their sum without `per_token`). The
+    model runs its body (`input_ids` and `position_ids`, no attention_mask), and then the output layer
+    and the loss run only at `keep_index`, in chunks (linear_cross_entropy). No step of it waits for
+    the GPU. Where fused_loss_supported is False, the model computes the logits at those positions."""
+    import torch
+
     targets = batch["targets"]
-    count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
     if not (FUSED_LOSS and fused_loss_supported(model)):
-        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                    logits_to_keep=batch["logits_to_keep"], use_cache=False)
-        return supervised_loss(out, batch["labels"], count)
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       logits_to_keep=batch["logits_to_keep"], use_cache=False).logits
+        losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.to(logits.device),
+                                                   reduction="none")
+        return losses if per_token else losses.sum()
     base = _base(model)
     softcap = getattr(base.config, "final_logit_softcapping", None)
     with _HiddenStates(model) as head:
         hidden = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     hidden = hidden.flatten(0, 1).index_select(0, batch["keep_index"])
-    return linear_cross_entropy(hidden, head.weight, targets, LOSS_CHUNK, softcap) / count
+    return linear_cross_entropy(hidden, head.weight, targets, LOSS_CHUNK, softcap, per_token)
+
+
+def _pair_sums(losses, batch: dict[str, Any]):
+    """(pairs, 2): the log-likelihood of each pair's chosen and rejected line, from the token losses."""
+    import torch
+
+    scored = batch["seq"] >= 0
+    sums = torch.zeros(2 * batch["refs"].shape[0], dtype=losses.dtype, device=losses.device)
+    return sums.index_add(0, batch["seq"][scored], -losses[scored]).view(-1, 2)
+
+
+def pair_logps(model, batch: dict[str, Any]):
+    """The pairs' log-likelihoods under `model` ((pairs, 2): chosen, rejected)."""
+    return _pair_sums(token_losses(model, batch), batch)
+
+
+def packed_loss(model, batch: dict[str, Any], num_items_in_batch=None, preference: Any = None):
+    """The loss of a collated batch: the mean negative log-likelihood of each supervised next token
+    (the sum over `num_items_in_batch` when given). With preference pairs in the batch and
+    `preference` (lm.preference.Objective: `weight`, `loss(logps, refs)` → per-pair terms and margins,
+    and a `stats` dict appended to) it adds weight × the mean of the pairs' terms, scaled by this
+    batch's share of the step's supervised tokens, so that accumulated batches add up to one mean."""
+    sft = batch.get("sft")
+    tokens = int(sft.sum()) if sft is not None else batch["targets"].numel()
+    count = num_items_in_batch if num_items_in_batch is not None else tokens
+    if sft is None:  # no pairs: the sum is all that is needed
+        return token_losses(model, batch, per_token=False) / count
+    losses = token_losses(model, batch)
+    loss = losses[sft].sum() / count
+    if preference is None or not batch["refs"].shape[0]:
+        return loss
+    terms, margin = preference.loss(_pair_sums(losses, batch), batch["refs"].to(losses.device))
+    preference.stats.setdefault("recent", []).append(
+        (float(terms.detach().mean()), float(margin.mean()), float((margin > 0).float().mean())))
+    del preference.stats["recent"][:-20]
+    share = tokens / float(count)
+    return loss + preference.weight * terms.mean() * share
 
 
 def trainer_class():
     """transformers' Trainer with `packed_loss` as its loss (the batch keys `keep_index` and
-    `targets` are the loss's, not the model's, so compute_loss_func alone would not do)."""
+    `targets` are the loss's, not the model's, so compute_loss_func alone would not do), and the
+    preference objective when given one."""
     from transformers import Trainer
 
     class PackedTrainer(Trainer):
-        def __init__(self, *args, **kwargs):
+        def __init__(self, *args, preference: Any = None, **kwargs):
             super().__init__(*args, **kwargs)
             self.model_accepts_loss_kwargs = True  # the loss takes num_items_in_batch: the Trainer counts it
+            self.preference = preference  # lm.preference.Objective, or None
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = packed_loss(model, inputs, num_items_in_batch)
+            loss = packed_loss(model, inputs, num_items_in_batch, self.preference)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 # as Trainer.compute_loss: the count is of all processes, and DDP averages gradients
                 loss = loss * (self.accelerator.num_processes // self.get_tp_size())
