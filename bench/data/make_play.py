@@ -25,6 +25,9 @@ Usage:
 Loading from other code:
     from bench.data.make_play import load_play
     play = load_play()          # dict: title, author, ..., scenes, counts
+
+speaker_name, clean, assemble, dumps and run_cli are shared with
+make_shakespeare.py (the second corpus).
 """
 from __future__ import annotations
 
@@ -72,9 +75,16 @@ META = {
 }
 
 
+SMALL_WORDS = {"and", "of", "the"}
+ROMAN_NUMERAL = re.compile(r"[IVX]{2,}")
+
+
 def speaker_name(raw: str) -> str:
-    """'LADY BRACKNELL' -> 'Lady Bracknell'; 'JACK and ALGERNON' kept joint."""
-    return " ".join(w if w == "and" else w.capitalize() for w in raw.split())
+    """'LADY BRACKNELL' -> 'Lady Bracknell'; 'JACK and ALGERNON' kept joint;
+    'KING EDWARD IV' -> 'King Edward IV'; 'Ghost of CLARENCE' -> 'Ghost of Clarence'."""
+    return " ".join(w.lower() if w.lower() in SMALL_WORDS
+                    else w if ROMAN_NUMERAL.fullmatch(w) else w.capitalize()
+                    for w in raw.split())
 
 
 def clean(text: str) -> str:
@@ -138,9 +148,16 @@ def build(raw_path: Path = RAW) -> dict:
     scenes = [parse_act(a, problems) for a in split_acts(raw)]
     if problems:
         raise ValueError("could not place:\n" + "\n".join(problems))
+    return assemble(META, ACT_TITLES, scenes)
+
+
+def assemble(meta: dict, scene_titles: list[str], scenes: list[list[dict]]) -> dict:
+    """The JSON layout shared by the bench corpora: meta, scene_titles, scenes, counts."""
+    if len(scene_titles) != len(scenes):
+        raise ValueError(f"{len(scene_titles)} scene titles for {len(scenes)} scenes")
     counts = Counter(s["speaker"] for scene in scenes for s in scene)
-    play = dict(META)
-    play["scene_titles"] = ACT_TITLES
+    play = dict(meta)
+    play["scene_titles"] = scene_titles
     play["scenes"] = scenes
     play["counts"] = dict(counts.most_common())
     return play
@@ -155,23 +172,28 @@ def load_play(path: Path = OUT) -> dict:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_cli(build_fn, out: Path, description: str, argv: list[str] | None = None) -> int:
+    """Write build_fn()'s JSON to `out`, or with --check exit 1 if `out` is stale."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--check", action="store_true",
                     help="exit 1 if the JSON on disk differs from a fresh build")
     args = ap.parse_args(argv)
-    text = dumps(build())
+    text = dumps(build_fn())
     if args.check:
-        same = OUT.exists() and OUT.read_text(encoding="utf-8") == text
-        print("up to date" if same else f"{OUT.name} is stale")
+        same = out.exists() and out.read_text(encoding="utf-8") == text
+        print("up to date" if same else f"{out.name} is stale")
         return 0 if same else 1
-    OUT.write_text(text, encoding="utf-8")
+    out.write_text(text, encoding="utf-8")
     play = json.loads(text)
     n = sum(len(s) for s in play["scenes"])
-    print(f"wrote {OUT} ({len(play['scenes'])} scenes, {n} speeches)")
+    print(f"wrote {out} ({len(play['scenes'])} scenes, {n} speeches)")
     for who, c in play["counts"].items():
         print(f"  {who:22s} {c}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build, OUT, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":
