@@ -126,3 +126,15 @@ def test_manual_links_lead_somewhere():
             if anchor and dest.suffix == ".md":
                 assert anchor in anchors[dest], f"{page.name}: link to {target}: no such heading"
     assert set(pages[1:]) <= linked, "a docs/ page no other page links to"
+
+
+def test_the_persona_benchs_corpora_are_what_their_converters_write():
+    """bench/data's JSON files are stale if their converter (or the raw text) changed: --check says so."""
+    import subprocess
+    import sys
+
+    for script in ("make_play.py", "make_shakespeare.py"):
+        done = subprocess.run([sys.executable, str(ROOT / "bench" / "data" / script), "--check"], capture_output=True, text=True)
+        assert done.returncode == 0, (script, done.stdout, done.stderr)
+    play = json.loads((ROOT / "bench" / "data" / "shakespeare.json").read_text(encoding="utf-8"))
+    assert min(play["counts"][c] for c in ("Richard", "Coriolanus", "Menenius")) >= 150
