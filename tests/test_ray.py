@@ -6,32 +6,23 @@ reached. The report lines' format and the worker's environment are tested withou
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
-import os
-import secrets
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 from safetensors.torch import load_file
 
 from conftest import LiveServer, finished, free_port, read_sse, upload, wait_for_job, wait_until
+from ray_fixtures import need_ray, ray_env, submissions, worker_of
 
 from config import Settings
 from jobs import report
 from models import JobProgress
 
 LONG = 10**6  # max_steps of a job that runs until it is cancelled
-RAY = importlib.util.find_spec("ray") is not None
 
 
 # --- without Ray ---------------------------------------------------------------------------------------
@@ -82,87 +73,6 @@ def test_the_worker_gets_the_servers_settings_but_no_secret(tmp_path, monkeypatc
 
 
 # --- a real cluster ------------------------------------------------------------------------------------
-
-
-class Cluster:
-    def __init__(self, address: str, env: dict[str, str]):
-        self.address, self.env = address, env
-
-    def client(self):
-        from ray.job_submission import JobSubmissionClient
-
-        return JobSubmissionClient(self.address)
-
-
-def ray_command() -> str:
-    beside = Path(sys.executable).with_name("ray")
-    return str(beside) if beside.exists() else shutil.which("ray")
-
-
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """A head node of 2 CPUs and 1 (pretend) GPU with token auth, on loopback, for the session. Stopped
-    by its own process ids (its session), not `ray stop`, which would stop every Ray on the machine."""
-    if not RAY:
-        if os.environ.get("CI") == "true":
-            pytest.fail("Ray is not installed: CI runs the Ray tests (pip install -r requirements-ray.txt)")
-        pytest.skip("Ray is not installed: pip install -r requirements-ray.txt")
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    saved = {k: os.environ.get(k) for k in auth}
-    os.environ.update(auth)  # this process's clients use the token too
-    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    port = free_port()
-    log = open(Path(temp) / "ray-start.log", "wb")
-    head = subprocess.Popen(
-        [ray_command(), "start", "--head", "--block", "--num-cpus=2", "--num-gpus=1", "--disable-usage-stats",
-         "--include-dashboard=true", f"--dashboard-port={port}", f"--port={free_port()}", f"--temp-dir={temp}"],
-        env={**os.environ, **auth}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=temp)
-    cluster = Cluster(f"http://127.0.0.1:{port}", auth)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                cluster.client()
-                break
-            except ConnectionError:
-                if head.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the Ray head did not start: {(Path(temp) / 'ray-start.log').read_text()[-3000:]}")
-                time.sleep(0.5)
-        yield cluster
-    finally:
-        head.terminate()  # `ray start --block` stops what it started
-        try:
-            head.wait(30)
-        except subprocess.TimeoutExpired:
-            head.kill()
-        for p in psutil.process_iter():  # anything left in its session
-            try:
-                if os.getsid(p.pid) == head.pid:
-                    p.kill()
-            except (ProcessLookupError, psutil.Error):
-                pass
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-
-
-def ray_env(env: dict, cluster: Cluster, **more: str) -> dict[str, str]:
-    return {**env, **cluster.env, "EXECUTOR": "ray", "RAY_ADDRESS": cluster.address, "TRAIN_GPUS": "0.5",
-            "PROGRESS_INTERVAL_S": "0", "TRAIN_WORKERS": "2", **more}
-
-
-def worker_of(job_id: str) -> psutil.Process:
-    """The job's training process on the (local) cluster."""
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = p.info["cmdline"] or []
-        if "jobs.runner" in cmd and job_id in cmd:
-            return p
-    return None
-
-
-def submissions(cluster: Cluster, job_id: str) -> list[str]:
-    return sorted(j.submission_id for j in cluster.client().list_jobs() if (j.submission_id or "").startswith(f"persona-lora-{job_id}-"))
 
 
 @pytest.mark.ray
@@ -308,10 +218,7 @@ def test_two_trainings_run_at_once_on_ray_and_an_export_runs_there(env, tmp_path
 
 @pytest.mark.ray
 def test_an_unreachable_cluster_answers_503_and_queues_nothing(env, monkeypatch):
-    if not RAY:
-        if os.environ.get("CI") == "true":
-            pytest.fail("Ray is not installed: CI runs the Ray tests (pip install -r requirements-ray.txt)")
-        pytest.skip("Ray is not installed: pip install -r requirements-ray.txt")
+    need_ray()
     from fastapi.testclient import TestClient
 
     from config import get_settings

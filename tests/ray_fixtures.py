@@ -1,0 +1,123 @@
+"""A real local Ray cluster for the tests: the session's head node (`ray_cluster`, made a fixture of
+every test file by conftest), and what a test reads of the cluster (a job's submissions, its worker
+process). Knows nothing of the service's API."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from jobs.runner import free_port
+
+RAY = importlib.util.find_spec("ray") is not None
+
+
+def need_ray() -> None:
+    """Skip the test without Ray; under CI, fail it (CI runs the Ray tests)."""
+    if not RAY:
+        if os.environ.get("CI") == "true":
+            pytest.fail("Ray is not installed: CI runs the Ray tests (pip install -r requirements-ray.txt)")
+        pytest.skip("Ray is not installed: pip install -r requirements-ray.txt")
+
+
+class Cluster:
+    def __init__(self, address: str, gcs: str, temp: str, env: dict[str, str]):
+        self.address, self.gcs, self.temp, self.env = address, gcs, temp, env
+
+    def client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.address)
+
+
+def ray_command() -> str:
+    beside = Path(sys.executable).with_name("ray")
+    return str(beside) if beside.exists() else shutil.which("ray")
+
+
+def stop_session(proc: subprocess.Popen) -> None:
+    """Stop a `ray start --block` process and anything left in its session (never `ray stop`, which
+    would stop every Ray on the machine)."""
+    proc.terminate()  # `ray start --block` stops what it started
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == proc.pid:
+                p.kill()
+        except (ProcessLookupError, psutil.Error):
+            pass
+
+
+def own_ports() -> list[str]:
+    """A port of the node's own for its dashboard agent, which Ray would otherwise take from its
+    default (52365), where two nodes or two test sessions on one machine collide."""
+    return [f"--dashboard-agent-listen-port={free_port()}"]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A head node of 2 CPUs and 1 (pretend) GPU with token auth, on loopback, for the session."""
+    need_ray()
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    saved = {k: os.environ.get(k) for k in auth}
+    os.environ.update(auth)  # this process's clients use the token too
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    port, gcs = free_port(), free_port()
+    log = open(Path(temp) / "ray-start.log", "wb")
+    head = subprocess.Popen(
+        [ray_command(), "start", "--head", "--block", "--num-cpus=2", "--num-gpus=1", "--disable-usage-stats",
+         "--include-dashboard=true", f"--dashboard-port={port}", f"--port={gcs}", f"--temp-dir={temp}",
+         f"--ray-client-server-port={free_port()}", *own_ports()],
+        env={**os.environ, **auth}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=temp)
+    cluster = Cluster(f"http://127.0.0.1:{port}", f"127.0.0.1:{gcs}", temp, auth)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                cluster.client()
+                break
+            except ConnectionError:
+                if head.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the Ray head did not start: {(Path(temp) / 'ray-start.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield cluster
+    finally:
+        stop_session(head)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def ray_env(env: dict, cluster: Cluster, address: str | None = None, **more: str | None) -> dict[str, str]:
+    """A server's settings for jobs on the cluster (reached at `address`, by default its own); a None
+    in `more` leaves that setting unset."""
+    values = {**env, **cluster.env, "EXECUTOR": "ray", "RAY_ADDRESS": address or cluster.address, "TRAIN_GPUS": "0.5",
+              "PROGRESS_INTERVAL_S": "0", "TRAIN_WORKERS": "2", **more}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def worker_of(job_id: str) -> psutil.Process:
+    """The job's training process on the (local) cluster."""
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "jobs.runner" in cmd and job_id in cmd:
+            return p
+    return None
+
+
+def submissions(cluster: Cluster, job_id: str) -> list[str]:
+    return sorted(j.submission_id for j in cluster.client().list_jobs() if (j.submission_id or "").startswith(f"persona-lora-{job_id}-"))
