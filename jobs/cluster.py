@@ -21,6 +21,7 @@ import shlex
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from pydantic import SecretStr
 
@@ -58,6 +59,34 @@ def connect(address: str):
     except ImportError:
         raise RuntimeError(INSTALL) from None
     return JobSubmissionClient(address)
+
+
+def cluster_gpus(address: str) -> float:
+    """The GPUs of the cluster's live nodes, from its dashboard's state API (the Jobs API has no call
+    for it, and `ray.cluster_resources()` needs a driver connected to the cluster). ConnectionError
+    when the dashboard cannot be reached."""
+    from ray.util.state import list_nodes
+    from ray.util.state.exception import ServerUnavailable
+
+    try:
+        nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], limit=10_000, detail=True)
+    except ServerUnavailable as exc:
+        raise ConnectionError(str(exc).split(". ")[0]) from exc
+    return sum(node.resources_total.get("GPU", 0) for node in nodes)
+
+
+def train_gpus(setting: float | None, cluster: Callable[[], float]) -> tuple[float, str]:
+    """The GPUs a training asks for, and why: TRAIN_GPUS when it is set (the cluster is not asked);
+    unset, 1 when `cluster()` counts a GPU, else 0 (a job asking a CPU-only cluster for one would wait
+    forever)."""
+    if setting is not None:
+        return setting, f"TRAIN_GPUS={setting:g}"
+    has = cluster()
+    return (1 if has >= 1 else 0), f"TRAIN_GPUS unset; the cluster has {f'{has:g}' if has else 'none'}"
+
+
+def gpus_text(gpus: float, why: str) -> str:
+    return f"asked the cluster for {gpus:g} GPU{'' if gpus == 1 else 's'} ({why})"
 
 
 def worker_env(settings: Settings, job: JobPublic) -> dict[str, str]:
@@ -117,16 +146,19 @@ class RayRunner(JobRunner):
         return f"the Ray cluster at {self.address} (RAY_ADDRESS) cannot be reached ({type(exc).__name__})"
 
     def _supervise(self, job_id: str) -> None:
-        client = self._wait_for_cluster(job_id)
-        if client is None or not self._until_written(job_id, lambda: self.registry.mark_running(job_id)):
+        reached = self._wait_for_cluster(job_id)
+        if reached is None or not self._until_written(job_id, lambda: self.registry.mark_running(job_id)):
             return  # shutting down, or cancelled while queued
+        client, gpus = reached
         job = self.registry.get(job_id)
         sid = submission_id(job_id, self.registry.attempts(job_id))
+        if job.kind == "train":
+            self._note(job_id, gpus_text(*gpus))
         try:
             client.submit_job(
                 entrypoint=entrypoint(job, self.settings.TRAIN_PROCESSES), submission_id=sid,
                 entrypoint_num_cpus=1,  # the cluster's CPU slots bound how many run at once
-                entrypoint_num_gpus=self.settings.TRAIN_GPUS if job.kind == "train" else 0,
+                entrypoint_num_gpus=gpus[0],
                 runtime_env={"env_vars": worker_env(self.settings, job)},
             )
         except RuntimeError as exc:
@@ -151,15 +183,20 @@ class RayRunner(JobRunner):
         self._finish(job, self._follow(client, job, sid))
 
     def _wait_for_cluster(self, job_id: str):
-        """A client once the cluster answers; None if the server stops or the job leaves the queue first
-        (a queued job waits for an unreachable cluster rather than fail)."""
+        """A client and the GPUs the job asks for, with why, once the cluster answers (a training asks
+        the cluster how many it has when TRAIN_GPUS is unset; an export asks for none); None if the
+        server stops or the job leaves the queue first (a queued job waits for an unreachable cluster
+        rather than fail)."""
         warned = False
         while True:
             state = self.registry.state(job_id)
             if not state or state[0] != "queued":
                 return None
             try:
-                return connect(self.address)
+                client = connect(self.address)
+                if self.registry.get(job_id).kind != "train":
+                    return client, (0, "an export")
+                return client, train_gpus(self.settings.TRAIN_GPUS, lambda: cluster_gpus(self.address))
             except OSError as exc:
                 if not warned:
                     log.warning("job %s: %s; it stays queued, retrying every %d s", job_id, self._unreachable(exc),
@@ -232,8 +269,14 @@ class RayRunner(JobRunner):
         for line in reports:
             self._until_written(job_id, lambda: report.record(self.registry, job_id, line))
 
+    def _note(self, job_id: str, message: str) -> None:
+        """A line of this server's about the job: in its log, as a `log` event and in the job's log."""
+        log.info("job %s: %s", job_id, message)
+        self._until_written(job_id, lambda: self.registry.add_event(job_id, "log", {"level": "INFO", "message": message}))
+        self._keep_log(job_id, message + "\n")
+
     def _keep_log(self, job_id: str, logs: str) -> None:
-        """The job's log where the local runner keeps it (each attempt appended)."""
+        """Text in the job's log, where the local runner keeps it (each attempt appended)."""
         path = job_log_path(self.settings, job_id)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

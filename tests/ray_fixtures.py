@@ -1,6 +1,6 @@
 """A real local Ray cluster for the tests: the session's head node (`ray_cluster`, made a fixture of
 every test file by conftest), and what a test reads of the cluster (a job's submissions, its worker
-process). Knows nothing of the service's API."""
+process, the resources Ray gave it). Knows nothing of the service's API."""
 
 from __future__ import annotations
 
@@ -121,3 +121,11 @@ def worker_of(job_id: str) -> psutil.Process:
 
 def submissions(cluster: Cluster, job_id: str) -> list[str]:
     return sorted(j.submission_id for j in cluster.client().list_jobs() if (j.submission_id or "").startswith(f"persona-lora-{job_id}-"))
+
+
+def resources_given(cluster: Cluster, sid: str) -> dict[str, float]:
+    """The resources Ray reserved for a submission (those of the actor that runs its entrypoint)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=cluster.address, filters=[("class_name", "=", "JobSupervisor")], detail=True, limit=10_000)
+    return next(a.required_resources for a in actors if a.name.endswith(f"_{sid}"))

@@ -16,7 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import LiveServer, finished, free_port, read_sse, upload, wait_for_job, wait_until
-from ray_fixtures import need_ray, ray_env, submissions, worker_of
+from ray_fixtures import need_ray, ray_env, resources_given, submissions, worker_of
 
 from config import Settings
 from jobs import report
@@ -72,13 +72,37 @@ def test_the_worker_gets_the_servers_settings_but_no_secret(tmp_path, monkeypatc
     assert again.ALLOWED_SPEAKERS == ["A", "B"] and again.EVALUATE_AFTER_TRAINING is False
 
 
+def test_an_unset_train_gpus_asks_the_cluster_and_a_set_one_is_kept():
+    from jobs.cluster import gpus_text, train_gpus
+
+    assert Settings(_env_file=None).TRAIN_GPUS is None
+    assert train_gpus(None, lambda: 2.0) == (1, "TRAIN_GPUS unset; the cluster has 2")
+    assert train_gpus(None, lambda: 0.0) == (0, "TRAIN_GPUS unset; the cluster has none")  # no job waits forever
+    never = lambda: pytest.fail("the cluster was asked though TRAIN_GPUS is set")  # noqa: E731
+    assert train_gpus(0.5, never) == (0.5, "TRAIN_GPUS=0.5") and train_gpus(0.0, never) == (0, "TRAIN_GPUS=0")
+    assert gpus_text(*train_gpus(None, lambda: 0.0)) == "asked the cluster for 0 GPUs (TRAIN_GPUS unset; the cluster has none)"
+    assert gpus_text(1, "TRAIN_GPUS unset; the cluster has 1") == "asked the cluster for 1 GPU (TRAIN_GPUS unset; the cluster has 1)"
+
+
+@pytest.mark.ray
+def test_the_gpus_of_an_unreachable_cluster_are_a_connection_error():
+    need_ray()
+    from jobs.cluster import cluster_gpus
+
+    with pytest.raises(ConnectionError, match="Failed to make request"):
+        cluster_gpus(f"http://127.0.0.1:{free_port()}")
+
+
 # --- a real cluster ------------------------------------------------------------------------------------
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_training_on_ray_streams_its_events_and_makes_the_local_runners_adapter(env, tmp_path, ray_cluster):
-    server = LiveServer(ray_env(env, ray_cluster), tmp_path / "server.log")
+    from jobs.cluster import cluster_gpus
+
+    assert cluster_gpus(ray_cluster.address) == 1
+    server = LiveServer(ray_env(env, ray_cluster, TRAIN_GPUS=None), tmp_path / "server.log")  # 1: the cluster has one
     try:
         http = httpx.Client(base_url=server.url, timeout=120)
         upload(http)
@@ -89,12 +113,16 @@ def test_a_training_on_ray_streams_its_events_and_makes_the_local_runners_adapte
         assert statuses == ["queued", "running", "succeeded"]
         steps = [json.loads(e["data"])["step"] for e in events if e["event"] == "progress"]
         assert steps == list(range(1, 7))
-        assert any(e["event"] == "log" for e in events)
+        asked = "asked the cluster for 1 GPU (TRAIN_GPUS unset; the cluster has 1)"
+        assert json.loads(next(e for e in events if e["event"] == "log")["data"])["message"] == asked
         done = http.get(job["url"]).json()
         assert done["result"]["steps"] == 6 and done["progress"]["step"] == 6
-        assert submissions(ray_cluster, job["job_id"]) == [f"persona-lora-{job['job_id']}-1"]
+        sid = f"persona-lora-{job['job_id']}-1"
+        assert submissions(ray_cluster, job["job_id"]) == [sid]
+        assert resources_given(ray_cluster, sid) == {"CPU": 1, "GPU": 1}
         log = Path(env["DATA_DIR"]) / "logs" / f"{job['job_id']}.log"  # kept once Ray says the job ended
-        assert "@@persona-lora" in wait_until(lambda: log.is_file() and log.read_text(), 30, "the job's log")
+        text = wait_until(lambda: log.is_file() and "@@persona-lora" in log.read_text() and log.read_text(), 30, "the job's log")
+        assert text.startswith(asked + "\n")
     finally:
         server.stop()
     ray_adapter = Path(env["OUTPUT_DIR"]) / "User1"
@@ -204,12 +232,16 @@ def test_two_trainings_run_at_once_on_ray_and_an_export_runs_there(env, tmp_path
         assert [j["status"] for j in jobs] == ["succeeded"] * 2, [j["error"] for j in jobs]
         a, b = jobs
         assert a["started_at"] < b["finished_at"] and b["started_at"] < a["finished_at"]  # they overlapped
+        assert [resources_given(ray_cluster, f"persona-lora-{i}-1") for i in ids] == [{"CPU": 1, "GPU": 0.5}] * 2
+        events = http.get(f"/jobs/{ids[0]}/events", params={"stream": "false"}).json()["data"]
+        assert "asked the cluster for 0.5 GPUs (TRAIN_GPUS=0.5)" in [e["data"].get("message") for e in events]
 
         r = http.post("/speakers/A/exports/merged")
         assert r.status_code == 202, r.text
         export = wait_for_job(http, r.json()["job_id"], finished, timeout=180)
         assert export["status"] == "succeeded", export["error"]
         assert "model.safetensors" in export["result"]["files"]
+        assert resources_given(ray_cluster, f"persona-lora-{export['job_id']}-1") == {"CPU": 1}
         assert (Path(export["result"]["path"]) / "model.safetensors").is_file()
         assert http.get("/speakers/A/exports/merged").status_code == 200
     finally:
