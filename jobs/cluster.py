@@ -21,7 +21,7 @@ import shlex
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from pydantic import SecretStr
 
@@ -222,15 +222,21 @@ class RayRunner(JobRunner):
         as stop_job (SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S), the whole log kept at the
         end. None when the server stops first: the job runs on, and the next start follows it."""
         job_id = job.job_id
-        tail = threading.Thread(target=self._tail, args=(client, job_id, sid), name=f"tail-{job_id[:8]}", daemon=True)
+        tail = Tail(client, sid, lambda reports: self._record_lines(job_id, reports))
         tail.start()
-        cancelled, lost_since = False, None
+        cancelled, lost_since, told = False, None, False
         while True:
             if self.stop.wait(POLL_S):
                 return None
             if not cancelled and self._cancel_requested(job_id):
-                cancelled = True
-                client.stop_job(sid)
+                try:
+                    client.stop_job(sid)
+                    cancelled = True
+                except OSError as exc:  # asked again at the next poll: the job must not run on unsupervised
+                    if not told:
+                        log.warning("job %s: the cancel cannot reach the cluster yet (%s); it is passed on once it answers",
+                                    job_id, self._unreachable(exc))
+                        told = True
             try:
                 info = client.get_job_info(sid)
             except OSError as exc:
@@ -241,6 +247,9 @@ class RayRunner(JobRunner):
             lost_since = None
             if info.status.is_terminal():
                 break
+            if tail.ended_for(UNREACHABLE_RETRY_S):  # its connection broke (the cluster unreachable a moment)
+                log.info("job %s: following its log again", job_id)
+                tail.start()
         tail.join(timeout=10)
         logs = client.get_job_logs(sid)
         self._record_lines(job_id, report.Lines().feed(logs + "\n"))  # anything the tail missed, once
@@ -251,19 +260,6 @@ class RayRunner(JobRunner):
         elif info.status.value == "FAILED" and info.error_type != "JOB_ENTRYPOINT_COMMAND_ERROR":
             note = f"Ray: {(info.message or info.error_type or '').split(', last available logs')[0][:500]}"
         return Exit(info.driver_exit_code, cancelled, note=note)
-
-    def _tail(self, client, job_id: str, sid: str) -> None:
-        """Record the job's report lines as Ray streams its log (an event loop of this thread's own)."""
-        lines = report.Lines()
-
-        async def follow() -> None:
-            async for chunk in client.tail_job_logs(sid):
-                self._record_lines(job_id, lines.feed(chunk))
-
-        try:
-            asyncio.run(follow())
-        except Exception as exc:  # the end is read from the whole log (_follow)
-            log.info("job %s: following its log stopped (%s: %s)", job_id, type(exc).__name__, str(exc)[:200])
 
     def _record_lines(self, job_id: str, reports) -> None:
         for line in reports:
@@ -284,3 +280,39 @@ class RayRunner(JobRunner):
                 f.write(logs)
         except OSError as exc:
             log.warning("job %s: its log could not be kept in %s (%s)", job_id, path, exc)
+
+
+class Tail:
+    """A Ray job's log as Ray streams it (`tail_job_logs`), on a thread with an event loop of its own:
+    each chunk's report lines handed to `record`. Started again after its connection broke, it reads
+    the log from the start (each line is recorded once: its `seq`)."""
+
+    def __init__(self, client, sid: str, record: Callable[[Iterator[dict]], None]):
+        self.client, self.sid, self.record = client, sid, record
+        self.thread: threading.Thread | None = None
+        self.ended_at: float | None = None
+
+    def start(self) -> None:
+        self.ended_at = None
+        self.thread = threading.Thread(target=self._run, name=f"tail-{self.sid[-10:]}", daemon=True)
+        self.thread.start()
+
+    def ended_for(self, seconds: float) -> bool:
+        return self.ended_at is not None and time.monotonic() - self.ended_at > seconds
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout)
+
+    def _run(self) -> None:
+        lines = report.Lines()
+
+        async def follow() -> None:
+            async for chunk in self.client.tail_job_logs(self.sid):
+                self.record(lines.feed(chunk))
+
+        try:
+            asyncio.run(follow())
+        except Exception as exc:  # the end is read from the whole log (RayRunner._follow)
+            log.info("%s: following its log stopped (%s: %s)", self.sid, type(exc).__name__, str(exc)[:200])
+        finally:
+            self.ended_at = time.monotonic()

@@ -1,6 +1,7 @@
 """A real local Ray cluster for the tests: the session's head node (`ray_cluster`, made a fixture of
-every test file by conftest), and what a test reads of the cluster (a job's submissions, its worker
-process, the resources Ray gave it). Knows nothing of the service's API."""
+every test file by conftest), a cut in the network between the server and the cluster (`Proxy`),
+and what a test reads of the cluster (a job's submissions, its worker process, the resources Ray
+gave it). Knows nothing of the service's API."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ import importlib.util
 import os
 import secrets
 import shutil
+import socket
+import socketserver
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from select import select
 
 import psutil
 import pytest
@@ -100,6 +105,57 @@ def ray_cluster():
         shutil.rmtree(temp, ignore_errors=True)
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+class Proxy(socketserver.ThreadingTCPServer):
+    """The network between the server and the cluster's dashboard, on loopback: a TCP proxy that a test
+    cuts (new connections refused, open ones closed) and mends, on the same port."""
+
+    daemon_threads = allow_reuse_address = True
+
+    def __init__(self, target: str):
+        host, port = target.removeprefix("http://").split(":")
+        self.target, self.port, self.open = (host, int(port)), free_port(), set()
+        self.address = f"http://127.0.0.1:{self.port}"
+        super().__init__(("127.0.0.1", self.port), _Pipe, bind_and_activate=False)
+        self.socket.close()
+        self.mend()
+
+    def mend(self) -> None:
+        self.socket = socket.socket(self.address_family, self.socket_type)
+        self.server_bind()
+        self.server_activate()
+        self._serving = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+        self._serving.start()
+
+    def cut(self) -> None:
+        self.shutdown()
+        self.server_close()
+        for conn in list(self.open):
+            conn.close()
+
+    def close(self) -> None:
+        if self._serving.is_alive():
+            self.cut()
+
+
+class _Pipe(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        upstream = socket.create_connection(self.server.target)
+        self.server.open.update((self.request, upstream))
+        try:
+            while True:
+                ready, _, _ = select([self.request, upstream], [], [])
+                for source in ready:
+                    data = source.recv(65536)
+                    if not data:
+                        return
+                    (upstream if source is self.request else self.request).sendall(data)
+        except OSError:
+            return  # cut
+        finally:
+            self.server.open.difference_update((self.request, upstream))
+            upstream.close()
 
 
 def ray_env(env: dict, cluster: Cluster, address: str | None = None, **more: str | None) -> dict[str, str]:
