@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shlex
 import threading
 import time
@@ -68,11 +69,11 @@ def cluster_gpus(address: str) -> float:
     from ray.util.state import list_nodes
     from ray.util.state.exception import ServerUnavailable
 
-    try:
-        nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], limit=10_000, detail=True)
+    try:  # every node, the dead too: with a filter on state Ray 2.60 counts the dead as truncated output and raises
+        nodes = list_nodes(address=address, limit=10_000, detail=True)
     except ServerUnavailable as exc:
         raise ConnectionError(str(exc).split(". ")[0]) from exc
-    return sum(node.resources_total.get("GPU", 0) for node in nodes)
+    return sum(node.resources_total.get("GPU", 0) for node in nodes if node.state == "ALIVE")
 
 
 def train_gpus(setting: float | None, cluster: Callable[[], float]) -> tuple[float, str]:
@@ -87,6 +88,15 @@ def train_gpus(setting: float | None, cluster: Callable[[], float]) -> tuple[flo
 
 def gpus_text(gpus: float, why: str) -> str:
     return f"asked the cluster for {gpus:g} GPU{'' if gpus == 1 else 's'} ({why})"
+
+
+def ray_reason(message: str) -> str:
+    """Ray's words for how a job ended, on one line: its message without the log Ray quotes and without
+    the lines that name Ray's internals (an actor's class, id, pid and namespace), so that what is
+    left says what died and why (a lost node: its id and Ray's reason)."""
+    lines = [line.strip().rstrip(".") for line in message.split(", last available logs")[0].splitlines()]
+    kept = [line for line in lines if line and not re.match(r"(class_name|actor_id|pid|name|namespace): ", line)]
+    return "; ".join(kept)[:500]
 
 
 def worker_env(settings: Settings, job: JobPublic) -> dict[str, str]:
@@ -251,15 +261,26 @@ class RayRunner(JobRunner):
                 log.info("job %s: following its log again", job_id)
                 tail.start()
         tail.join(timeout=10)
-        logs = client.get_job_logs(sid)
+        logs = self._whole_log(client, job_id, sid, tail.text)
         self._record_lines(job_id, report.Lines().feed(logs + "\n"))  # anything the tail missed, once
         self._keep_log(job_id, logs)
         note = None
         if info.status.value == "STOPPED" and not cancelled:
             note = "stopped on the Ray cluster, not by this service"
         elif info.status.value == "FAILED" and info.error_type != "JOB_ENTRYPOINT_COMMAND_ERROR":
-            note = f"Ray: {(info.message or info.error_type or '').split(', last available logs')[0][:500]}"
+            note = f"Ray: {ray_reason(info.message or info.error_type or '')}"
         return Exit(info.driver_exit_code, cancelled, note=note)
+
+    def _whole_log(self, client, job_id: str, sid: str, tailed: str) -> str:
+        """The job's whole log from Ray; as far as its tail read it when Ray has it no more (the node
+        that ran the job was lost, and its log with it)."""
+        try:
+            return client.get_job_logs(sid)
+        except (RuntimeError, OSError) as exc:  # Ray's error quotes the dashboard's traceback: its last words say why
+            why = next((line.strip() for line in reversed(str(exc).splitlines()) if len(line.strip()) > 3), type(exc).__name__)
+            log.warning("job %s: the cluster cannot give its whole log (%s); it is kept as far as it was followed",
+                        job_id, why[:200])
+            return tailed
 
     def _record_lines(self, job_id: str, reports) -> None:
         for line in reports:
@@ -284,13 +305,15 @@ class RayRunner(JobRunner):
 
 class Tail:
     """A Ray job's log as Ray streams it (`tail_job_logs`), on a thread with an event loop of its own:
-    each chunk's report lines handed to `record`. Started again after its connection broke, it reads
-    the log from the start (each line is recorded once: its `seq`)."""
+    each chunk's report lines handed to `record`, and the text kept (`text`, once a tail ended).
+    Started again after its connection broke, it reads the log from the start (each line is recorded
+    once: its `seq`)."""
 
     def __init__(self, client, sid: str, record: Callable[[Iterator[dict]], None]):
         self.client, self.sid, self.record = client, sid, record
         self.thread: threading.Thread | None = None
         self.ended_at: float | None = None
+        self.text = ""  # the most of the log one tail read
 
     def start(self) -> None:
         self.ended_at = None
@@ -304,10 +327,11 @@ class Tail:
         self.thread.join(timeout)
 
     def _run(self) -> None:
-        lines = report.Lines()
+        lines, read = report.Lines(), []
 
         async def follow() -> None:
             async for chunk in self.client.tail_job_logs(self.sid):
+                read.append(chunk)
                 self.record(lines.feed(chunk))
 
         try:
@@ -315,4 +339,6 @@ class Tail:
         except Exception as exc:  # the end is read from the whole log (RayRunner._follow)
             log.info("%s: following its log stopped (%s: %s)", self.sid, type(exc).__name__, str(exc)[:200])
         finally:
+            if sum(map(len, read)) > len(self.text):
+                self.text = "".join(read)
             self.ended_at = time.monotonic()

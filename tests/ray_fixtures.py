@@ -1,7 +1,7 @@
 """A real local Ray cluster for the tests: the session's head node (`ray_cluster`, made a fixture of
-every test file by conftest), a cut in the network between the server and the cluster (`Proxy`),
-and what a test reads of the cluster (a job's submissions, its worker process, the resources Ray
-gave it). Knows nothing of the service's API."""
+every test file by conftest), nodes joined to it and lost (`ray_nodes`), a cut in the network between
+the server and the cluster (`Proxy`), and what a test reads of the cluster (a job's submissions, its
+worker process, the resources Ray gave it). Knows nothing of the service's API."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import importlib.util
 import os
 import secrets
 import shutil
+import signal
 import socket
 import socketserver
 import subprocess
@@ -50,6 +51,13 @@ def ray_command() -> str:
     return str(beside) if beside.exists() else shutil.which("ray")
 
 
+def in_session(p: psutil.Process, sid: int) -> bool:
+    try:
+        return os.getsid(p.pid) == sid
+    except (ProcessLookupError, psutil.Error):
+        return False
+
+
 def stop_session(proc: subprocess.Popen) -> None:
     """Stop a `ray start --block` process and anything left in its session (never `ray stop`, which
     would stop every Ray on the machine)."""
@@ -59,11 +67,11 @@ def stop_session(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
     for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == proc.pid:
+        if in_session(p, proc.pid):
+            try:
                 p.kill()
-        except (ProcessLookupError, psutil.Error):
-            pass
+            except psutil.Error:
+                pass
 
 
 def own_ports() -> list[str]:
@@ -76,6 +84,9 @@ def own_ports() -> list[str]:
 def ray_cluster():
     """A head node of 2 CPUs and 1 (pretend) GPU with token auth, on loopback, for the session."""
     need_ray()
+    if "ray" in sys.modules and os.environ.get("RAY_AUTH_MODE") != "token":
+        pytest.fail("Ray was imported before the cluster's token auth was set, and reads its mode once, at import: "
+                    "run the tests that import Ray without the cluster after those that use it")
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     saved = {k: os.environ.get(k) for k in auth}
     os.environ.update(auth)  # this process's clients use the token too
@@ -105,6 +116,64 @@ def ray_cluster():
         shutil.rmtree(temp, ignore_errors=True)
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def alive_nodes(cluster: Cluster) -> list:
+    from ray.util.state import list_nodes
+
+    # Not a filter on state: with one, Ray 2.60 counts the dead nodes as truncated output and raises.
+    return [n for n in list_nodes(address=cluster.address, limit=10_000, detail=True) if n.state == "ALIVE"]
+
+
+class Node:
+    """A worker node joined to the cluster (`ray start --address`), in a process session of its own."""
+
+    def __init__(self, cluster: Cluster, cpus: int, gpus: int):
+        before = {n.node_id for n in alive_nodes(cluster)}
+        self.log = open(Path(cluster.temp) / f"node-{free_port()}.log", "wb")
+        self.proc = subprocess.Popen(
+            [ray_command(), "start", f"--address={cluster.gcs}", "--block", f"--num-cpus={cpus}", f"--num-gpus={gpus}",
+             "--disable-usage-stats", f"--temp-dir={cluster.temp}", *own_ports()],
+            env={**os.environ, **cluster.env}, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=cluster.temp)
+        deadline = time.monotonic() + 120
+        while not (joined := [n.node_id for n in alive_nodes(cluster) if n.node_id not in before]):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Ray node did not join: {Path(self.log.name).read_text()[-3000:]}")
+            time.sleep(0.5)
+        self.node_id = joined[0]
+
+    def lose(self) -> None:
+        """The machine gone: every process of the node (its raylet, agents, workers and what they
+        started) killed at once, nothing told."""
+        root = psutil.Process(self.proc.pid)
+        doomed = [root, *root.children(recursive=True)]
+        doomed += [p for p in psutil.process_iter() if p not in doomed and in_session(p, self.proc.pid)]
+        for p in doomed:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.Error:
+                pass
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            stop_session(self.proc)
+        self.log.close()
+
+
+@pytest.fixture
+def ray_nodes(ray_cluster):
+    """`join(cpus, gpus)`: a node joined to the session's cluster; each is stopped after the test."""
+    nodes = []
+
+    def join(cpus: int, gpus: int) -> Node:
+        nodes.append(Node(ray_cluster, cpus, gpus))
+        return nodes[-1]
+
+    yield join
+    for node in nodes:
+        node.stop()
 
 
 class Proxy(socketserver.ThreadingTCPServer):

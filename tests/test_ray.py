@@ -84,13 +84,17 @@ def test_an_unset_train_gpus_asks_the_cluster_and_a_set_one_is_kept():
     assert gpus_text(1, "TRAIN_GPUS unset; the cluster has 1") == "asked the cluster for 1 GPU (TRAIN_GPUS unset; the cluster has 1)"
 
 
-@pytest.mark.ray
-def test_the_gpus_of_an_unreachable_cluster_are_a_connection_error():
-    need_ray()
-    from jobs.cluster import cluster_gpus
+def test_rays_words_for_a_lost_node_are_one_line_that_names_the_node():
+    from jobs.cluster import ray_reason
 
-    with pytest.raises(ConnectionError, match="Failed to make request"):
-        cluster_gpus(f"http://127.0.0.1:{free_port()}")
+    message = ("Job supervisor actor died: The actor died unexpectedly before finishing this task.\n\tclass_name: JobSupervisor\n"
+               "\tactor_id: c81c82ec5a640b70e90bac3001000000\n\tpid: 22294\n\tname: _ray_internal_job_actor_t2\n\tnamespace: "
+               "SUPERVISOR_ACTOR_RAY_NAMESPACE\n\tip: 192.0.2.2\nThe actor died because its node has died. Node Id: 0569\n\tthe "
+               "actor's node was terminated unexpectedly: health check failed due to missing too many heartbeats")  # Ray 2.60's
+    assert ray_reason(message) == ("Job supervisor actor died: The actor died unexpectedly before finishing this task; ip: 192.0.2.2; "
+                                   "The actor died because its node has died. Node Id: 0569; the actor's node was terminated "
+                                   "unexpectedly: health check failed due to missing too many heartbeats")
+    assert ray_reason("Job entrypoint failed, last available logs (truncated to 20,000 chars):\nTraceback") == "Job entrypoint failed"
 
 
 # --- a real cluster ------------------------------------------------------------------------------------
@@ -246,6 +250,15 @@ def test_two_trainings_run_at_once_on_ray_and_an_export_runs_there(env, tmp_path
         assert http.get("/speakers/A/exports/merged").status_code == 200
     finally:
         server.stop()
+
+
+@pytest.mark.ray  # after the cluster's tests, as the next: Ray reads its auth mode once, at its import
+def test_the_gpus_of_an_unreachable_cluster_are_a_connection_error():
+    need_ray()
+    from jobs.cluster import cluster_gpus
+
+    with pytest.raises(ConnectionError, match="Failed to make request"):
+        cluster_gpus(f"http://127.0.0.1:{free_port()}")
 
 
 @pytest.mark.ray

@@ -1,7 +1,8 @@
 """Faults of jobs on a Ray cluster (EXECUTOR=ray, jobs/cluster.py), on the session's real local cluster
 and real uvicorn servers: the network between the server and the cluster cut (a proxy) while one job
-runs and one is queued, across a server restart, and mended. The server killed mid-job and a worker
-killed mid-job are in test_ray.py."""
+runs and one is queued, across a server restart, and mended; a node lost mid-training (a second node
+joined to the cluster, every process of it killed at once) and the job resumed on a node that took its
+place. The server killed mid-job and a worker killed mid-job are in test_ray.py."""
 
 from __future__ import annotations
 
@@ -73,3 +74,47 @@ def test_queued_jobs_wait_for_an_unreachable_cluster_and_run_once_it_answers(env
     finally:
         server.stop()
         proxy.close()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_lost_node_fails_its_job_with_the_reason_and_it_resumes_on_another(env, tmp_path, ray_cluster, ray_nodes):
+    from jobs.cluster import cluster_gpus
+
+    node = ray_nodes(cpus=1, gpus=2)  # the head has 1 GPU: a training asking for 2 runs on this node
+    server = LiveServer(ray_env(env, ray_cluster, TRAIN_GPUS="2", CHECKPOINT_STEPS="2"), tmp_path / "server.log")
+    try:
+        http = httpx.Client(base_url=server.url, timeout=60)
+        upload(http, "A")
+        job = http.post("/train", json={"speaker": "A", "max_steps": LONG}).json()
+        wait_for_job(http, job["job_id"], lambda j: j["checkpoint"] is not None, timeout=120)
+        first = f"persona-lora-{job['job_id']}-1"
+        assert ray_cluster.client().get_job_info(first).driver_node_id == node.node_id
+        node.lose()
+        failed = wait_for_job(http, job["job_id"], finished, timeout=180)  # Ray notices in its health checks' time
+        assert failed["status"] == "failed"
+        assert failed["error"].startswith("the training process ended without an exit status (Ray: Job supervisor actor "
+                                          "died"), failed["error"]
+        assert f"its node has died. Node Id: {node.node_id}" in failed["error"].splitlines()[0]
+        checkpoint = Path(failed["checkpoint"])
+        assert (checkpoint / "trainer_state.json").is_file()  # the newest whole one, whatever the last report said
+        assert not (Path(env["OUTPUT_DIR"]) / "A").exists() and not list(Path(env["OUTPUT_DIR"]).glob(".tmp-*"))
+        assert cluster_gpus(ray_cluster.address) == 1  # the head's: a lost node's do not count
+
+        again = ray_nodes(cpus=1, gpus=2)  # a node takes its place
+        assert cluster_gpus(ray_cluster.address) == 3
+        r = http.post(f"{job['url']}/resume")
+        assert r.status_code == 202, r.text
+        step = int(checkpoint.name.removeprefix("checkpoint-"))
+        wait_for_job(http, job["job_id"], lambda j: j["status"] == "running" and (j["progress"] or {}).get("step", 0) > step,
+                     timeout=180, what="training on after its checkpoint")
+        events = http.get(f"{job['url']}/events", params={"stream": "false"}).json()["data"]
+        resumed = [e for e in events if e["type"] == "status" and e["data"]["status"] == "running"][-1]["id"]
+        assert f"resuming from {checkpoint}" in [e["data"].get("message") for e in events if e["id"] > resumed]
+        assert [e["data"]["step"] for e in events if e["id"] > resumed and e["type"] == "progress"][0] == step + 1
+        assert submissions(ray_cluster, job["job_id"]) == [first, f"persona-lora-{job['job_id']}-2"]
+        assert ray_cluster.client().get_job_info(f"persona-lora-{job['job_id']}-2").driver_node_id == again.node_id
+        assert http.post(f"{job['url']}/cancel").status_code == 200
+        assert wait_for_job(http, job["job_id"], finished, timeout=120)["status"] == "cancelled"
+    finally:
+        server.stop()
