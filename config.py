@@ -149,10 +149,12 @@ class Settings(BaseSettings):
         description="With EXECUTOR=ray: the cluster's dashboard (Jobs API) address. Its token, when the cluster uses "
                     "token auth, is Ray's own RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, which this service never reads or logs.",
     )
-    TRAIN_GPUS: float = Field(
-        1, ge=0, le=64,
-        description="With EXECUTOR=ray: GPUs each training job asks the cluster for (entrypoint_num_gpus; 0 on a "
-                    "CPU-only cluster, where a job asking for one would wait forever). Exports ask for none.",
+    TRAIN_GPUS: float | None = Field(
+        None, ge=0, le=64,
+        description="With EXECUTOR=ray: GPUs each training job asks the cluster for (entrypoint_num_gpus; fractions "
+                    "share a GPU). Unset: asked of the cluster at each submission, 1 when it has a GPU, else 0 (a job "
+                    "asking a CPU-only cluster for one would wait forever); set it on a cluster whose GPU nodes start "
+                    "on demand. Exports ask for none.",
     )
     SEED: int = Field(42, description="Seed for training (data order, LoRA init, dropout).")
     CHECKPOINT_STEPS: int = Field(

@@ -166,6 +166,9 @@ class JobRunner:
             return
         if job.kind == "train":  # a child killed mid-training or mid-evaluation leaves its `.tmp-` adapter
             adapters.discard_partial(self.settings.OUTPUT_DIR, job.speaker)
+            last = last_checkpoint(self.settings, job_id)
+            if last is not None and str(last) != finished.checkpoint:
+                self._until_written(job_id, lambda: self.registry.set_checkpoint(job_id, str(last)))
         else:
             model_export.discard_partial(self.settings.EXPORTS_DIR, job.speaker, job.config.export)
 
@@ -257,6 +260,15 @@ def job_log_path(settings: Settings, job_id: str) -> Path:
 
 def checkpoint_dir(settings: Settings, job_id: str) -> Path:
     return settings.OUTPUT_DIR / CHECKPOINTS / job_id
+
+
+def last_checkpoint(settings: Settings, job_id: str) -> Path | None:
+    """The job's newest whole checkpoint (the Trainer writes trainer_state.json last into each), where
+    a resume starts: the job's last report may name one since rotated away (the Trainer removes the old
+    one before it reports the new), or none of the last ones (a worker's last lines die with its node)."""
+    whole = [p for p in checkpoint_dir(settings, job_id).glob("checkpoint-*")
+             if p.name.removeprefix("checkpoint-").isdigit() and (p / "trainer_state.json").is_file()]
+    return max(whole, key=lambda p: int(p.name.removeprefix("checkpoint-")), default=None)
 
 
 def delete_checkpoint(settings: Settings, job_id: str) -> Path | None:

@@ -20,6 +20,7 @@ import tiny  # noqa: E402
 from config import get_settings  # noqa: E402
 from jobs.runner import free_port  # noqa: E402
 from models import SAMPLE_DIALOG  # noqa: E402,F401  (tests import it from here)
+from ray_fixtures import ray_cluster, ray_nodes  # noqa: E402,F401  (one Ray cluster for every file's tests)
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 

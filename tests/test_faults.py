@@ -139,3 +139,32 @@ def test_a_training_child_killed_mid_training_leaves_no_half_made_adapter(client
     assert ended["status"] == "failed" and ended["error"].startswith("the training process exited with status -9")
     assert list(output.glob(".tmp-*")) == []  # removed when the failure was recorded, not at the next start
     assert client.delete("/speakers/B").status_code == 200
+
+
+def test_a_killed_training_is_resumable_from_its_newest_whole_checkpoint_whatever_it_last_reported(tmp_path):
+    """The Trainer rotates the previous checkpoint away before it reports the new one, and a worker's
+    last report lines die with its node: the job's folder, not its last report, says where to resume."""
+    from config import Settings
+    from jobs.registry import JobRegistry
+    from jobs.runner import Exit, JobRunner, checkpoint_dir
+    from models import TrainConfig
+
+    settings = Settings(_env_file=None, DATA_DIR=tmp_path / "data", OUTPUT_DIR=tmp_path / "out")
+    registry = JobRegistry(settings.db_path)
+    job = registry.create("A", TrainConfig(base_model="m", load_in_8bit=False, device="cpu", epochs=1, learning_rate=1e-4,
+                                           max_steps=None, batch_size=1, max_seq_length=64, seed=0, checkpoint_steps=2))
+    registry.mark_running(job.job_id)
+    folder = checkpoint_dir(settings, job.job_id)
+    registry.set_checkpoint(job.job_id, str(folder / "checkpoint-2"))  # rotated away since
+    for step, whole in ((4, True), (6, True), (8, False)):  # 8: killed while it was being written
+        (folder / f"checkpoint-{step}").mkdir(parents=True)
+        if whole:
+            (folder / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    runner = JobRunner(registry, settings)
+    try:
+        runner._finish(registry.get(job.job_id), Exit(-9))
+    finally:
+        runner.shutdown()
+    failed = registry.get(job.job_id)
+    assert failed.status.value == "failed" and failed.checkpoint == str(folder / "checkpoint-6")
+    assert registry.resume(job.job_id).status.value == "queued"

@@ -6,32 +6,23 @@ reached. The report lines' format and the worker's environment are tested withou
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
-import os
-import secrets
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 from safetensors.torch import load_file
 
 from conftest import LiveServer, finished, free_port, read_sse, upload, wait_for_job, wait_until
+from ray_fixtures import need_ray, ray_env, resources_given, submissions, worker_of
 
 from config import Settings
 from jobs import report
 from models import JobProgress
 
 LONG = 10**6  # max_steps of a job that runs until it is cancelled
-RAY = importlib.util.find_spec("ray") is not None
 
 
 # --- without Ray ---------------------------------------------------------------------------------------
@@ -81,94 +72,41 @@ def test_the_worker_gets_the_servers_settings_but_no_secret(tmp_path, monkeypatc
     assert again.ALLOWED_SPEAKERS == ["A", "B"] and again.EVALUATE_AFTER_TRAINING is False
 
 
+def test_an_unset_train_gpus_asks_the_cluster_and_a_set_one_is_kept():
+    from jobs.cluster import gpus_text, train_gpus
+
+    assert Settings(_env_file=None).TRAIN_GPUS is None
+    assert train_gpus(None, lambda: 2.0) == (1, "TRAIN_GPUS unset; the cluster has 2")
+    assert train_gpus(None, lambda: 0.0) == (0, "TRAIN_GPUS unset; the cluster has none")  # no job waits forever
+    never = lambda: pytest.fail("the cluster was asked though TRAIN_GPUS is set")  # noqa: E731
+    assert train_gpus(0.5, never) == (0.5, "TRAIN_GPUS=0.5") and train_gpus(0.0, never) == (0, "TRAIN_GPUS=0")
+    assert gpus_text(*train_gpus(None, lambda: 0.0)) == "asked the cluster for 0 GPUs (TRAIN_GPUS unset; the cluster has none)"
+    assert gpus_text(1, "TRAIN_GPUS unset; the cluster has 1") == "asked the cluster for 1 GPU (TRAIN_GPUS unset; the cluster has 1)"
+
+
+def test_rays_words_for_a_lost_node_are_one_line_that_names_the_node():
+    from jobs.cluster import ray_reason
+
+    message = ("Job supervisor actor died: The actor died unexpectedly before finishing this task.\n\tclass_name: JobSupervisor\n"
+               "\tactor_id: c81c82ec5a640b70e90bac3001000000\n\tpid: 22294\n\tname: _ray_internal_job_actor_t2\n\tnamespace: "
+               "SUPERVISOR_ACTOR_RAY_NAMESPACE\n\tip: 192.0.2.2\nThe actor died because its node has died. Node Id: 0569\n\tthe "
+               "actor's node was terminated unexpectedly: health check failed due to missing too many heartbeats")  # Ray 2.60's
+    assert ray_reason(message) == ("Job supervisor actor died: The actor died unexpectedly before finishing this task; ip: 192.0.2.2; "
+                                   "The actor died because its node has died. Node Id: 0569; the actor's node was terminated "
+                                   "unexpectedly: health check failed due to missing too many heartbeats")
+    assert ray_reason("Job entrypoint failed, last available logs (truncated to 20,000 chars):\nTraceback") == "Job entrypoint failed"
+
+
 # --- a real cluster ------------------------------------------------------------------------------------
-
-
-class Cluster:
-    def __init__(self, address: str, env: dict[str, str]):
-        self.address, self.env = address, env
-
-    def client(self):
-        from ray.job_submission import JobSubmissionClient
-
-        return JobSubmissionClient(self.address)
-
-
-def ray_command() -> str:
-    beside = Path(sys.executable).with_name("ray")
-    return str(beside) if beside.exists() else shutil.which("ray")
-
-
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """A head node of 2 CPUs and 1 (pretend) GPU with token auth, on loopback, for the session. Stopped
-    by its own process ids (its session), not `ray stop`, which would stop every Ray on the machine."""
-    if not RAY:
-        if os.environ.get("CI") == "true":
-            pytest.fail("Ray is not installed: CI runs the Ray tests (pip install -r requirements-ray.txt)")
-        pytest.skip("Ray is not installed: pip install -r requirements-ray.txt")
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    saved = {k: os.environ.get(k) for k in auth}
-    os.environ.update(auth)  # this process's clients use the token too
-    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    port = free_port()
-    log = open(Path(temp) / "ray-start.log", "wb")
-    head = subprocess.Popen(
-        [ray_command(), "start", "--head", "--block", "--num-cpus=2", "--num-gpus=1", "--disable-usage-stats",
-         "--include-dashboard=true", f"--dashboard-port={port}", f"--port={free_port()}", f"--temp-dir={temp}"],
-        env={**os.environ, **auth}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=temp)
-    cluster = Cluster(f"http://127.0.0.1:{port}", auth)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                cluster.client()
-                break
-            except ConnectionError:
-                if head.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the Ray head did not start: {(Path(temp) / 'ray-start.log').read_text()[-3000:]}")
-                time.sleep(0.5)
-        yield cluster
-    finally:
-        head.terminate()  # `ray start --block` stops what it started
-        try:
-            head.wait(30)
-        except subprocess.TimeoutExpired:
-            head.kill()
-        for p in psutil.process_iter():  # anything left in its session
-            try:
-                if os.getsid(p.pid) == head.pid:
-                    p.kill()
-            except (ProcessLookupError, psutil.Error):
-                pass
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-
-
-def ray_env(env: dict, cluster: Cluster, **more: str) -> dict[str, str]:
-    return {**env, **cluster.env, "EXECUTOR": "ray", "RAY_ADDRESS": cluster.address, "TRAIN_GPUS": "0.5",
-            "PROGRESS_INTERVAL_S": "0", "TRAIN_WORKERS": "2", **more}
-
-
-def worker_of(job_id: str) -> psutil.Process:
-    """The job's training process on the (local) cluster."""
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = p.info["cmdline"] or []
-        if "jobs.runner" in cmd and job_id in cmd:
-            return p
-    return None
-
-
-def submissions(cluster: Cluster, job_id: str) -> list[str]:
-    return sorted(j.submission_id for j in cluster.client().list_jobs() if (j.submission_id or "").startswith(f"persona-lora-{job_id}-"))
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_training_on_ray_streams_its_events_and_makes_the_local_runners_adapter(env, tmp_path, ray_cluster):
-    server = LiveServer(ray_env(env, ray_cluster), tmp_path / "server.log")
+    from jobs.cluster import cluster_gpus
+
+    assert cluster_gpus(ray_cluster.address) == 1
+    server = LiveServer(ray_env(env, ray_cluster, TRAIN_GPUS=None), tmp_path / "server.log")  # 1: the cluster has one
     try:
         http = httpx.Client(base_url=server.url, timeout=120)
         upload(http)
@@ -179,12 +117,16 @@ def test_a_training_on_ray_streams_its_events_and_makes_the_local_runners_adapte
         assert statuses == ["queued", "running", "succeeded"]
         steps = [json.loads(e["data"])["step"] for e in events if e["event"] == "progress"]
         assert steps == list(range(1, 7))
-        assert any(e["event"] == "log" for e in events)
+        asked = "asked the cluster for 1 GPU (TRAIN_GPUS unset; the cluster has 1)"
+        assert json.loads(next(e for e in events if e["event"] == "log")["data"])["message"] == asked
         done = http.get(job["url"]).json()
         assert done["result"]["steps"] == 6 and done["progress"]["step"] == 6
-        assert submissions(ray_cluster, job["job_id"]) == [f"persona-lora-{job['job_id']}-1"]
+        sid = f"persona-lora-{job['job_id']}-1"
+        assert submissions(ray_cluster, job["job_id"]) == [sid]
+        assert resources_given(ray_cluster, sid) == {"CPU": 1, "GPU": 1}
         log = Path(env["DATA_DIR"]) / "logs" / f"{job['job_id']}.log"  # kept once Ray says the job ended
-        assert "@@persona-lora" in wait_until(lambda: log.is_file() and log.read_text(), 30, "the job's log")
+        text = wait_until(lambda: log.is_file() and "@@persona-lora" in log.read_text() and log.read_text(), 30, "the job's log")
+        assert text.startswith(asked + "\n")
     finally:
         server.stop()
     ray_adapter = Path(env["OUTPUT_DIR"]) / "User1"
@@ -294,24 +236,34 @@ def test_two_trainings_run_at_once_on_ray_and_an_export_runs_there(env, tmp_path
         assert [j["status"] for j in jobs] == ["succeeded"] * 2, [j["error"] for j in jobs]
         a, b = jobs
         assert a["started_at"] < b["finished_at"] and b["started_at"] < a["finished_at"]  # they overlapped
+        assert [resources_given(ray_cluster, f"persona-lora-{i}-1") for i in ids] == [{"CPU": 1, "GPU": 0.5}] * 2
+        events = http.get(f"/jobs/{ids[0]}/events", params={"stream": "false"}).json()["data"]
+        assert "asked the cluster for 0.5 GPUs (TRAIN_GPUS=0.5)" in [e["data"].get("message") for e in events]
 
         r = http.post("/speakers/A/exports/merged")
         assert r.status_code == 202, r.text
         export = wait_for_job(http, r.json()["job_id"], finished, timeout=180)
         assert export["status"] == "succeeded", export["error"]
         assert "model.safetensors" in export["result"]["files"]
+        assert resources_given(ray_cluster, f"persona-lora-{export['job_id']}-1") == {"CPU": 1}
         assert (Path(export["result"]["path"]) / "model.safetensors").is_file()
         assert http.get("/speakers/A/exports/merged").status_code == 200
     finally:
         server.stop()
 
 
+@pytest.mark.ray  # after the cluster's tests, as the next: Ray reads its auth mode once, at its import
+def test_the_gpus_of_an_unreachable_cluster_are_a_connection_error():
+    need_ray()
+    from jobs.cluster import cluster_gpus
+
+    with pytest.raises(ConnectionError, match="Failed to make request"):
+        cluster_gpus(f"http://127.0.0.1:{free_port()}")
+
+
 @pytest.mark.ray
 def test_an_unreachable_cluster_answers_503_and_queues_nothing(env, monkeypatch):
-    if not RAY:
-        if os.environ.get("CI") == "true":
-            pytest.fail("Ray is not installed: CI runs the Ray tests (pip install -r requirements-ray.txt)")
-        pytest.skip("Ray is not installed: pip install -r requirements-ray.txt")
+    need_ray()
     from fastapi.testclient import TestClient
 
     from config import get_settings
