@@ -9,6 +9,8 @@
 
   project-plain  the project as it was before issue 16 (rows of 256 tokens, logits at supervised
            positions in one float32 block): what the fast path is compared with for equal learning.
+  project-preference  the project with PREFERENCE_WEIGHT=1 (lm/preference.py): its pairs are scored by
+           the base before the first step (in `train_lora_s`, not in the step timing) and trained beside SFT.
 
 Same base model (loaded the same way), LoRA config (r=8, alpha=16, q_proj/v_proj, dropout 0.1),
 samples, one epoch. Each method runs in a child process, so that peak memory is its own. Reports
@@ -344,7 +346,7 @@ def run_method(ns) -> dict:
 
     # the seed loop and TRL at the seed's rate; the project at its own default (LEARNING_RATE) unless --lr
     project_lr = ns.project_lr or Settings().LEARNING_RATE
-    result["learning_rate"] = project_lr if ns.worker == "project" else ns.lr
+    result["learning_rate"] = project_lr if ns.worker.startswith("project") else ns.lr
     config = TrainConfig(base_model=ns.model_path, load_in_8bit=ns.quant == "8bit", quant=ns.quant, device=ns.device, epochs=1,
                          learning_rate=project_lr, max_steps=None, batch_size=1, batch_tokens=ns.batch_tokens,
                          max_seq_length=ns.max_seq_length, seed=ns.seed)
@@ -363,9 +365,13 @@ def run_method(ns) -> dict:
         _use_attention(ns.attn, ns.batch_tokens)
     result["attn"] = ns.attn or "sdpa"
 
-    if ns.worker in ("project", "project-plain"):
+    if ns.worker == "project-preference":  # the preference term beside SFT (its pairs scored by the base first)
+        config = config.model_copy(update={"preference_weight": 1.0})
+    if ns.worker in ("project", "project-plain", "project-preference"):
+        began = time.perf_counter()
         with tempfile.TemporaryDirectory() as out:
             train.train_lora(samples, PERSONA, config, Path(out), ROOT / "models", callbacks=[cb])
+        result["train_lora_s"] = round(time.perf_counter() - began, 1)  # all of it: loading, pairs, steps, saving
         result["logit_positions"] = result["supervised_tokens"]
     elif ns.worker == "seed":
         from datasets import Dataset
@@ -487,7 +493,7 @@ def main() -> int:
     cli.add_argument("--row-tokens", type=int, help="the project's rows: at most this many tokens (default: per device)")
     cli.add_argument("--attn", help="the project's attention implementation (default sdpa), e.g. flex_attention")
     cli.add_argument("--model-dir", type=Path, help="where random-weight models are kept between runs")
-    cli.add_argument("--methods", default="seed,trl,project", help="seed, trl, project, project-plain")
+    cli.add_argument("--methods", default="seed,trl,project", help="seed, trl, project, project-plain, project-preference")
     cli.add_argument("--corpus-samples", type=int, default=3000, help="samples in the synthetic corpus")
     cli.add_argument("--train-samples", type=int, default=192, help="samples each method trains on (one epoch)")
     cli.add_argument("--heldout", type=int, default=96, help="held-out samples for the loss")
