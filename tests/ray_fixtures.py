@@ -109,6 +109,12 @@ def ray_cluster():
                 if head.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"the Ray head did not start: {(Path(temp) / 'ray-start.log').read_text()[-3000:]}")
                 time.sleep(0.5)
+        # The Jobs API answers before the head node is listed with its resources: wait for its GPU, which
+        # the tests (and a server with TRAIN_GPUS unset) read from the state API.
+        while not any(n.resources_total.get("GPU") for n in alive_nodes(cluster)):
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Ray head was not listed with its GPU: {(Path(temp) / 'ray-start.log').read_text()[-3000:]}")
+            time.sleep(0.5)
         yield cluster
     finally:
         stop_session(head)
