@@ -241,15 +241,6 @@ def ray_env(env: dict, cluster: Cluster, address: str | None = None, **more: str
     return {k: v for k, v in values.items() if v is not None}
 
 
-def worker_of(job_id: str) -> psutil.Process:
-    """The job's training process on the (local) cluster."""
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = p.info["cmdline"] or []
-        if "jobs.runner" in cmd and job_id in cmd:
-            return p
-    return None
-
-
 def submissions(cluster: Cluster, job_id: str) -> list[str]:
     return sorted(j.submission_id for j in cluster.client().list_jobs() if (j.submission_id or "").startswith(f"persona-lora-{job_id}-"))
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import httpx
 import pytest
 from safetensors.torch import load_file
 
-from conftest import LiveServer, finished, read_sse, upload, wait_for_job
+from conftest import LiveServer, finished, read_sse, upload, wait_for_job, wait_until
+from processes import catch_at_checkpoint, pending, worker_of
 
 LONG = 10**6  # max_steps of a job that runs until it is cancelled
 
@@ -97,12 +99,14 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(env, tmp_path):
         assert straight.status_code == 200, straight.text
         b = load_file(str(Path(env["OUTPUT_DIR"]) / "A" / "adapter_model.safetensors"))
         job = http.post("/train", json={"speaker": "A", "epochs": 20, "batch_tokens": 1}).json()
-        wait_for_job(http, job["job_id"], lambda j: j["checkpoint"] is not None or finished(j))
+        # Held still at its first checkpoint until the cancel reaches it, so that the run cannot end first.
+        child = wait_until(lambda: worker_of(job["job_id"]), 120, "the training process")
+        catch_at_checkpoint(child, env["OUTPUT_DIR"], job["job_id"], signal.SIGSTOP)
         http.post(f"/jobs/{job['job_id']}/cancel")
+        wait_until(lambda: pending(child, signal.SIGTERM), 30, "the supervisor's SIGTERM")
+        child.send_signal(signal.SIGCONT)
         stopped = wait_for_job(http, job["job_id"], finished)
-        if stopped["status"] == "succeeded":
-            pytest.skip("the run finished before it could be cancelled")
-        assert stopped["status"] == "cancelled" and Path(stopped["checkpoint"]).is_dir()
+        assert stopped["status"] == "cancelled" and Path(stopped["checkpoint"]).is_dir(), stopped
         assert stopped["progress"]["step"] < steps
 
         r = http.post(f"/jobs/{job['job_id']}/resume")

@@ -16,7 +16,8 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import LiveServer, finished, free_port, read_sse, upload, wait_for_job, wait_until
-from ray_fixtures import need_ray, ray_env, resources_given, submissions, worker_of
+from processes import catch_at_checkpoint, worker_of
+from ray_fixtures import need_ray, ray_env, resources_given, submissions
 
 from config import Settings
 from jobs import report
@@ -169,13 +170,10 @@ def test_cancel_on_ray_keeps_the_adapter_and_a_killed_worker_fails_and_resumes(e
         assert not list(Path(env["OUTPUT_DIR"]).glob(".tmp-*"))
 
         job = http.post("/train", json={"speaker": "A", "epochs": 20, "batch_tokens": 1}).json()  # 40 steps
-        wait_for_job(http, job["job_id"], lambda j: j["checkpoint"] is not None or finished(j), timeout=120)
-        worker = wait_until(lambda: worker_of(job["job_id"]), 30, "the worker process")
-        worker.send_signal(signal.SIGKILL)
+        worker = wait_until(lambda: worker_of(job["job_id"]), 120, "the worker process")
+        catch_at_checkpoint(worker, env["OUTPUT_DIR"], job["job_id"], signal.SIGKILL)  # killed after step 2
         failed = wait_for_job(http, job["job_id"], finished, timeout=60)
-        if failed["status"] == "succeeded":
-            pytest.skip("the run finished before its worker could be killed")
-        assert failed["status"] == "failed"
+        assert failed["status"] == "failed", failed
         assert failed["error"].startswith("the training process exited with status -9 (killed by SIGKILL)"), failed["error"]
         assert {p.name: p.read_bytes() for p in adapter.iterdir()} == before and Path(failed["checkpoint"]).is_dir()
         assert not list(Path(env["OUTPUT_DIR"]).glob(".tmp-*"))
