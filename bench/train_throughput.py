@@ -11,8 +11,9 @@
            positions in one float32 block): what the fast path is compared with for equal learning.
   project-preference  the project with PREFERENCE_WEIGHT=1 (lm/preference.py): its pairs are scored by
            the base before the first step (in `train_lora_s`, not in the step timing) and trained beside SFT.
+  project-all-linear  the project with LoRA on every linear layer (LORA_TARGET_MODULES=all-linear).
 
-Same base model (loaded the same way), LoRA config (r=8, alpha=16, q_proj/v_proj, dropout 0.1),
+Same base model (loaded the same way), LoRA config (r=8, alpha=16, q_proj/v_proj but where named, dropout 0.1),
 samples, one epoch. Each method runs in a child process, so that peak memory is its own. Reports
 supervised (reply) and all tokens per second, peak memory, final training loss, held-out loss
 (mean NLL per reply token on samples none of them trains on, computed the same way for all), and
@@ -367,7 +368,9 @@ def run_method(ns) -> dict:
 
     if ns.worker == "project-preference":  # the preference term beside SFT (its pairs scored by the base first)
         config = config.model_copy(update={"preference_weight": 1.0})
-    if ns.worker in ("project", "project-plain", "project-preference"):
+    if ns.worker == "project-all-linear":  # LoRA on every linear layer (LORA_TARGET_MODULES=all-linear)
+        config = config.model_copy(update={"target_modules": ["all-linear"]})
+    if ns.worker in ("project", "project-plain", "project-preference", "project-all-linear"):
         began = time.perf_counter()
         with tempfile.TemporaryDirectory() as out:
             train.train_lora(samples, PERSONA, config, Path(out), ROOT / "models", callbacks=[cb])
@@ -493,7 +496,7 @@ def main() -> int:
     cli.add_argument("--row-tokens", type=int, help="the project's rows: at most this many tokens (default: per device)")
     cli.add_argument("--attn", help="the project's attention implementation (default sdpa), e.g. flex_attention")
     cli.add_argument("--model-dir", type=Path, help="where random-weight models are kept between runs")
-    cli.add_argument("--methods", default="seed,trl,project", help="seed, trl, project, project-plain, project-preference")
+    cli.add_argument("--methods", default="seed,trl,project", help="seed, trl, project, project-plain, project-preference, project-all-linear")
     cli.add_argument("--corpus-samples", type=int, default=3000, help="samples in the synthetic corpus")
     cli.add_argument("--train-samples", type=int, default=192, help="samples each method trains on (one epoch)")
     cli.add_argument("--heldout", type=int, default=96, help="held-out samples for the loss")
